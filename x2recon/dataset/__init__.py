@@ -1,0 +1,1 @@
+"""Dataset builder: CT → segmentation → meshes → occupancy → DRRs → box labels."""

@@ -1,0 +1,93 @@
+"""BuildConfig: every setting of a dataset build, recorded in each case's meta.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from ..geometry import CHEST_DEFAULTS, ProjectionGeometry
+from ..structures import DEFAULT_STRUCTURES, resolve_structures
+
+
+@dataclass
+class BuildConfig:
+    # segmentation
+    structures: list[str] = field(default_factory=lambda: list(DEFAULT_STRUCTURES))
+    label_convention: str = "totalseg"  # "totalseg" | "verse"
+    segmentation: str = "auto"  # "auto" | "labels" | "totalsegmentator" | "threshold"
+    threshold_hu: float = 200.0  # the clearly labelled fallback's bone threshold
+    # geometry and DRRs
+    views: list[str] = field(default_factory=lambda: ["AP", "PA", "LAT"])
+    angles: list[float] = field(default_factory=list)  # extra training views, degrees about S
+    drr_size: int = 512
+    x2b_size: int = 224
+    sdd: float = CHEST_DEFAULTS["sdd"]
+    sod: float = CHEST_DEFAULTS["sod"]
+    detector_mm: float = CHEST_DEFAULTS["detector_mm"]
+    box_size: float = CHEST_DEFAULTS["box_size"]
+    beam: str = CHEST_DEFAULTS["kind"]  # "cone" | "parallel"
+    isocenter: str = "structures"  # "structures" (centre of the selected bones) | "ct"
+    clahe: bool = True
+    clahe_clip: float = 0.01
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # meshes and occupancy
+    smoothing_iterations: int = 0
+    n_points: int = 100_000
+    near_surface_fraction: float = 0.5
+    near_surface_sigma: float = 0.01  # in box units (× box_size mm)
+    # SPIDER targets
+    spider_grid: int = 128
+    # augmentation
+    variants: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.structures = resolve_structures(self.structures)
+        if self.label_convention not in ("totalseg", "verse"):
+            raise ValueError(f"label_convention must be 'totalseg' or 'verse', got {self.label_convention!r}")
+        if self.segmentation not in ("auto", "labels", "totalsegmentator", "threshold"):
+            raise ValueError(f"unknown segmentation source {self.segmentation!r}")
+        if self.beam not in ("cone", "parallel"):
+            raise ValueError(f"beam must be 'cone' or 'parallel', got {self.beam!r}")
+        if self.n_points <= 0 or not 0 <= self.near_surface_fraction <= 1:
+            raise ValueError("n_points must be > 0 and near_surface_fraction in [0, 1]")
+        if self.variants < 0:
+            raise ValueError("variants must be >= 0")
+        for v in self.views:
+            ProjectionGeometry.from_view(v)  # raises on unknown view names
+        self.angles = [float(a) for a in self.angles]
+
+    def view_names(self) -> list[str]:
+        """Named views plus extra angles, without duplicates (``'AP'``, ``'PA'``, ``'LAT'``, ``'30'``…)."""
+        out = [v.upper() for v in self.views] + [f"{a:g}" for a in self.angles]
+        seen = set()
+        return [v for v in out if not (v in seen or seen.add(v))]
+
+    def geometry(self, view: str, isocenter) -> ProjectionGeometry:
+        """The DRR geometry of one view around ``isocenter`` (LPS mm)."""
+        return ProjectionGeometry.from_view(
+            view,
+            isocenter,
+            sdd=self.sdd,
+            sod=self.sod,
+            size=(self.drr_size, self.drr_size),
+            detector_mm=self.detector_mm,
+            kind=self.beam,
+            box_size=self.box_size,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BuildConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown build settings {sorted(unknown)}")
+        return cls(**d)
+
+    def digest(self) -> str:
+        """Short hash of the settings: a case built with other settings is rebuilt."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Readers and writers with clear errors on bad files (CT, labels, images, meshes)."""

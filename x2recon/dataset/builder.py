@@ -1,0 +1,360 @@
+"""Many cases: input discovery, variants, sharding, worker pools or Dask, manifest and splits.
+
+Each finished case writes ``status/<case_id>.json`` atomically; ``manifest.json`` is the
+aggregate of those records, so shards on many machines (``--shard K/N``) write into one dataset
+folder without clobbering each other, and ``x2recon manifest DATASET`` re-aggregates at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import CancelledError, X2ReconInputError
+from ..io.atomic import atomic_write_text
+from ..io.volume import VOLUME_SUFFIXES
+from .case import CaseInput, CaseResult, build_case, versions
+from .config import BuildConfig
+
+MANIFEST_FORMAT = "x2recon.manifest/1"
+CT_NAMES = tuple(f"ct{s}" for s in VOLUME_SUFFIXES)
+LABEL_NAMES = {f"labels{s}": None for s in VOLUME_SUFFIXES} | {f"labels_verse{s}": "verse" for s in VOLUME_SUFFIXES}
+
+
+@dataclass
+class Summary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        lines = [
+            f"{len(self.done)} built, {len(self.skipped)} already complete, {len(self.failed)} failed "
+            f"({self.seconds:.1f} s)"
+        ]
+        for cid, why in self.failed:
+            lines.append(f"  FAILED {cid}: {why}")
+        return "\n".join(lines)
+
+
+def _is_volume(p: Path) -> bool:
+    return p.is_file() and p.name.endswith(VOLUME_SUFFIXES)
+
+
+def _case_from_ct(ct: Path, labels: Path | None = None) -> CaseInput:
+    """A case id from the file (``<folder>/ct.nii.gz`` → folder name) and labels found beside it."""
+    if ct.name in CT_NAMES or ct.is_dir():
+        cid = ct.parent.name if ct.is_file() else ct.name
+    else:
+        cid = ct.name
+        for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+            if cid.endswith(s):
+                cid = cid[: -len(s)]
+                break
+    conv = None
+    if labels is None and ct.is_file() and ct.name in CT_NAMES:
+        for name, c in LABEL_NAMES.items():
+            if (ct.parent / name).exists():
+                labels, conv = ct.parent / name, c
+                break
+        if labels is None and (ct.parent / "segmentations").is_dir():
+            labels = ct.parent / "segmentations"
+    elif labels is not None and "verse" in labels.name:
+        conv = "verse"
+    return CaseInput(cid, str(ct), None if labels is None else str(labels), conv)
+
+
+def discover(cts: Iterable[str | Path], labels: Iterable[str | Path] | None = None) -> list[CaseInput]:
+    """Turn ``--ct`` arguments (files, folders, ``.txt`` lists) into case inputs.
+
+    A folder holding ``ct.nii.gz`` (or a DICOM series) is one case; a folder of CT files or of
+    case folders gives one case each.  A list file has one CT per line, optionally followed by a
+    tab and its labelmap.  ``labels``, if given, pairs one-to-one with the CTs found.
+    """
+    found: list[tuple[Path, Path | None]] = []
+    for item in cts:
+        p = Path(item)
+        if not p.exists():
+            raise X2ReconInputError(p, "CT input not found")
+        if p.is_file() and p.suffix == ".txt":
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.split("\t")
+                ctp = (p.parent / parts[0]).resolve() if not Path(parts[0]).is_absolute() else Path(parts[0])
+                lp = None
+                if len(parts) > 1 and parts[1].strip():
+                    lp = Path(parts[1].strip())
+                    lp = lp if lp.is_absolute() else (p.parent / lp).resolve()
+                found.append((ctp, lp))
+        elif p.is_file():
+            found.append((p, None))
+        elif p.is_dir():
+            direct = [p / n for n in CT_NAMES if (p / n).exists()]
+            if direct:
+                found.append((direct[0], None))
+                continue
+            subs = sorted(q for q in p.iterdir() if q.is_dir())
+            files = sorted(q for q in p.iterdir() if _is_volume(q) and not q.name.startswith("labels"))
+            case_dirs = [next((q / n for n in CT_NAMES if (q / n).exists()), None) for q in subs]
+            case_dirs = [c for c in case_dirs if c is not None]
+            if case_dirs or files:
+                found += [(c, None) for c in case_dirs] + [(f, None) for f in files]
+            elif any(q.suffix.lower() in (".dcm", "") for q in p.iterdir() if q.is_file()):
+                found.append((p, None))  # a DICOM series folder
+            else:
+                raise X2ReconInputError(p, "folder holds no CT (ct.nii.gz, case folders, CT files or a DICOM series)")
+    labels = list(labels or [])
+    if labels and len(labels) != len(found):
+        raise X2ReconInputError(None, f"{len(labels)} labelmaps given for {len(found)} CTs: give one per CT, in order")
+    cases = [_case_from_ct(c, Path(lab) if labels else lp) for (c, lp), lab in zip(found, labels or [None] * len(found))]
+    ids = [c.case_id for c in cases]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        # make ids unique by the parent folder name
+        for c in cases:
+            if c.case_id in dup:
+                c.case_id = f"{Path(c.ct).parent.name}_{c.case_id}"
+    return cases
+
+
+def expand_variants(cases: list[CaseInput], n: int) -> list[CaseInput]:
+    out = []
+    for c in cases:
+        out.append(c)
+        for v in range(1, n + 1):
+            out.append(CaseInput(f"{c.case_id}_v{v:02d}", c.ct, c.labels, c.label_convention, v))
+    return out
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1-based) → (K, N)."""
+    if not spec:
+        return None
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N (e.g. 2/8), got {spec!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard K/N needs 1 ≤ K ≤ N, got {spec!r}")
+    return k, n
+
+
+def select_shard(cases: list[CaseInput], shard: tuple[int, int] | None) -> list[CaseInput]:
+    if shard is None:
+        return cases
+    k, n = shard
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return [c for i, c in enumerate(ordered) if i % n == k - 1]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_one(inp: CaseInput, out: str, config_dict: dict, threads: int) -> CaseResult:
+    """Worker entry point (pickled by process pools and Dask)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    res = build_case(inp, Path(out) / "cases", config=BuildConfig.from_dict(config_dict))
+    _write_status(Path(out), inp, res)
+    return res
+
+
+def _write_status(out: Path, inp: CaseInput, res: CaseResult) -> None:
+    rec = {
+        "case_id": res.case_id,
+        "base_id": inp.base_id,
+        "variant": inp.variant,
+        "ct": inp.ct,
+        "labels": inp.labels,
+        "status": "done" if res.status in ("done", "skipped") else "failed",
+        "reason": res.reason,
+        "seconds": round(res.seconds, 2),
+        "meta_sha256": None,
+    }
+    meta = res.case_dir / "meta.json"
+    if rec["status"] == "done" and meta.exists():
+        from .case import sha256_file
+
+        rec["meta_sha256"] = sha256_file(meta)
+        rec["files"] = len(res.meta.get("files", {}))
+    atomic_write_text(out / "status" / f"{res.case_id}.json", json.dumps(rec, indent=1))
+
+
+def build_dataset(
+    inputs: list[CaseInput],
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] | str | None = None,
+    dask: str | None = None,
+    progress: bool = True,
+    cancel: Callable[[], bool] | None = None,
+    on_case: Callable[[CaseResult], None] | None = None,
+) -> Summary:
+    """Build every case (after variants and sharding) into ``out``; resumable and idempotent."""
+    from tqdm.auto import tqdm
+
+    config = config or BuildConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    cases = select_shard(expand_variants(inputs, config.variants), shard)
+    summary = Summary()
+    t0 = time.time()
+    bar = tqdm(total=len(cases), desc="cases", unit="case", disable=not progress, position=0)
+
+    def record(inp: CaseInput, res: CaseResult):
+        {"done": summary.done, "skipped": summary.skipped}.get(res.status, []).append(res.case_id)
+        if res.status == "failed":
+            summary.failed.append((res.case_id, res.reason or "unknown"))
+            bar.write(f"FAILED {res.case_id}: {res.reason}")
+        bar.set_postfix_str(f"{res.case_id} {res.status}")
+        bar.update(1)
+        if on_case:
+            on_case(res)
+
+    try:
+        if dask:
+            _run_dask(cases, out, config, dask, record)
+        elif workers > 1:
+            _run_pool(cases, out, config, workers, record, cancel)
+        else:
+            for inp in cases:
+                if cancel and cancel():
+                    raise CancelledError("cancelled")
+                case_bar = tqdm(total=100, desc=inp.case_id, leave=False, disable=not progress, position=1,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+                def prog(f, msg, _b=case_bar):
+                    _b.n = int(100 * f)
+                    _b.set_postfix_str(msg)
+                    _b.refresh()
+
+                res = build_case(inp, out / "cases", config=config, progress=prog, cancel=cancel)
+                case_bar.close()
+                _write_status(out, inp, res)
+                record(inp, res)
+    finally:
+        bar.close()
+        summary.seconds = time.time() - t0
+        write_manifest(out, config)
+    return summary
+
+
+def _run_pool(cases, out, config, workers, record, cancel):
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        pending = {ex.submit(_run_one, c, str(out), config.to_dict(), threads): c for c in cases}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for f in done:
+                    record(pending.pop(f), f.result())
+                if cancel and cancel():
+                    raise CancelledError("cancelled")
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _run_dask(cases, out, config, address, record):
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise X2ReconInputError(None, "--dask needs the 'distributed' package (pip install 'x2recon[dask]')") from None
+    client = Client(address)
+    try:
+        futs = {client.submit(_run_one, c, str(out), config.to_dict(), 1, pure=False): c for c in cases}
+        for f in as_completed(futs):
+            record(futs[f], f.result())
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def write_manifest(out: str | Path, config: BuildConfig | None = None) -> dict:
+    """Aggregate ``status/*.json`` into ``manifest.json``, ``splits/`` and the YOLO ``dataset.yaml``."""
+    out = Path(out)
+    recs = []
+    for p in sorted((out / "status").glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        # a status says done only while its case folder is complete
+        if rec["status"] == "done" and not (out / "cases" / rec["case_id"] / "meta.json").exists():
+            rec["status"], rec["reason"] = "failed", "case folder missing or incomplete"
+        recs.append(rec)
+    done = [r for r in recs if r["status"] == "done"]
+    splits = make_splits(done)
+    for name, ids in splits.items():
+        atomic_write_text(out / "splits" / f"{name}.txt", "".join(f"{i}\n" for i in ids))
+    classes, views = None, None
+    if done:
+        meta = json.loads((out / "cases" / done[0]["case_id"] / "meta.json").read_text())
+        classes, views = meta["classes"], meta["views"]
+        from ..drr.boxes import write_dataset_yaml
+
+        lists = {}
+        for name, ids in splits.items():
+            imgs = [str((out / "cases" / i / "images" / f"{v}.png").resolve()) for i in ids for v in views]
+            atomic_write_text(out / "splits" / f"yolo_{name}.txt", "".join(f"{x}\n" for x in imgs))
+            lists[name] = f"splits/yolo_{name}.txt"
+        write_dataset_yaml(out / "dataset.yaml", classes, lists["train"], lists["val"] if splits["val"] else lists["train"], out.resolve())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "cases": recs,
+        "counts": {s: sum(r["status"] == s for r in recs) for s in ("done", "failed")},
+        "splits": {k: len(v) for k, v in splits.items()},
+        "classes": classes,
+        "views": views,
+        "config": None if config is None else config.to_dict(),
+        "versions": versions(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def make_splits(done: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, list[str]]:
+    """Train/val/test case ids that never share a CT, unless there is only one or two CTs.
+
+    With ≥ 3 CTs whole CTs (all their variants) go to one split.  With fewer, the split is by
+    variant: the original scans train, the highest-numbered variants validate and test — the
+    paper's single-scan situation, where variants are the only unseen anatomy.
+    """
+    bases = sorted({r["base_id"] for r in done})
+    ids_of = {b: sorted(r["case_id"] for r in done if r["base_id"] == b) for b in bases}
+    if len(bases) >= 3:
+        n_test = max(1, round(len(bases) * test_fraction))
+        n_val = max(1, round(len(bases) * val_fraction))
+        test_b, val_b, train_b = bases[-n_test:], bases[-n_test - n_val : -n_test], bases[: -n_test - n_val]
+        pick = lambda bs: [i for b in bs for i in ids_of[b]]
+        return {"train": pick(train_b), "val": pick(val_b), "test": pick(test_b)}
+    variants = sorted((r for r in done if r["variant"] > 0), key=lambda r: (r["variant"], r["case_id"]))
+    originals = [r["case_id"] for r in done if r["variant"] == 0]
+    n_hold = len(variants)
+    n_test = max(1, round(n_hold * test_fraction)) if n_hold >= 3 else (1 if n_hold >= 2 else 0)
+    n_val = max(1, round(n_hold * val_fraction)) if n_hold >= 3 else (1 if n_hold >= 1 else 0)
+    test = [r["case_id"] for r in variants[len(variants) - n_test :]] if n_test else []
+    val = [r["case_id"] for r in variants[len(variants) - n_test - n_val : len(variants) - n_test]] if n_val else []
+    train = originals + [r["case_id"] for r in variants[: len(variants) - n_test - n_val]]
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}

@@ -16,7 +16,7 @@ class BuildConfig:
     structures: list[str] = field(default_factory=lambda: list(DEFAULT_STRUCTURES))
     label_convention: str = "totalseg"  # "totalseg" | "verse"
     segmentation: str = "auto"  # "auto" | "labels" | "totalsegmentator" | "threshold"
-    threshold_hu: float = 200.0  # the clearly labelled fallback's bone threshold
+    threshold_hu: float = 150.0  # the clearly labelled fallback's bone threshold
     # geometry and DRRs
     views: list[str] = field(default_factory=lambda: ["AP", "PA", "LAT"])
     angles: list[float] = field(default_factory=list)  # extra training views, degrees about S

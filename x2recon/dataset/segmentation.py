@@ -59,7 +59,7 @@ def select_structures(labels: np.ndarray, id_to_name: dict[int, str], wanted: li
     return lut[labels], names
 
 
-def threshold_bones(ct: Volume, threshold_hu: float = 200.0, min_volume_ml: float = 5.0) -> tuple[np.ndarray, dict[int, str]]:
+def threshold_bones(ct: Volume, threshold_hu: float = 150.0, min_volume_ml: float = 5.0) -> tuple[np.ndarray, dict[int, str]]:
     """The clearly labelled fallback: bone = HU above a threshold, small components removed.
 
     No anatomy is named: the result is one structure, ``bone_threshold``.  It also keeps
@@ -68,7 +68,6 @@ def threshold_bones(ct: Volume, threshold_hu: float = 200.0, min_volume_ml: floa
     from scipy import ndimage
 
     mask = ct.array > threshold_hu
-    mask = ndimage.binary_opening(mask, iterations=1)
     lab, n = ndimage.label(mask)
     if n == 0:
         return np.zeros(ct.array.shape, np.uint8), {}

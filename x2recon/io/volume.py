@@ -137,12 +137,12 @@ def read_ct(path: str | Path) -> Volume:
     if min(vol.shape_xyz) < 2:
         raise X2ReconInputError(path, f"not a CT: volume is {vol.shape_xyz} voxels")
     a = vol.array
-    lo, hi = float(np.percentile(a, 0.5)), float(a.max())
-    if lo > -500 or lo < -3100 or hi > 40000:
+    lo, hi = float(np.percentile(a, 0.1)), float(a.max())
+    if lo > -100 or float(a.min()) < -10000 or hi > 40000:
         raise X2ReconInputError(
             path,
-            f"not a CT in Hounsfield units: intensities span {lo:.0f}…{hi:.0f} "
-            "(expected air near −1000 HU)",
+            f"not a CT in Hounsfield units: intensities span {float(a.min()):.0f}…{hi:.0f} "
+            "(expected fat or air below −100 HU and no values beyond −10000…40000)",
         )
     vol.array = a.astype(np.int16) if a.dtype != np.int16 and a.min() >= -32768 and a.max() <= 32767 else a
     return vol

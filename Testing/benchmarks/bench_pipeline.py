@@ -1,0 +1,57 @@
+"""Benchmark: seconds per case of the whole dataset pipeline on the shared chest CT.
+
+Target (issue 2): under 60 s per case on 2 CPU cores with default settings.
+Usage: python Testing/benchmarks/bench_pipeline.py [--ct CT --labels LABELS] [--device cpu|cuda]
+Prints per-stage seconds and the ratio to the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import shared_data_dir  # noqa: E402
+
+from x2recon.dataset.case import CaseInput, build_case  # noqa: E402
+from x2recon.dataset.config import BuildConfig  # noqa: E402
+
+TARGET_S = 60.0
+
+
+def main() -> int:
+    d = shared_data_dir() / "chest_lidc0001"
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ct", default=str(d / "ct.nii.gz"))
+    ap.add_argument("--labels", default=str(d / "labels.nii.gz"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    cfg = BuildConfig(device=a.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        cpu0 = time.process_time()
+        res = build_case(CaseInput("bench", a.ct, a.labels), tmp, config=cfg)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu0
+    if res.status != "done":
+        print("FAILED:", res.reason)
+        return 1
+    print(f"machine: {os.cpu_count()} cores, torch threads {a.threads}, device {a.device}")
+    print(f"settings: default BuildConfig (views {cfg.view_names()}, {cfg.drr_size}² DRRs, {cfg.n_points} points, "
+          f"{cfg.spider_grid}³ SPIDER grid)")
+    for k, v in res.meta["seconds"].items():
+        print(f"  {k:10s} {v:7.2f} s")
+    print(f"case total: {wall:.1f} s wall, {cpu:.1f} s CPU; target {TARGET_S:.0f} s → ratio {wall / TARGET_S:.2f} of target")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Meshes: extraction from labelmaps (watertight, LPS mm); MISE and simplification come with X2B."""

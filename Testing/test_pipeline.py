@@ -46,8 +46,8 @@ def test_case_has_every_output_and_a_consistent_meta(built_case):
     names = set(meta["segmentation"]["names"].values())
     assert {"vertebrae_T7", "rib_left_3", "costal_cartilages"} <= names
     assert not any(n.startswith("scapula") for n in names)  # paper default excludes scapulae
-    for rel in ["segmentation.nii.gz", "points.npz", "meshes/bones.stl", "meshes/bones_box.stl",
-                "meshes/vertebrae_T7.stl", "spider/ct.nii.gz", "spider/labels.nii.gz"]:
+    for rel in ["segmentation.nii.gz", "points.npz", "meshes/bones.ply", "meshes/bones_box.ply",
+                "meshes/vertebrae_T7.ply", "spider/ct.nii.gz", "spider/labels.nii.gz"]:
         assert (case / rel).is_file(), rel
     for v in ("AP", "LAT"):
         for rel in (f"images/{v}.png", f"images/{v}.json", f"images/{v}_mu.npy", f"images/{v}_64.png", f"labels/{v}.txt"):
@@ -72,8 +72,8 @@ def test_isocenter_centres_the_bones_and_box_mesh_is_normalised(built_case):
 
     case = built_case / "cases" / "chest"
     meta = json.loads((case / "meta.json").read_text())
-    world = read_mesh(case / "meshes" / "bones.stl")
-    box = read_mesh(case / "meshes" / "bones_box.stl")
+    world = read_mesh(case / "meshes" / "bones.ply")
+    box = read_mesh(case / "meshes" / "bones_box.ply")
     iso = np.array(meta["isocenter"])
     np.testing.assert_allclose(world.bounds.mean(0), iso, atol=3.0)  # bbox centre (voxel-edge tolerance)
     np.testing.assert_allclose(box.vertices, (world.vertices - iso) / meta["box_size"], atol=1e-4)

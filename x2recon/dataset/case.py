@@ -301,18 +301,18 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
             raise X2ReconInputError(inp.ct, "no structure is large enough for a mesh")
         files = []
         for name, m in meshes.items():
-            write_mesh(m, mesh_dir / f"{name}.stl")
-            files.append(mesh_dir / f"{name}.stl")
+            write_mesh(m, mesh_dir / f"{name}.ply")
+            files.append(mesh_dir / f"{name}.ply")
         merged = merge_meshes(meshes)
-        write_mesh(merged, mesh_dir / "bones.stl")
-        write_mesh(to_box_coords(merged, ref_geom), mesh_dir / "bones_box.stl")
-        files += [mesh_dir / "bones.stl", mesh_dir / "bones_box.stl"]
+        write_mesh(merged, mesh_dir / "bones.ply")
+        write_mesh(to_box_coords(merged, ref_geom), mesh_dir / "bones_box.ply")
+        files += [mesh_dir / "bones.ply", mesh_dir / "bones_box.ply"]
         stages.mark(
             "meshes",
             files,
             {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": float(merged.volume)},
         )
-    merged = read_mesh(mesh_dir / "bones.stl")
+    merged = read_mesh(mesh_dir / "bones.ply")
     t_stage["meshes"] = time.time() - t
 
     # ---- 3. occupancy samples

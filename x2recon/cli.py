@@ -98,8 +98,14 @@ def cmd_build_dataset(a) -> int:
         for c in cases:
             c.label_convention = c.label_convention or a.label_convention
     print(f"{len(cases)} CT(s) → {len(cases) * (1 + config.variants)} case(s) into {a.out}", file=sys.stderr)
+    def line(res, done, total):
+        if a.progress_lines:  # machine-readable, for the Slicer panel and job schedulers
+            reason = f" {res.reason}" if res.reason else ""
+            print(f"X2RECON_PROGRESS {done}/{total} {res.case_id} {res.status}{reason}", flush=True)
+
     summary = build_dataset(
-        cases, a.out, config, workers=a.workers, shard=parse_shard(a.shard), dask=a.dask, progress=not a.quiet
+        cases, a.out, config, workers=a.workers, shard=parse_shard(a.shard), dask=a.dask,
+        progress=not a.quiet, on_case=line,
     )
     print(summary.text())
     print(f"manifest: {Path(a.out) / 'manifest.json'}")
@@ -163,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard", help="K/N: build only the K-th of N shards (SLURM job arrays); run 'x2recon manifest' after")
     b.add_argument("--dask", metavar="ADDRESS", help="run the cases on a Dask cluster (scheduler address)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--progress-lines", action="store_true",
+                   help="print one 'X2RECON_PROGRESS done/total case status [reason]' line per finished case")
     b.add_argument("--allow-failures", action="store_true", help="exit 0 even if every case failed")
     _add_build_args(b)
     b.set_defaults(func=cmd_build_dataset)

@@ -199,7 +199,7 @@ def build_dataset(
     dask: str | None = None,
     progress: bool = True,
     cancel: Callable[[], bool] | None = None,
-    on_case: Callable[[CaseResult], None] | None = None,
+    on_case: Callable[[CaseResult, int, int], None] | None = None,
 ) -> Summary:
     """Build every case (after variants and sharding) into ``out``; resumable and idempotent."""
     from tqdm.auto import tqdm
@@ -214,7 +214,10 @@ def build_dataset(
     t0 = time.time()
     bar = tqdm(total=len(cases), desc="cases", unit="case", disable=not progress, position=0)
 
+    finished = [0]
+
     def record(inp: CaseInput, res: CaseResult):
+        finished[0] += 1
         {"done": summary.done, "skipped": summary.skipped}.get(res.status, []).append(res.case_id)
         if res.status == "failed":
             summary.failed.append((res.case_id, res.reason or "unknown"))
@@ -222,7 +225,7 @@ def build_dataset(
         bar.set_postfix_str(f"{res.case_id} {res.status}")
         bar.update(1)
         if on_case:
-            on_case(res)
+            on_case(res, finished[0], len(cases))
 
     try:
         if dask:

@@ -238,7 +238,12 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
     from .spider_targets import resample_to_box
 
     work.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(inp, config) if ct_vol is None else {"in_memory": True, "config": config.digest()}
+    if ct_vol is None:
+        fp = _fingerprint(inp, config)
+    else:  # volumes from memory (Slicer nodes): identify them by content
+        digest = lambda v: None if v is None else hashlib.sha256(np.ascontiguousarray(v.array).data).hexdigest()
+        fp = {"ct_sha256": digest(ct_vol), "labels_sha256": digest(lab_vol), "config": config.digest(),
+              "variant": inp.variant, "version": __version__}
     stages = _Stages(work, fp)
     cfg = config
     if inp.label_convention:

@@ -1,0 +1,1 @@
+"""Logic of the X2DatasetBuilder module (MRML in, MRML out; no Qt)."""

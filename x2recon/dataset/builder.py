@@ -221,7 +221,8 @@ def build_dataset(
         {"done": summary.done, "skipped": summary.skipped}.get(res.status, []).append(res.case_id)
         if res.status == "failed":
             summary.failed.append((res.case_id, res.reason or "unknown"))
-            bar.write(f"FAILED {res.case_id}: {res.reason}")
+            if progress:
+                bar.write(f"FAILED {res.case_id}: {res.reason}")
         bar.set_postfix_str(f"{res.case_id} {res.status}")
         bar.update(1)
         if on_case:

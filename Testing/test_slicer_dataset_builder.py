@@ -11,10 +11,16 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is part of the test extra")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "X2DatasetBuilder"))
 
-from X2DatasetBuilderLib.logic import X2DatasetBuilderLogic  # noqa: E402
+from X2DatasetBuilderLib.logic import (  # noqa: E402
+    LineBuffer,
+    X2DatasetBuilderLogic,
+    config_to_cli_args,
+    kill_process_tree,
+)
 from X2DatasetBuilderLib.mrml_io import (  # noqa: E402
     LPS_RAS,
-    load_model_node,
+    lps_ras_points,
+    mesh_to_model_node,
     segmentation_to_labelmap_volume,
     volume_node_to_volume,
     volume_to_volume_node,
@@ -107,6 +113,26 @@ def test_preview_drr_lies_on_the_detector_plane(scene, chest_half):
     assert arr.dtype == np.uint16 and arr.max() > 60000
 
 
+def test_preview_with_labels_looks_at_the_selected_structures(scene, chest_half):
+    """With labels, the preview uses the dataset's isocentre: the centre of the selected bones' bounding box."""
+    from x2recon.structures import name_to_id
+
+    ct, lab = read_ct(chest_half[0]), read_labelmap(chest_half[1])
+    ct_node = volume_to_volume_node(ct, scene, "chest")
+    lab_node = volume_to_volume_node(lab, scene, "labels", "vtkMRMLLabelMapVolumeNode")
+    cfg = BuildConfig(drr_size=32, structures="ribs")
+    node = X2DatasetBuilderLogic(scene).preview_drr(ct_node, "AP", cfg, labels_node=lab_node)
+    g = ProjectionGeometry.from_json(node.GetAttribute("x2recon.geometry"))
+    ids = [name_to_id()[n] for n in cfg.structures]
+    k, j, i = np.nonzero(np.isin(lab.array, ids))
+    corners = np.array([[a, b, c, 1.0] for a in (i.min(), i.max()) for b in (j.min(), j.max()) for c in (k.min(), k.max())])
+    w = (lab.affine @ corners.T).T[:, :3]
+    expected = (w.min(0) + w.max(0)) / 2
+    np.testing.assert_allclose(g.isocenter, expected, atol=1e-6)
+    assert np.linalg.norm(expected - ct.corners_world().mean(0)) > 5  # not simply the CT centre
+    assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 1  # no temporary nodes left
+
+
 def synthetic_case():
     n = 64
     z, y, x = np.mgrid[:n, :n, :n]
@@ -141,33 +167,143 @@ def test_build_case_gives_a_model_in_ras(scene, tmp_path):
 
 
 def test_segmentation_node_becomes_a_totalsegmentator_labelmap(scene, chest_half):
+    """Segments are matched by ID (SlicerTotalSegmentator: ID = TotalSegmentator name, name = display
+    name) or by name; unknown segments are reported, not guessed."""
+    import vtk
+
     ct = read_ct(chest_half[0])
     lab = read_labelmap(chest_half[1])
     ct_node = volume_to_volume_node(ct, scene, "chest")
-    keep = np.where(np.isin(lab.array, [37, 95]), lab.array, 0).astype(np.uint8)  # T7, rib_left_4
+    keep = np.where(np.isin(lab.array, [37, 95, 116]), lab.array, 0).astype(np.uint8)  # T7, rib_left_4, sternum
     lab_node = volume_to_volume_node(lab.with_array(keep), scene, "labels", "vtkMRMLLabelMapVolumeNode")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab_node, seg_node)
-    import vtk
-
+    segm = seg_node.GetSegmentation()
     ids = vtk.vtkStringArray()
-    seg_node.GetSegmentation().GetSegmentIDs(ids)
-    names = {"Label_37": "vertebrae T7", "Label_95": "rib_left_4"}  # as Slicer names imported labels
-    for i in range(ids.GetNumberOfValues()):
-        s = seg_node.GetSegmentation().GetSegment(ids.GetValue(i))
-        s.SetName(names.get(s.GetName(), s.GetName()))
+    segm.GetSegmentIDs(ids)
+    by_label = {segm.GetSegment(ids.GetValue(i)).GetName(): ids.GetValue(i) for i in range(ids.GetNumberOfValues())}
+    segm.GetSegment(by_label["Label_37"]).SetName("vertebrae T7")  # a name with a space
+    # copying a segment needs the representation rules the Segmentations module registers at Slicer's startup
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    have = {r.GetClassName() for r in factory.GetConverterRules()}
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        if rule.__name__ not in have:
+            factory.RegisterConverterRule(rule())
+    s95 = slicer.vtkSegment()
+    s95.DeepCopy(segm.GetSegment(by_label["Label_95"]))
+    segm.RemoveSegment(by_label["Label_95"])
+    s95.SetName("Left fourth rib")  # SlicerTotalSegmentator's standard name; the ID carries the TotalSegmentator name
+    segm.AddSegment(s95, "rib_left_4")
+    segm.GetSegment(by_label["Label_116"]).SetName("breastbone")  # no TotalSegmentator name: left out
     vol, unknown = segmentation_to_labelmap_volume(seg_node, ct_node, scene)
-    assert not unknown and vol.same_grid(ct)
-    assert np.array_equal(vol.array, keep)
+    assert unknown == ["breastbone"] and vol.same_grid(ct)
+    assert np.array_equal(vol.array, np.where(keep == 116, 0, keep))
+    assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 1  # temporary node removed
 
 
 def test_folder_command_and_progress_lines(tmp_path):
-    cmd = X2DatasetBuilderLogic.build_folder_command("/in", tmp_path, 3, ["--variants", "2"], python="py")
+    cfg = BuildConfig(variants=2, angles=[-20.0], structures="thoracic")
+    cmd = X2DatasetBuilderLogic.build_folder_command("/in", tmp_path, cfg, 3, python="py")
     assert cmd[:4] == ["py", "-m", "x2recon.cli", "build-dataset"] and "--progress-lines" in cmd
-    assert cmd[cmd.index("--workers") + 1] == "3"
+    from x2recon.cli import _config_from_args, build_parser
+
+    a = build_parser().parse_args(cmd[3:])
+    assert a.ct == ["/in"] and a.out == str(tmp_path) and a.workers == 3 and a.progress_lines
+    assert _config_from_args(a).to_dict() == cfg.to_dict()
     p = X2DatasetBuilderLogic.parse_progress_line("X2RECON_PROGRESS 2/5 head failed /x/ct.nii.gz: no labelmap")
     assert p == (2, 5, "head", "failed", "/x/ct.nii.gz: no labelmap")
+    assert X2DatasetBuilderLogic.parse_progress_line("X2RECON_PROGRESS 3/5 c1 done") == (3, 5, "c1", "done", None)
     assert X2DatasetBuilderLogic.parse_progress_line("cases: 40%|####") is None
+
+
+def test_config_round_trips_through_the_command_line():
+    """Every build setting the panel can change reaches the background process unchanged."""
+    from dataclasses import fields
+
+    from x2recon.cli import _config_from_args, build_parser
+
+    def parse(args):
+        a = build_parser().parse_args(["build-dataset", "--ct", "x", "--out", "y", *args])
+        return _config_from_args(a).to_dict()
+
+    assert config_to_cli_args(BuildConfig()) == [] and parse([]) == BuildConfig().to_dict()
+    changed = BuildConfig(
+        structures=["rib_left_3", "vertebrae_T7"], label_convention="verse", segmentation="threshold",
+        threshold_hu=-120.5, views=["LAT"], angles=[-20.0, 12.5], drr_size=256, x2b_size=128, sdd=1500.25,
+        sod=1400.0, detector_mm=400.0, box_size=320.0, beam="parallel", isocenter="ct", clahe=False,
+        clahe_clip=0.02, device="cpu", smoothing_iterations=5, n_points=5000, near_surface_fraction=0.25,
+        spider_grid=64, variants=3, seed=7,
+    )
+    d0, d1 = BuildConfig().to_dict(), changed.to_dict()
+    no_option = {"near_surface_sigma"}  # not a command-line setting
+    untested = {f.name for f in fields(BuildConfig)} - no_option - {k for k in d0 if d0[k] != d1[k]}
+    assert not untested, f"new BuildConfig fields need a CLI option and a line in logic._CLI_OPTIONS: {untested}"
+    assert parse(config_to_cli_args(changed)) == d1
+    with pytest.raises(ValueError, match="near_surface_sigma"):
+        config_to_cli_args(BuildConfig(near_surface_sigma=0.02))
+
+
+def test_line_buffer_reassembles_lines_split_across_reads():
+    buf = LineBuffer()
+    assert buf.feed("X2RECON_PROG") == []
+    assert buf.feed("RESS 1/2 a done\nX2RECON_PROGRESS 2/2 b fail") == ["X2RECON_PROGRESS 1/2 a done"]
+    assert buf.feed("ed bad input\r\n40%|##\rtail") == ["X2RECON_PROGRESS 2/2 b failed bad input", "40%|##"]
+    assert buf.flush() == ["tail"] and buf.flush() == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+@pytest.mark.parametrize("use_psutil", [True, False])
+def test_cancel_kills_the_whole_process_tree(use_psutil):
+    """Cancel must stop the CLI and its pool workers, not only the process the panel started."""
+    import subprocess
+
+    if use_psutil:
+        pytest.importorskip("psutil")
+    code = ("import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print(c.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    killed = kill_process_tree(parent.pid, timeout=2.0, use_psutil=use_psutil)
+    assert set(killed) >= {parent.pid, child}
+    parent.wait(timeout=5)  # ended (psutil may already have reaped it: no reliable exit code here)
+    from X2DatasetBuilderLib.logic import _alive
+
+    for _ in range(100):  # the orphaned worker is reaped by init, maybe a moment later
+        if not _alive(child):
+            break
+        import time
+
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_logic_imports_without_qt_and_without_heavy_packages():
+    """The logic runs headless and leaves torch and the pipeline unimported until they are needed."""
+    import subprocess
+
+    code = ("import sys\nsys.modules['qt'] = sys.modules['ctk'] = sys.modules['slicer.util'] = None\n"
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'X2DatasetBuilder')!r})\n"
+            "import X2DatasetBuilderLib.logic, X2DatasetBuilderLib.mrml_io\n"
+            "heavy = [m for m in ('torch', 'x2recon.drr.render', 'x2recon.dataset.case', 'trimesh') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_mesh_to_model_node_flips_lps_to_ras(scene):
+    v = np.array([[10.0, 20.0, 30.0], [15.0, 20.0, 30.0], [10.0, 26.0, 30.0], [10.0, 20.0, 37.0]])
+    f = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    model = mesh_to_model_node(v, f, scene, "tet")
+    from vtk.util import numpy_support
+
+    poly = model.GetPolyData()
+    pts = numpy_support.vtk_to_numpy(poly.GetPoints().GetData())
+    np.testing.assert_allclose(pts, np.c_[-v[:, 0], -v[:, 1], v[:, 2]])
+    assert poly.GetNumberOfPolys() == 4 and model.GetDisplayNode() is not None
+    np.testing.assert_allclose(lps_ras_points(pts), v)
+    with pytest.raises(ValueError, match="vertex that does not exist"):
+        mesh_to_model_node(v, [[0, 1, 4]], scene, "bad")
 
 
 def test_cli_progress_lines_are_what_the_panel_parses(tmp_path, shared_data):

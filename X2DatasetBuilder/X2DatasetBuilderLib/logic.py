@@ -2,13 +2,20 @@
 
 MRML in, MRML out; imports no Qt and nothing that needs the Slicer application, so it runs (and
 is tested) with the real MRML of the ``slicer-core`` wheel.  Heavy parts of x2recon (torch, the
-DRR renderer, the pipeline) are imported on first use, never when the module loads.
+DRR renderer, the pipeline) are imported on first use, never when the module loads.  The folder
+mode's background process is described here too (command line, progress lines, process-tree
+kill), so the Qt panel only starts the process and shows what it prints.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .mrml_io import (
@@ -18,71 +25,248 @@ from .mrml_io import (
     volume_node_to_volume,
 )
 
+log = logging.getLogger(__name__)
+
 #: Lines the CLI prints with ``--progress-lines`` (parsed by the panel while a folder builds).
 PROGRESS_RE = re.compile(r"^X2RECON_PROGRESS (\d+)/(\d+) (\S+) (\w+)(?: (.*))?$")
 
+#: BuildConfig field → ``x2recon build-dataset`` option.  Booleans are written as their "off" flag.
+_CLI_OPTIONS = {
+    "structures": "--structures",
+    "label_convention": "--label-convention",
+    "segmentation": "--segmentation",
+    "threshold_hu": "--threshold-hu",
+    "views": "--views",
+    "angles": "--angles",
+    "drr_size": "--drr-size",
+    "x2b_size": "--x2b-size",
+    "sdd": "--sdd",
+    "sod": "--sod",
+    "detector_mm": "--detector-mm",
+    "box_size": "--box-size",
+    "beam": "--beam",
+    "isocenter": "--isocenter",
+    "clahe": "--no-clahe",
+    "clahe_clip": "--clahe-clip",
+    "device": "--device",
+    "smoothing_iterations": "--smoothing",
+    "n_points": "--points",
+    "near_surface_fraction": "--near-surface",
+    "spider_grid": "--spider-grid",
+    "variants": "--variants",
+    "seed": "--seed",
+}
+
+
+def config_to_cli_args(config) -> list[str]:
+    """The ``build-dataset`` options that reproduce ``config`` (only settings that differ from the defaults).
+
+    Raises ``ValueError`` for a changed setting that has no command-line option, so a folder build
+    never silently runs with other settings than the panel shows.
+    """
+    from x2recon.dataset.config import BuildConfig
+
+    default = BuildConfig().to_dict()
+    args: list[str] = []
+    for key, value in config.to_dict().items():
+        if value == default[key]:
+            continue
+        opt = _CLI_OPTIONS.get(key)
+        if opt is None:
+            raise ValueError(f"build setting {key!r} = {value!r} has no x2recon build-dataset option")
+        if isinstance(value, bool):
+            if value:  # only the "off" flag exists (--no-clahe); True is the default
+                raise ValueError(f"build setting {key!r} cannot be switched on from the command line")
+            args.append(opt)
+        elif isinstance(value, (list, tuple)):  # "--opt=v" keeps "-20.0,10.0" from reading as an option
+            args.append(f"{opt}=" + ",".join(repr(v) if isinstance(v, float) else str(v) for v in value))
+        else:
+            args.append(f"{opt}={value!r}" if isinstance(value, float) else f"{opt}={value}")
+    return args
+
+
+def kill_process_tree(pid: int, timeout: float = 5.0, use_psutil: bool = True) -> list[int]:
+    """Stop a process and every process it started (pool workers); returns the pids signalled.
+
+    SIGTERM first, SIGKILL for what is still alive after ``timeout`` s (Windows: ``taskkill /T /F``).
+    Uses psutil when it is installed, else ``ps`` on POSIX.
+    """
+    if use_psutil:
+        try:
+            import psutil
+        except ImportError:
+            use_psutil = False
+    if use_psutil:
+        try:
+            root = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return []
+        procs = root.children(recursive=True) + [root]
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=timeout)
+        return [p.pid for p in procs]
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True)
+        return [pid]
+    pids = [pid] + _descendants_posix(pid)
+    for p in pids:
+        _signal(p, signal.SIGTERM)
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for p in pids:
+        if _alive(p):
+            _signal(p, signal.SIGKILL)
+    return pids
+
+
+def _descendants_posix(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _signal(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class LineBuffer:
+    """Splits a process's output chunks into complete lines (``\\n`` or tqdm's ``\\r``)."""
+
+    def __init__(self):
+        self._rest = ""
+
+    def feed(self, text: str) -> list[str]:
+        parts = re.split(r"\r\n|\r|\n", self._rest + text)
+        self._rest = parts.pop()
+        return parts
+
+    def flush(self) -> list[str]:
+        rest, self._rest = self._rest, ""
+        return [rest] if rest else []
+
 
 class X2DatasetBuilderLogic:
+    """Nodes of ``scene`` → x2recon calls → nodes added to ``scene``."""
+
     def __init__(self, scene):
         self.scene = scene
 
     # ------------------------------------------------------------------ inputs
-    def labels_from_node(self, labels_node, ct_node):
-        """A labelmap volume node (TotalSegmentator ids) or a segmentation node → ``Volume``."""
+    def segmentation_to_labelmap(self, labels_node, reference_node):
+        """A labelmap volume node (TotalSegmentator ids) or a segmentation node → ``Volume`` (or ``None``).
+
+        Segmentation nodes are exported on ``reference_node``'s grid with segment names mapped to
+        TotalSegmentator ids; segments without such a name are logged and left out.
+        """
         if labels_node is None:
             return None
         if labels_node.IsA("vtkMRMLSegmentationNode"):
-            vol, unknown = segmentation_to_labelmap_volume(labels_node, ct_node, self.scene)
+            vol, unknown = segmentation_to_labelmap_volume(labels_node, reference_node, self.scene)
             if unknown:
-                print(f"X2DatasetBuilder: segments without a TotalSegmentator name ignored: {unknown}", file=sys.stderr)
+                log.warning("X2DatasetBuilder: segments without a TotalSegmentator name left out: %s", unknown)
             return vol
         if labels_node.IsA("vtkMRMLVolumeNode"):
             return volume_node_to_volume(labels_node)
         raise ValueError(f"{labels_node.GetName()!r} is neither a labelmap volume nor a segmentation")
 
     # ------------------------------------------------------------------ DRR preview
-    def preview_drr(self, ct_node, view: str = "AP", config=None, name: str | None = None):
-        """Render the DRR of ``view`` around the CT's centre and add it as a volume node."""
+    def preview_isocenter(self, ct, labels, config):
+        """Where the dataset's views will look: the selected structures' centre when labels are
+        given and ``config.isocenter == "structures"``, else the CT centre (LPS mm)."""
+        if labels is not None and config.isocenter == "structures":
+            from x2recon.dataset.case import isocenter_of
+            from x2recon.dataset.config import BuildConfig
+            from x2recon.dataset.segmentation import segment
+
+            cfg = BuildConfig.from_dict({**config.to_dict(), "segmentation": "labels"})
+            seg, _, _ = segment(ct, labels, cfg)
+            return isocenter_of(seg, ct, cfg)
+        return ct.corners_world().mean(axis=0)
+
+    def preview_drr(self, ct_node, view: str = "AP", config=None, labels_node=None, name: str | None = None):
+        """Render the DRR of ``view`` and add it as a single-slice volume node on the detector plane."""
         from x2recon.dataset.config import BuildConfig
         from x2recon.drr.render import render_drr
 
         config = config or BuildConfig()
         ct = volume_node_to_volume(ct_node)
-        geom = config.geometry(view, ct.corners_world().mean(axis=0))
+        labels = self.segmentation_to_labelmap(labels_node, ct_node)
+        geom = config.geometry(view, self.preview_isocenter(ct, labels, config))
         drr = render_drr(ct, geom, device=config.device, clahe=config.clahe, clahe_clip=config.clahe_clip)
         return drr_to_volume_node(drr, self.scene, name or f"{ct_node.GetName()}_DRR_{geom.name}")
 
     # ------------------------------------------------------------------ one case
     def build_case(self, ct_node, labels_node, out_dir, config=None, case_id: str | None = None,
                    progress=None, cancel=None):
-        """Build one dataset case from nodes; returns ``(CaseResult, model node or None)``.
+        """Build one dataset case into ``out_dir/cases/<case_id>``; returns ``(CaseResult, model node or None)``.
 
-        The bone model (meshes/bones.ply, LPS mm) is loaded into the scene in RAS.
+        The bone model (meshes/bones.ply, LPS mm) is loaded into the scene in RAS.  ``progress(f, msg)``
+        and ``cancel() -> bool`` are passed to the pipeline (cancel raises ``CancelledError``).
         """
         from x2recon.dataset.case import build_case
         from x2recon.dataset.config import BuildConfig
 
         config = config or BuildConfig()
         ct = volume_node_to_volume(ct_node)
-        labels = self.labels_from_node(labels_node, ct_node)
+        labels = self.segmentation_to_labelmap(labels_node, ct_node)
         if labels is None and config.segmentation == "labels":
             raise ValueError("choose a labelmap or segmentation node, or another segmentation source")
-        cid = case_id or re.sub(r"[^A-Za-z0-9_.-]+", "_", ct_node.GetName()) or "case"
+        cid = case_id or re.sub(r"[^A-Za-z0-9_.-]+", "_", ct_node.GetName()).strip("_") or "case"
         res = build_case(ct, Path(out_dir) / "cases", labels=labels, config=config, case_id=cid,
                          progress=progress, cancel=cancel)
         model = None
-        if res.status == "done":
+        if res.status in ("done", "skipped"):
             model = load_model_node(res.case_dir / "meshes" / "bones.ply", self.scene, f"{cid}_bones")
         return res, model
 
     # ------------------------------------------------------------------ many cases (background process)
     @staticmethod
-    def build_folder_command(in_dir, out_dir, workers: int = 1, extra_args: list[str] | None = None,
-                             python: str | None = None) -> list[str]:
-        """The ``x2recon build-dataset`` command the panel runs as a background process."""
+    def build_folder_command(in_dir, out_dir, config=None, workers: int = 1, python: str | None = None) -> list[str]:
+        """The ``x2recon build-dataset`` command the panel runs as a background process.
+
+        ``python`` is the interpreter (Slicer's ``PythonSlicer``); output is one progress line per case.
+        """
+        args = config_to_cli_args(config) if config is not None else []
         return [python or sys.executable, "-m", "x2recon.cli", "build-dataset", "--ct", str(in_dir),
-                "--out", str(out_dir), "--workers", str(int(workers)), "--progress-lines", "--quiet",
-                *(extra_args or [])]
+                "--out", str(out_dir), "--workers", str(int(workers)), "--progress-lines", "--quiet", *args]
 
     @staticmethod
     def parse_progress_line(line: str):

@@ -12,6 +12,13 @@ import numpy as np
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def lps_ras_points(points) -> np.ndarray:
+    """LPS ↔ RAS for points of shape (..., 3): negate x and y (its own inverse)."""
+    p = np.array(points, dtype=float, copy=True)
+    p[..., :2] *= -1
+    return p
+
+
 def vtk_matrix_to_numpy(m) -> np.ndarray:
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
@@ -116,6 +123,34 @@ def load_model_node(path, scene, name: str, color=(0.95, 0.92, 0.84)):
     if not storage.ReadData(model):
         scene.RemoveNode(model)
         raise ValueError(f"{path}: cannot read the mesh")
+    disp = scene.AddNewNodeByClass("vtkMRMLModelDisplayNode")
+    disp.SetColor(*color)
+    model.SetAndObserveDisplayNodeID(disp.GetID())
+    return model
+
+
+def mesh_to_model_node(vertices, faces, scene, name: str, color=(0.95, 0.92, 0.84)):
+    """An in-memory triangle mesh in LPS mm (vertices (N, 3), faces (M, 3)) → a model node in RAS."""
+    import vtk
+    from vtk.util import numpy_support
+
+    v = np.ascontiguousarray(lps_ras_points(vertices), dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
+        raise ValueError(f"mesh {name!r}: expected vertices (N, 3) and triangles (M, 3), got {v.shape}, {f.shape}")
+    if f.size and (f.min() < 0 or f.max() >= len(v)):
+        raise ValueError(f"mesh {name!r}: a triangle refers to a vertex that does not exist")
+    pts = vtk.vtkPoints()
+    pts.SetData(numpy_support.numpy_to_vtk(v, deep=True))
+    cells = vtk.vtkCellArray()
+    offsets = numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(f) + 1, 3, dtype=np.int64), deep=True)
+    conn = numpy_support.numpy_to_vtkIdTypeArray(f.reshape(-1).copy(), deep=True)
+    cells.SetData(offsets, conn)
+    poly = vtk.vtkPolyData()
+    poly.SetPoints(pts)
+    poly.SetPolys(cells)
+    model = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+    model.SetAndObservePolyData(poly)
     disp = scene.AddNewNodeByClass("vtkMRMLModelDisplayNode")
     disp.SetColor(*color)
     model.SetAndObserveDisplayNodeID(disp.GetID())

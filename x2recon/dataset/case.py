@@ -162,7 +162,8 @@ def _check_extent(ct: Volume) -> None:
         )
 
 
-def _isocenter(seg: Volume, ct: Volume, config: BuildConfig) -> np.ndarray:
+def isocenter_of(seg: Volume, ct: Volume, config: BuildConfig) -> np.ndarray:
+    """The imaging isocentre of a case: centre of the selected structures (or of the CT)."""
     if config.isocenter == "ct":
         return ct.corners_world().mean(axis=0)
     idx = np.argwhere(seg.array > 0)  # (k, j, i)
@@ -277,7 +278,7 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
             seg = deformation.apply(seg, kind="labels")
             present = set(np.unique(seg.array).tolist()) - {0}
             names = {k: v for k, v in names.items() if k in present}
-        iso = _isocenter(seg, ct, cfg)
+        iso = isocenter_of(seg, ct, cfg)
         write_volume(seg, seg_path)
         stages.mark(
             "segment",

@@ -37,3 +37,21 @@ def chest_half(shared_data):
 @pytest.fixture(scope="session")
 def chest_full(shared_data):
     return shared_data / "chest_lidc0001" / "ct.nii.gz", shared_data / "chest_lidc0001" / "labels.nii.gz"
+
+
+# ---- meshes and occupancy (Testing/test_mesh_extract.py, Testing/test_occupancy.py) ----
+#: A few ribs (incl. the small 12th), a vertebra and the costal cartilages of chest_half.
+MESH_TEST_STRUCTURES = ["rib_left_3", "rib_left_12", "rib_right_6", "rib_right_11", "vertebrae_T8", "costal_cartilages"]
+
+
+@pytest.fixture(scope="session")
+def chest_half_meshes(chest_half):
+    """``(seg, names, meshes, skipped)`` for ``MESH_TEST_STRUCTURES`` of chest_half (extracted once)."""
+    from x2recon.dataset.config import BuildConfig
+    from x2recon.dataset.segmentation import segment
+    from x2recon.io.volume import read_ct
+    from x2recon.mesh.extract import labelmap_to_meshes
+
+    seg, names, _ = segment(read_ct(chest_half[0]), chest_half[1], BuildConfig(structures=MESH_TEST_STRUCTURES))
+    meshes, skipped = labelmap_to_meshes(seg, names)
+    return seg, names, meshes, skipped

@@ -1,35 +1,137 @@
-"""Mesh files (STL, PLY, OBJ, OFF): atomic writes and reads with clear errors."""
+"""Mesh files (STL, PLY, OBJ, OFF, VTK): atomic writes and reads with clear errors.
+
+Coordinates in files are LPS mm.  Writers put Slicer's ``SPACE=LPS`` declaration in the header
+(Slicer also assumes LPS when a file has none); a file that declares ``SPACE=RAS`` (a Slicer
+export in RAS) is turned into LPS on reading.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import trimesh
 
 from ..errors import X2ReconInputError
 from .atomic import atomic_path
 
-MESH_SUFFIXES = (".stl", ".ply", ".obj", ".off", ".glb")
+MESH_SUFFIXES = (".stl", ".ply", ".obj", ".off", ".vtk")
+_SPACE = re.compile(rb"SPACE\s*=\s*(RAS|LPS)", re.IGNORECASE)
+
+
+def _suffix(path: Path) -> str:
+    s = path.suffix.lower()
+    if s not in MESH_SUFFIXES:
+        raise ValueError(f"{path}: unsupported mesh format {s!r} (use one of {', '.join(MESH_SUFFIXES)})")
+    return s
+
+
+def _encode(mesh: trimesh.Trimesh, suffix: str) -> bytes:
+    if suffix == ".stl":  # binary STL: 80-byte header, then the triangles
+        data = trimesh.exchange.stl.export_stl(mesh)
+        return b"x2recon SPACE=LPS".ljust(80, b" ") + data[80:]
+    if suffix == ".ply":  # binary PLY, declaration as a header comment
+        data = trimesh.exchange.ply.export_ply(mesh, encoding="binary")
+        head, sep, body = data.partition(b"\n")  # "ply"
+        fmt, sep2, rest = body.partition(b"\n")  # "format binary_little_endian 1.0"
+        return head + sep + fmt + sep2 + b"comment SPACE=LPS\n" + rest
+    if suffix == ".obj":
+        return trimesh.exchange.obj.export_obj(mesh, include_normals=False, header="SPACE=LPS").encode()
+    if suffix == ".off":
+        return trimesh.exchange.off.export_off(mesh).encode()
+    raise AssertionError(suffix)
+
+
+def _write_vtk(mesh: trimesh.Trimesh, path: Path) -> None:
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonCore import vtkPoints
+    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
+    from vtkmodules.vtkIOLegacy import vtkPolyDataWriter
+
+    pd = vtkPolyData()
+    pts = vtkPoints()
+    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(mesh.vertices, np.float64), deep=1))
+    pd.SetPoints(pts)
+    f = np.asarray(mesh.faces, np.int64)
+    cells = vtkCellArray()
+    cells.SetData(ns.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(f) + 1, 3, dtype=np.int64), deep=1),
+                  ns.numpy_to_vtkIdTypeArray(f.ravel(), deep=1))
+    pd.SetPolys(cells)
+    w = vtkPolyDataWriter()
+    w.SetInputData(pd)
+    w.SetFileName(str(path))
+    w.SetHeader("x2recon SPACE=LPS")
+    w.SetFileTypeToBinary()
+    if not w.Write():
+        raise OSError(f"{path}: VTK writer failed")
+
+
+def _read_vtk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkFiltersCore import vtkTriangleFilter
+    from vtkmodules.vtkIOLegacy import vtkPolyDataReader
+
+    r = vtkPolyDataReader()
+    r.SetFileName(str(path))
+    r.Update()
+    if r.GetErrorCode() or not r.IsFilePolyData():
+        raise ValueError("not a legacy VTK polydata file")
+    tri = vtkTriangleFilter()
+    tri.SetInputConnection(r.GetOutputPort())
+    tri.Update()
+    pd = tri.GetOutput()
+    if pd.GetNumberOfPoints() == 0 or pd.GetPolys().GetNumberOfCells() == 0:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    v = ns.vtk_to_numpy(pd.GetPoints().GetData()).astype(np.float64)
+    f = ns.vtk_to_numpy(pd.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
+    return v, f
 
 
 def write_mesh(mesh: trimesh.Trimesh, path: str | Path) -> None:
+    """Write ``mesh`` (LPS mm) atomically; the format follows the suffix (STL and PLY binary)."""
     path = Path(path)
-    if path.suffix.lower() not in MESH_SUFFIXES:
-        raise ValueError(f"{path}: unsupported mesh format (use one of {MESH_SUFFIXES})")
+    suffix = _suffix(path)
+    if len(mesh.faces) == 0:
+        raise ValueError(f"{path}: refusing to write an empty mesh")
     with atomic_path(path) as tmp:
-        mesh.export(str(tmp), file_type=path.suffix.lower().lstrip("."))
+        if suffix == ".vtk":
+            _write_vtk(mesh, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(_encode(mesh, suffix))
 
 
 def read_mesh(path: str | Path) -> trimesh.Trimesh:
-    """Read a triangle mesh; fails naming the file if it is missing, unreadable or empty."""
+    """Read a triangle mesh in LPS mm; fails naming the file if it is missing, unreadable or empty.
+
+    Vertices are merged only for STL (a triangle soup); indexed formats keep their vertices, so
+    separate shells that touch (a merged bone mesh) stay separate.
+    """
     path = Path(path)
     if not path.is_file():
         raise X2ReconInputError(path, "mesh file not found")
     try:
-        m = trimesh.load(str(path), force="mesh", process=False)
-    except Exception as e:  # trimesh raises many kinds for corrupt files
+        suffix = _suffix(path)
+    except ValueError as e:
+        raise X2ReconInputError(path, str(e).split(": ", 1)[1]) from None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+        if suffix == ".vtk":
+            v, f = _read_vtk(path)
+            m = trimesh.Trimesh(v, f, process=False)
+        else:
+            m = trimesh.load(str(path), file_type=suffix[1:], force="mesh", process=False)
+    except Exception as e:  # trimesh and VTK raise many kinds for corrupt files
         raise X2ReconInputError(path, f"cannot read as a mesh ({type(e).__name__}: {e})") from None
     if not isinstance(m, trimesh.Trimesh) or len(m.faces) == 0:
         raise X2ReconInputError(path, "mesh is empty (no triangles)")
-    m.merge_vertices()
+    if not np.all(np.isfinite(m.vertices)):
+        raise X2ReconInputError(path, "mesh has non-finite vertex coordinates")
+    if suffix == ".stl":
+        m.merge_vertices()
+    space = _SPACE.search(head)
+    if space and space.group(1).upper() == b"RAS":
+        m = trimesh.Trimesh(np.asarray(m.vertices) * [-1.0, -1.0, 1.0], m.faces, process=False)  # RAS → LPS
     return m

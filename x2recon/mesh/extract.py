@@ -1,15 +1,27 @@
 """Watertight surface meshes from labelmaps, in LPS millimetres.
 
-Marching cubes at 0.5 on a binary mask cuts every voxel corner, so thin bones (ribs are 2–3
-voxels across) lose 5–15 % of their volume.  We extract from the mask lightly smoothed (Gaussian,
-σ = 0.5 voxel) and choose the iso-level per structure by bisection so that the enclosed volume
-equals the labelmap's voxel volume: the mesh keeps the segmentation's volume (tested within 2 %)
-and its surface is smooth instead of stair-cased.  Each mask is cropped to its bounding box and
-padded, so every surface is closed.
+Why not plain marching cubes at 0.5 on the mask: its surface passes half-way between inside and
+outside voxel centres, which is the voxel face on flat parts but cuts every convex voxel edge
+(1/8 voxel per unit length) and corner.  On chest_lidc0001_half (1.4×1.4×2.5 mm) that loses
+1–3 % of a vertebra's voxel volume, 3–6 % of a rib's and 10–11 % of the small 12th ribs.
+We therefore extract from the mask lightly smoothed (Gaussian, σ = ½ voxel, which also removes the
+staircase) at the iso-level, found per structure by secant steps, at which the enclosed volume
+equals the labelmap's voxel volume (count × voxel volume, to 0.3 %; levels 0.39–0.47 there).
+The level is the only fitted number; the tests check what it does not force: the analytic
+sphere's volume, area and radius, a box's face positions, and that the mesh classifies the
+labelled voxel centres (and the background around them) exactly as the labelmap does.
+
+Marching cubes is VTK's flying edges: about twice as fast as scikit-image's Lewiner here, and its
+case table gives closed, manifold surfaces even on voxel noise, where scikit-image's output on
+binary masks has non-manifold edges.  Each mask is cropped to its bounding box and padded with
+background, so every surface is closed.  Vertices go through the full index → LPS affine (oblique
+directions included); a mirroring affine (determinant < 0) reverses the winding, which is undone
+so that normals point outward (volume > 0).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -19,81 +31,57 @@ from ..errors import X2ReconInputError
 
 #: Structures smaller than this many voxels give no mesh (recorded as skipped, not failed).
 MIN_VOXELS = 10
+#: Gaussian σ (voxels) applied to the mask before extraction.
+SIGMA = 0.5
+#: Boundary loops up to this many edges are closed by :func:`ensure_watertight`.
+MAX_HOLE_EDGES = 32
 
 
 class MeshError(X2ReconInputError):
-    """A structure's surface could not be made watertight."""
+    """A structure's surface could not be extracted or made watertight."""
 
 
-def _marching_cubes(field: np.ndarray, level: float):
-    from skimage.measure import marching_cubes
+# ----------------------------------------------------------------------------- marching cubes
+def flying_edges(field: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Iso-surface of ``field [k, j, i]`` at ``level``: vertices in continuous ``(i, j, k)``, faces."""
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
 
-    verts, faces, _, _ = marching_cubes(field, level=level, allow_degenerate=False)
+    field = np.ascontiguousarray(field, dtype=np.float32)
+    img = vtkImageData()
+    img.SetDimensions(field.shape[2], field.shape[1], field.shape[0])  # VTK's x (i) varies fastest
+    img.GetPointData().SetScalars(ns.numpy_to_vtk(field.ravel(), deep=1))
+    fe = vtkFlyingEdges3D()
+    fe.SetInputData(img)
+    fe.SetValue(0, float(level))
+    fe.ComputeNormalsOff()
+    fe.ComputeGradientsOff()
+    fe.ComputeScalarsOff()
+    fe.Update()
+    out = fe.GetOutput()
+    if out.GetNumberOfPoints() == 0:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    verts = ns.vtk_to_numpy(out.GetPoints().GetData()).astype(np.float64)
+    faces = ns.vtk_to_numpy(out.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
     return verts, faces
 
 
-def _signed_volume_index(verts_kji: np.ndarray, faces: np.ndarray, scale: np.ndarray) -> float:
-    v = verts_kji[:, ::-1] * scale  # (i, j, k) × voxel size, axis-aligned
-    a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
+def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
+    """Signed enclosed volume (divergence theorem); > 0 when the faces wind outward."""
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
     return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
 
 
-def mask_to_mesh(mask: np.ndarray, affine: np.ndarray, *, smoothing_iterations: int = 0,
-                 name: str = "", match_volume: bool = True, sigma: float = 0.5) -> trimesh.Trimesh:
-    """Closed surface of a binary mask ``[k, j, i]`` in world coordinates (``affine``: index → mm).
+def _match_level(extract, target: float, rtol: float = 0.003, max_iter: int = 25):
+    """Iso-level whose surface encloses ``target`` (index-space) volume.
 
-    ``match_volume`` picks the iso-level so that the mesh volume equals the voxel volume
-    (within 0.3 %); ``smoothing_iterations`` adds volume-preserving Taubin smoothing.
+    The enclosed volume falls monotonically as the level rises: secant steps converge in 3–5
+    extractions; steps leaving the bracket are replaced by bisection.
     """
-    from scipy.ndimage import gaussian_filter
-
-    mask = np.asarray(mask, bool)
-    n = int(mask.sum())
-    if n < MIN_VOXELS:
-        raise MeshError(None, f"structure {name!r} has only {n} voxels")
-    idx = np.argwhere(mask)
-    lo = idx.min(0) - 3
-    hi = idx.max(0) + 4
-    crop = np.zeros(tuple(hi - lo), np.float32)
-    src_lo = np.maximum(lo, 0)
-    src_hi = np.minimum(hi, mask.shape)
-    crop[tuple(slice(a - b, c - b) for a, b, c in zip(src_lo, lo, src_hi))] = mask[
-        tuple(slice(a, c) for a, c in zip(src_lo, src_hi))
-    ]
-    field = gaussian_filter(crop, sigma) if sigma > 0 else crop
-    A = np.asarray(affine, np.float64)
-    vox = abs(np.linalg.det(A[:3, :3]))
-    target = n * vox
-    scale = np.linalg.norm(A[:3, :3], axis=0)  # voxel edge lengths (i, j, k)
-    cell = abs(np.linalg.det(A[:3, :3])) / np.prod(scale)  # 1 for orthogonal grids
-
-    def extract(level):
-        v, f = _marching_cubes(field, level)
-        return v, f, abs(_signed_volume_index(v, f, scale)) * cell
-
     level = 0.5
     verts, faces, vol = extract(level)
-    if match_volume and sigma > 0:
-        level, verts, faces, vol = _match_level(extract, level, verts, faces, vol, target)
-    ijk = verts[:, ::-1] + lo[::-1]
-    world = ijk @ A[:3, :3].T + A[:3, 3]
-    mesh = trimesh.Trimesh(world, faces, process=True)
-    mesh = simplify_lossless(mesh)
-    if smoothing_iterations > 0:
-        trimesh.smoothing.filter_taubin(mesh, iterations=smoothing_iterations)
-    mesh = ensure_watertight(mesh, name)
-    mesh.metadata["iso_level"] = float(level)
-    mesh.metadata["voxel_volume_mm3"] = float(target)
-    return mesh
-
-
-def _match_level(extract, level, verts, faces, vol, target, rtol=0.003, max_iter=25):
-    """Iso-level whose surface encloses ``target`` volume: secant steps kept inside a bracket.
-
-    The enclosed volume falls monotonically as the level rises; secant steps converge in
-    3–5 marching-cubes runs, bisection of the bracket guards against bad steps.
-    """
-    lo, hi = 0.02, 0.98  # bracket of levels: vol(lo) > target > vol(hi) once established
+    lo, hi = 1e-3, 1.0 - 1e-3
     prev = None
     for _ in range(max_iter):
         err = vol - target
@@ -115,11 +103,72 @@ def _match_level(extract, level, verts, faces, vol, target, rtol=0.003, max_iter
     return level, verts, faces, vol
 
 
+def mask_to_mesh(mask: np.ndarray, affine: np.ndarray, *, smoothing_iterations: int = 0, name: str = "",
+                 match_volume: bool = True, sigma: float = SIGMA, simplify: bool = True) -> trimesh.Trimesh:
+    """Closed, outward-wound surface of a boolean mask ``[k, j, i]`` in world mm.
+
+    ``affine`` maps continuous voxel index ``(i, j, k, 1)`` to LPS mm (``Volume.affine``).
+    ``match_volume`` picks the iso-level of the σ-smoothed mask so that the enclosed volume equals
+    the voxel volume; with ``match_volume=False, sigma=0`` this is plain marching cubes at 0.5.
+    ``smoothing_iterations`` > 0 adds windowed-sinc smoothing (low-pass); with ``match_volume``
+    the volume it loses (~1 % on ribs) is restored by a uniform offset along the normals.
+    ``simplify`` drops vertices that change the surface by < 1e-3 (pyfqmr lossless mode).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask_to_mesh: mask must be 3D [k, j, i], got shape {mask.shape}")
+    A = np.asarray(affine, np.float64)
+    det = float(np.linalg.det(A[:3, :3]))
+    if not math.isfinite(det) or abs(det) < 1e-12:
+        raise MeshError(None, f"structure {name!r}: voxel affine is singular")
+    n = int(mask.sum())
+    if n < MIN_VOXELS:
+        raise MeshError(None, f"structure {name!r} has only {n} voxels (< {MIN_VOXELS})")
+
+    # crop to the bounding box, pad with background (1 voxel + the Gaussian's reach)
+    pad = 1 + (int(math.ceil(4 * sigma)) if sigma > 0 else 0)
+    idx = np.argwhere(mask)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    crop = np.zeros(tuple(hi - lo + 2 * pad), np.float32)
+    crop[tuple(slice(pad, pad + h - l) for l, h in zip(lo, hi))] = mask[tuple(slice(l, h) for l, h in zip(lo, hi))]
+    field = gaussian_filter(crop, sigma, mode="constant") if sigma > 0 else crop
+
+    def extract(level):
+        v, f = flying_edges(field, level)
+        return v, f, abs(_signed_volume(v, f)) if len(f) else 0.0
+
+    if match_volume and sigma > 0:
+        level, verts, faces, _ = _match_level(extract, float(n))
+    else:
+        level = 0.5
+        verts, faces, _ = extract(level)
+    if len(faces) == 0:
+        raise MeshError(None, f"structure {name!r}: no surface at level {level:.3f}")
+    # outward winding in index space, then once more reversed if the affine mirrors
+    if (_signed_volume(verts, faces) < 0) != (det < 0):
+        faces = faces[:, ::-1]
+    ijk = verts + (lo[::-1] - pad)
+    world = ijk @ A[:3, :3].T + A[:3, 3]
+    mesh = trimesh.Trimesh(world, faces, process=False)
+    if smoothing_iterations > 0:
+        mesh = smooth_windowed_sinc(mesh, smoothing_iterations)
+        if match_volume:
+            mesh = restore_volume(mesh, float(n * abs(det)))
+    if simplify:
+        mesh = simplify_lossless(mesh)
+    mesh = ensure_watertight(mesh, name)
+    mesh.metadata.update(name=name, iso_level=float(level), voxel_volume_mm3=float(n * abs(det)))
+    return mesh
+
+
+# ----------------------------------------------------------------------------- post-processing
 def simplify_lossless(mesh: trimesh.Trimesh, epsilon: float = 1e-3) -> trimesh.Trimesh:
-    """Drop vertices that change the surface by less than ``epsilon`` (pyfqmr's lossless mode).
+    """Drop vertices that move the surface by less than ``epsilon`` (pyfqmr's lossless mode).
 
     Marching cubes over-tessellates flat parts; this removes about a third of the triangles
-    with no measurable change of volume or shape.
+    with no measurable change of volume or shape.  Returns the input if the result is not closed.
     """
     import pyfqmr
 
@@ -127,73 +176,184 @@ def simplify_lossless(mesh: trimesh.Trimesh, epsilon: float = 1e-3) -> trimesh.T
     s.setMesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32))
     s.simplify_mesh_lossless(epsilon=epsilon, verbose=False)
     v, f, _ = s.getMesh()
-    out = trimesh.Trimesh(v, f, process=True)
-    return out if out.is_watertight else mesh
+    out = trimesh.Trimesh(v, f, process=False)
+    return out if out.is_watertight and out.is_winding_consistent and out.volume > 0 else mesh
 
 
-def ensure_watertight(mesh: trimesh.Trimesh, name: str = "") -> trimesh.Trimesh:
-    """Outward, consistently wound and closed, or :class:`MeshError` saying why not.
+def smooth_windowed_sinc(mesh: trimesh.Trimesh, iterations: int = 20, pass_band: float = 0.1) -> trimesh.Trimesh:
+    """VTK windowed-sinc smoothing: removes the voxel staircase without the shrinkage of Laplacian."""
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonCore import vtkPoints
+    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
+    from vtkmodules.vtkFiltersCore import vtkWindowedSincPolyDataFilter
 
-    Small defects are repaired (duplicate vertices merged, winding and normals fixed, small holes
-    filled); a surface that is still open after that fails with the structure's name.
+    pd = vtkPolyData()
+    pts = vtkPoints()
+    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(mesh.vertices, np.float64), deep=1))
+    pd.SetPoints(pts)
+    cells = vtkCellArray()
+    f = np.asarray(mesh.faces, np.int64)
+    cells.SetData(ns.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(f) + 1, 3, dtype=np.int64), deep=1),
+                  ns.numpy_to_vtkIdTypeArray(f.ravel(), deep=1))
+    pd.SetPolys(cells)
+    sm = vtkWindowedSincPolyDataFilter()
+    sm.SetInputData(pd)
+    sm.SetNumberOfIterations(int(iterations))
+    sm.SetPassBand(pass_band)
+    sm.NormalizeCoordinatesOn()  # numerically stable, as Slicer does
+    sm.BoundarySmoothingOff()
+    sm.FeatureEdgeSmoothingOff()
+    sm.NonManifoldSmoothingOn()
+    sm.Update()
+    v = ns.vtk_to_numpy(sm.GetOutput().GetPoints().GetData()).astype(np.float64)
+    return trimesh.Trimesh(v, f.copy(), process=False, metadata=dict(mesh.metadata))
+
+
+def restore_volume(mesh: trimesh.Trimesh, target: float, iterations: int = 3) -> trimesh.Trimesh:
+    """Move the surface along its vertex normals by the uniform offset that restores ``target`` volume.
+
+    To first order ΔV = offset × area; smoothing changes volume by ~1 % (offsets ≪ 0.1 voxel),
+    so a few steps converge without folding the surface.
     """
-    mesh.merge_vertices()
-    mesh.update_faces(mesh.nondegenerate_faces())
-    mesh.remove_unreferenced_vertices()
-    if not mesh.is_watertight:
-        trimesh.repair.fill_holes(mesh)
-    if not mesh.is_winding_consistent:
-        trimesh.repair.fix_winding(mesh)
-    if not mesh.is_watertight:
-        broken = trimesh.grouping.group_rows(mesh.edges_sorted, require_count=1)
-        raise MeshError(None, f"surface of {name or 'mesh'} is not watertight ({len(broken)} open edges after repair)")
-    if mesh.volume < 0:
-        mesh.invert()
+    mesh = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False, metadata=mesh.metadata)
+    for _ in range(iterations):
+        vol = mesh.volume
+        if abs(vol - target) <= 1e-4 * target:
+            break
+        offset = (target - vol) / mesh.area
+        mesh = trimesh.Trimesh(mesh.vertices + offset * mesh.vertex_normals, mesh.faces, process=False,
+                               metadata=mesh.metadata)
     return mesh
 
 
+def _edge_use_counts(mesh: trimesh.Trimesh) -> tuple[np.ndarray, np.ndarray]:
+    """(faces per undirected edge, that count for each of ``mesh.edges``): 2 everywhere when closed."""
+    e = np.sort(np.asarray(mesh.edges, np.int64), axis=1)
+    _, inv, counts = np.unique(e[:, 0] * len(mesh.vertices) + e[:, 1], return_inverse=True, return_counts=True)
+    return counts, counts[inv]
+
+
+def _fill_small_holes(mesh: trimesh.Trimesh, max_edges: int) -> trimesh.Trimesh:
+    """Close boundary loops of ≤ ``max_edges`` edges with a fan around the loop's centroid.
+
+    Each open edge ``a→b`` (as its face winds it) gets the triangle ``b, a, centre``, so the
+    patch continues the surrounding winding.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = mesh.edges  # directed, as wound by the faces
+    nv = len(mesh.vertices)
+    open_edges = edges[_edge_use_counts(mesh)[1] == 1]
+    if len(open_edges) == 0:
+        return mesh
+    g = coo_matrix((np.ones(len(open_edges)), (open_edges[:, 0], open_edges[:, 1])), shape=(nv, nv))
+    _, comp = connected_components(g, directed=False)
+    deg = np.bincount(open_edges.ravel(), minlength=nv)
+    loop_of_edge = comp[open_edges[:, 0]]
+    verts = [np.asarray(mesh.vertices)]
+    new_faces = [np.asarray(mesh.faces)]
+    nxt = nv
+    for c in np.unique(loop_of_edge):
+        e = open_edges[loop_of_edge == c]
+        vids = np.unique(e)
+        if len(e) > max_edges or np.any(deg[vids] != 2):  # too big, or not a simple loop
+            continue
+        verts.append(np.asarray(mesh.vertices)[vids].mean(0, keepdims=True))
+        new_faces.append(np.column_stack([e[:, 1], e[:, 0], np.full(len(e), nxt)]))
+        nxt += 1
+    return trimesh.Trimesh(np.concatenate(verts), np.concatenate(new_faces), process=False, metadata=mesh.metadata)
+
+
+def ensure_watertight(mesh: trimesh.Trimesh, name: str = "") -> trimesh.Trimesh:
+    """Closed, consistently and outward wound ``mesh`` (repaired in place if needed), or :class:`MeshError`.
+
+    Repairs: coincident vertices merged, collapsed and duplicate faces dropped, holes of up to
+    ``MAX_HOLE_EDGES`` edges closed, winding made consistent and outward.  A surface that is still
+    open or non-manifold (an edge in more than two faces) fails naming the structure.
+    """
+    label = name or "mesh"
+    mesh.merge_vertices()
+    f = np.asarray(mesh.faces)
+    keep = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])
+    if not keep.all():
+        mesh.update_faces(keep)
+    if len(mesh.faces) == 0:
+        raise MeshError(None, f"surface of {label} has no triangles")
+    mesh.update_faces(mesh.unique_faces())
+    mesh.remove_unreferenced_vertices()
+    if not mesh.is_watertight:
+        mesh = _fill_small_holes(mesh, MAX_HOLE_EDGES)
+        trimesh.repair.fill_holes(mesh)
+    if not mesh.is_winding_consistent:
+        trimesh.repair.fix_winding(mesh)
+    counts = _edge_use_counts(mesh)[0]
+    n_open, n_nonmanifold = int((counts == 1).sum()), int((counts > 2).sum())
+    if n_open or n_nonmanifold:
+        raise MeshError(None, f"surface of {label} is not watertight after repair "
+                              f"({n_open} open edges, {n_nonmanifold} edges in more than two faces)")
+    if not mesh.is_winding_consistent:
+        raise MeshError(None, f"surface of {label} has inconsistent winding (non-orientable)")
+    vol = mesh.volume
+    if vol < 0:
+        mesh.invert()
+        vol = -vol
+    if not vol > 0:
+        raise MeshError(None, f"surface of {label} encloses no volume")
+    return mesh
+
+
+# ----------------------------------------------------------------------------- labelmaps
 def labelmap_to_meshes(seg, names: dict[int, str], *, smoothing_iterations: int = 0,
                        progress: Callable[[float, str], None] | None = None):
-    """One watertight mesh per structure of ``seg`` (a Volume with values 1..K).
+    """One watertight mesh (LPS mm) per structure of ``seg`` (a Volume holding labels 1..K).
 
-    Returns ``(meshes: {name: Trimesh}, skipped: {name: reason})``; a structure too small for a
-    surface is skipped with its reason, a surface that cannot be closed raises :class:`MeshError`.
+    Returns ``(meshes: {name: Trimesh}, skipped: {name: reason})``: a structure absent from the
+    labelmap or with fewer than ``MIN_VOXELS`` voxels is skipped with its reason; a surface that
+    cannot be closed raises :class:`MeshError` naming the labelmap and the structure.
     """
     from scipy import ndimage
 
-    arr = seg.array
-    objs = ndimage.find_objects(arr.astype(np.int32))
+    arr = np.asarray(seg.array)
+    objs = ndimage.find_objects(arr.astype(np.int32, copy=False))
     meshes, skipped = {}, {}
-    for i, (k, name) in enumerate(sorted(names.items())):
+    items = sorted(names.items())
+    for i, (k, name) in enumerate(items):
         if progress:
-            progress(i / max(1, len(names)), name)
-        sl = objs[k - 1] if k - 1 < len(objs) else None
+            progress(i / max(1, len(items)), f"mesh {name}")
+        sl = objs[k - 1] if 0 < k <= len(objs) else None
         if sl is None:
-            skipped[name] = "absent"
+            skipped[name] = "absent from the labelmap"
             continue
         sub = arr[sl] == k
-        if sub.sum() < MIN_VOXELS:
-            skipped[name] = f"only {int(sub.sum())} voxels"
+        n = int(sub.sum())
+        if n < MIN_VOXELS:
+            skipped[name] = f"only {n} voxels (< {MIN_VOXELS})"
             continue
         A = seg.affine.copy()
-        off = np.array([s.start for s in sl][::-1], float)  # (i, j, k) offset of the slice
-        A[:3, 3] = A[:3, 3] + A[:3, :3] @ off
+        A[:3, 3] += A[:3, :3] @ np.array([s.start for s in sl][::-1], float)  # (i, j, k) offset of the crop
         try:
             meshes[name] = mask_to_mesh(sub, A, smoothing_iterations=smoothing_iterations, name=name)
         except MeshError as e:
             raise MeshError(seg.path, e.problem) from None
+    if progress:
+        progress(1.0, "meshes done")
     return meshes, skipped
 
 
 def merge_meshes(meshes: dict[str, trimesh.Trimesh]) -> trimesh.Trimesh:
-    """All structures in one mesh (each part closed, so the union of parts is closed too).
+    """All structures in one mesh: their closed shells concatenated, vertices not shared.
 
-    Parts that touch or overlap stay separate shells; inside tests use the winding number,
-    which counts overlaps as inside, so occupancy is the union of the structures.
+    Every edge still lies in exactly two faces, so the result is watertight.  Parts that touch or
+    overlap (volume-matched surfaces of neighbouring labels can interpenetrate by a fraction of a
+    voxel) stay separate shells: the winding number is ≥ 1 inside any part, so the inside test
+    (> ½) gives the union of the structures, while ``merged.volume`` counts an overlap twice.
     """
+    if not meshes:
+        raise ValueError("merge_meshes: no meshes")
     return trimesh.util.concatenate([meshes[k] for k in sorted(meshes)])
 
 
 def to_box_coords(mesh: trimesh.Trimesh, geometry) -> trimesh.Trimesh:
-    """The mesh in normalised reconstruction-box coordinates (``geometry.to_box``)."""
-    return trimesh.Trimesh(geometry.to_box(mesh.vertices), mesh.faces.copy(), process=False)
+    """The mesh in normalised reconstruction-box coordinates (``geometry.to_box``, the one normalisation)."""
+    return trimesh.Trimesh(geometry.to_box(np.asarray(mesh.vertices)), mesh.faces.copy(), process=False)

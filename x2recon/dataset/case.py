@@ -356,10 +356,7 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
         box_json = lbl_dir / f"{view}.json"
         atomic_write_text(
             box_json,
-            json.dumps(
-                [{"name": b.name, "box": [b.x0, b.y0, b.x1, b.y1], "truncated": bool(getattr(b, "truncated", False))} for b in boxes],
-                indent=1,
-            ),
+            json.dumps([b.to_dict() for b in boxes], indent=1),
         )
         stages.mark(stage, [Path(f) for f in files] + [lbl_dir / f"{view}.txt", box_json], {"mapping": img.mapping})
     t_stage["drr"] = time.time() - t

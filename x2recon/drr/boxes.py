@@ -1,14 +1,25 @@
-"""Detection labels from geometry: each structure's 2D box in a DRR, YOLO files, dataset yaml.
+"""Detection labels from geometry: each structure's 2D box in a DRR, YOLO label files, dataset yaml.
 
-A box is the extent of the projections of the corners of the structure's boundary voxels, so it
-contains the whole projected structure; with the exact geometry no hand annotation is needed
-(a deliberate deviation from the paper's Roboflow labelling, see DESIGN.md).
+A structure's box is the extent of the projections (``ProjectionGeometry.project``, the one camera
+model) of the 8 corners of its voxels, so it contains the whole projected structure, voxel edges
+included.  The exact geometry makes hand annotation unnecessary (a deliberate deviation from the
+paper's manual labelling, see DESIGN.md).
+
+Why only boundary voxels: the extreme of a projective map ``u(p) = (a·p + b)/(c·p + d)`` over a
+union of voxel cubes lies on its surface (the gradient of ``u`` never vanishes in front of the
+source) and, on each face square, at a vertex (a projective map is monotone along segments).  The
+surface is made of faces of voxels with a 6-neighbour of another label, so the corners of those
+voxels give exactly the same box as all voxels, at a fraction of the cost.
+
+Pixel coordinates are continuous ``(col, row)`` as in ``ProjectionGeometry``: the centre of pixel
+``[r, c]`` is ``(c, r)``, so a ``W × H`` image spans ``[-½, W - ½] × [-½, H - ½]``; boxes are
+clipped to that rectangle.  YOLO files normalise by the image size: ``cx = (x0 + x1)/2 + ½``
+divided by ``W`` (and likewise for rows), ``w = (x1 - x0)/W``.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +29,23 @@ from ..io.atomic import atomic_write_text
 from ..structures import group_of
 
 #: The paper's detection classes (X2BR §3.2): vertebrae by region, and ribs.
-GROUP_CLASSES = ["cervical", "thoracic", "lumbar", "ribs"]
+GROUP_CLASSES = ("cervical", "thoracic", "lumbar", "ribs")
+
+CLASS_MODES = ("groups", "structures")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Box:
-    name: str
-    label: int
+    """One structure's box in continuous pixel coordinates ``(col, row)``, clipped to the image."""
+
+    name: str  # TotalSegmentator name
+    label: int  # k: the structure's value in the labelmap
     x0: float
     y0: float
     x1: float
     y1: float
-    truncated: bool = False  # part of the structure projects outside the image
+    visible_fraction: float = 1.0  # area of the clipped box / area of the unclipped box
+    truncated: bool = False  # part of the structure projects outside the image (or lies behind the source)
 
     @property
     def width(self) -> float:
@@ -39,76 +55,150 @@ class Box:
     def height(self) -> float:
         return self.y1 - self.y0
 
-
-def _boundary_voxels(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
-
-    inner = binary_erosion(mask, border_value=0)
-    return np.argwhere(mask & ~inner)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-_CORNERS = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
+# ---------------------------------------------------------------------------------------- boxes
+_CORNER_STEPS = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])  # (dk, dj, di)
+
+
+def boundary_voxels(arr: np.ndarray) -> np.ndarray:
+    """Mask of labelled voxels that have a 6-neighbour with another value (or lie on the volume's faces)."""
+    b = np.zeros(arr.shape, bool)
+    for axis in range(3):
+        a0 = [slice(None)] * 3
+        a1 = [slice(None)] * 3
+        a0[axis], a1[axis] = slice(None, -1), slice(1, None)
+        diff = arr[tuple(a0)] != arr[tuple(a1)]
+        b[tuple(a0)] |= diff
+        b[tuple(a1)] |= diff
+        first, last = [slice(None)] * 3, [slice(None)] * 3
+        first[axis], last[axis] = 0, -1
+        b[tuple(first)] = True
+        b[tuple(last)] = True
+    return b & (arr != 0)
+
+
+def projected_extents(seg, labels, geometry) -> dict[int, tuple[np.ndarray, bool]]:
+    """Unclipped ``(x0, y0, x1, y1)`` of every label in ``labels`` that has voxels, and whether any
+    of its voxels lies behind the source (cone beam; such voxels are not imaged and left out).
+
+    Corners shared by neighbouring voxels are projected once: each boundary voxel's 8 corners
+    are points of the ``(nk+1, nj+1, ni+1)`` corner lattice, whose point ``(K, J, I)`` is at
+    continuous index ``(I − ½, J − ½, K − ½)``.
+    """
+    arr = np.asarray(seg.array)
+    wanted = np.zeros(max(int(arr.max()), max(labels, default=0)) + 1, bool)
+    wanted[[k for k in labels if k > 0]] = True
+    mask = boundary_voxels(arr)
+    mask &= wanted[arr]
+    kji = np.argwhere(mask)
+    lab = arr[mask]  # same (C) order as argwhere
+    if len(lab) == 0:
+        return {}
+    order = np.argsort(lab, kind="stable")
+    kji, lab = kji[order], lab[order]
+    nk, nj, ni = arr.shape
+    lat = kji[:, None, :] + _CORNER_STEPS[None]  # (N, 8, 3) lattice (K, J, I)
+    flat = (lat[..., 0] * (nj + 1) + lat[..., 1]) * (ni + 1) + lat[..., 2]
+    uniq, inv = np.unique(flat.ravel(), return_inverse=True)
+    K, rem = np.divmod(uniq, (nj + 1) * (ni + 1))
+    J, I = np.divmod(rem, ni + 1)
+    world = seg.index_to_world(np.stack([I, J, K], axis=1).astype(np.float64) - 0.5)
+    with np.errstate(divide="ignore", invalid="ignore"):  # points in the source plane (pathological set-ups)
+        uv = geometry.project(world)
+    if geometry.kind == "cone":
+        uv[geometry.depth(world) <= 1e-6] = np.nan
+    uv = uv[inv.reshape(-1)].reshape(-1, 8, 2)
+    behind = np.isnan(uv).any(axis=(1, 2))
+    lo = np.where(behind[:, None], np.inf, uv.min(axis=1))  # per-voxel extent, (N, 2)
+    hi = np.where(behind[:, None], -np.inf, uv.max(axis=1))
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    lo, hi = np.minimum.reduceat(lo, starts, axis=0), np.maximum.reduceat(hi, starts, axis=0)
+    n_behind = np.add.reduceat(behind.astype(np.int64), starts)
+    counts = np.diff(np.r_[starts, len(lab)])
+    out = {}
+    for s0, c, nb, l, h in zip(starts, counts, n_behind, lo, hi):
+        if nb < c:  # else entirely behind the source: not in the image
+            out[int(lab[s0])] = (np.r_[l, h], bool(nb))
+    return out
 
 
 def structure_boxes(seg, names: dict[int, str], geometry) -> list[Box]:
-    """Boxes (continuous pixel coordinates, clipped to the image) of every structure in view."""
-    from scipy import ndimage
+    """Boxes of every structure of ``names`` (label k → name) seen by ``geometry``, sorted by k.
 
-    arr = seg.array
-    objs = ndimage.find_objects(arr.astype(np.int32))
+    Structures entirely outside the image (or absent from ``seg``) get no box; partly outside
+    ones are clipped and have ``visible_fraction < 1``.
+    """
     w, h = geometry.size
+    lo_x, lo_y, hi_x, hi_y = -0.5, -0.5, w - 0.5, h - 0.5
     boxes = []
-    for k, name in sorted(names.items()):
-        if k - 1 >= len(objs) or objs[k - 1] is None:
-            continue
-        sl = objs[k - 1]
-        kji = _boundary_voxels(arr[sl] == k) + [s.start for s in sl]
-        corners = (kji[:, None, ::-1] + _CORNERS[None]).reshape(-1, 3)  # (i, j, k) voxel corners
-        uv = geometry.project(seg.index_to_world(corners))
-        # pixel (c, r) covers [c - ½, c + ½]: the image spans [-½, w - ½]
-        x0, y0 = uv.min(0)
-        x1, y1 = uv.max(0)
-        lo_x, lo_y, hi_x, hi_y = -0.5, -0.5, w - 0.5, h - 0.5
+    for k, (e, behind) in sorted(projected_extents(seg, list(names), geometry).items()):
+        x0, y0, x1, y1 = (float(x) for x in e)
         if x1 <= lo_x or y1 <= lo_y or x0 >= hi_x or y0 >= hi_y:
             continue
         cx0, cy0, cx1, cy1 = max(x0, lo_x), max(y0, lo_y), min(x1, hi_x), min(y1, hi_y)
-        trunc = (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
-        boxes.append(Box(name, k, float(cx0), float(cy0), float(cx1), float(cy1), bool(trunc)))
+        full = (x1 - x0) * (y1 - y0)
+        vis = min((cx1 - cx0) * (cy1 - cy0) / full, 1.0) if full > 0 else 1.0
+        clipped = (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+        boxes.append(Box(names[k], int(k), cx0, cy0, cx1, cy1, float(vis), bool(clipped or behind)))
     return boxes
 
 
-def class_names(mode: str, structures: list[str]) -> list[str]:
-    """Detector classes: ``"groups"`` (cervical, thoracic, lumbar, ribs) or ``"structures"``."""
+# ------------------------------------------------------------------------------------ classes
+def class_names(mode: str, structures) -> list[str]:
+    """Detector classes: ``"groups"`` — the paper's cervical, thoracic, lumbar, ribs (fixed ids,
+    whatever the structures) — or ``"structures"`` — one class per TotalSegmentator name, in order."""
     if mode == "groups":
         return list(GROUP_CLASSES)
     if mode == "structures":
-        return list(structures)
-    raise ValueError(f"class mode must be 'groups' or 'structures', got {mode!r}")
+        return list(dict.fromkeys(structures))
+    raise ValueError(f"class mode must be one of {CLASS_MODES}, got {mode!r}")
 
 
 def class_of(name: str, classes: list[str]) -> int | None:
+    """Class id of a structure: its own name if it is a class, else its group (None: no class)."""
     if name in classes:
         return classes.index(name)
     g = group_of(name)
     return classes.index(g) if g in classes else None
 
 
-def write_yolo_labels(boxes: list[Box], classes: list[str], geometry, path: str | Path) -> None:
-    """YOLO txt: one ``cls cx cy w h`` line per box, normalised by the image size (atomic)."""
+# --------------------------------------------------------------------------------------- YOLO
+def yolo_rows(boxes: list[Box], classes: list[str], geometry) -> np.ndarray:
+    """``(N, 5)`` rows ``cls cx cy w h`` normalised to [0, 1]; boxes without a class are left out."""
     w, h = geometry.size
-    lines = []
+    rows = []
     for b in boxes:
         c = class_of(b.name, classes)
-        if c is None:
-            continue  # e.g. costal cartilages in "groups" mode: no detection class
-        cx = (b.x0 + b.x1) / 2 + 0.5
-        cy = (b.y0 + b.y1) / 2 + 0.5
-        lines.append(f"{c} {cx / w:.6f} {cy / h:.6f} {b.width / w:.6f} {b.height / h:.6f}\n")
-    atomic_write_text(path, "".join(lines))
+        if c is None or b.width <= 0 or b.height <= 0:
+            continue  # e.g. costal cartilages in "groups" mode
+        rows.append([c, ((b.x0 + b.x1) / 2 + 0.5) / w, ((b.y0 + b.y1) / 2 + 0.5) / h, b.width / w, b.height / h])
+    rows = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    rows[:, 1:] = np.clip(rows[:, 1:], 0.0, 1.0)
+    return rows
+
+
+def yolo_to_pixels(rows: np.ndarray, geometry) -> np.ndarray:
+    """YOLO rows → ``(N, 4)`` boxes ``x0 y0 x1 y1`` in continuous pixel coordinates of ``geometry``."""
+    w, h = geometry.size
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    cx, cy = rows[:, 1] * w - 0.5, rows[:, 2] * h - 0.5
+    bw, bh = rows[:, 3] * w, rows[:, 4] * h
+    return np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+
+
+def write_yolo_labels(boxes: list[Box], classes: list[str], geometry, path: str | Path) -> int:
+    """Write a YOLO txt (one ``cls cx cy w h`` line per box, atomic); returns the number of lines."""
+    rows = yolo_rows(boxes, classes, geometry)
+    text = "".join(f"{int(r[0])} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f} {r[4]:.6f}\n" for r in rows)
+    atomic_write_text(path, text)
+    return len(rows)
 
 
 def read_yolo_labels(path: str | Path) -> np.ndarray:
-    """(N, 5) array of ``cls cx cy w h``; clear error on malformed files."""
+    """``(N, 5)`` array of ``cls cx cy w h``; an X2ReconInputError names the file and line otherwise."""
     path = Path(path)
     if not path.is_file():
         raise X2ReconInputError(path, "label file not found")
@@ -118,17 +208,47 @@ def read_yolo_labels(path: str | Path) -> np.ndarray:
             continue
         parts = line.split()
         if len(parts) != 5:
-            raise X2ReconInputError(path, f"line {i}: expected 5 numbers, got {len(parts)}")
-        rows.append([float(x) for x in parts])
+            raise X2ReconInputError(path, f"line {i}: expected 5 numbers (cls cx cy w h), got {len(parts)}")
+        try:
+            vals = [float(x) for x in parts]
+        except ValueError:
+            raise X2ReconInputError(path, f"line {i}: not numbers: {line.strip()!r}") from None
+        if vals[0] < 0 or vals[0] != int(vals[0]):
+            raise X2ReconInputError(path, f"line {i}: class must be a non-negative integer, got {parts[0]}")
+        if not all(0.0 <= v <= 1.0 for v in vals[1:]):
+            raise X2ReconInputError(path, f"line {i}: box values must be normalised to [0, 1]")
+        rows.append(vals)
     return np.array(rows, dtype=np.float64).reshape(-1, 5)
 
 
-def write_dataset_yaml(path: str | Path, classes: list[str], train, val, root) -> None:
-    """An ultralytics dataset yaml (``path``, ``train``, ``val``, ``names``); lists or list files."""
-    def fmt(x):
-        return json.dumps(x if isinstance(x, str) else [str(p) for p in x])
+def _yaml_str(x) -> str:
+    import json
 
-    text = [f"# X2Recon detection dataset: DRRs with boxes projected from the CT segmentation\n",
-            f"path: {json.dumps(str(root))}\n", f"train: {fmt(train)}\n", f"val: {fmt(val)}\n", "names:\n"]
-    text += [f"  {i}: {json.dumps(n)}\n" for i, n in enumerate(classes)]
-    atomic_write_text(path, "".join(text))
+    return json.dumps(str(x))  # a JSON string is a valid double-quoted YAML scalar
+
+
+def write_dataset_yaml(path: str | Path, classes: list[str], train, val, root, test=None) -> None:
+    """An ultralytics dataset yaml: ``path`` (root), ``train``/``val``(/``test``) and ``names``.
+
+    Each split is a folder of images, a ``.txt`` list of image paths, or a list of either,
+    relative to ``root`` or absolute (ultralytics' documented forms).  Label files are found by
+    ultralytics beside the images: ``…/images/<view>.png`` → ``…/labels/<view>.txt``.
+    """
+
+    def split(x) -> str:
+        if isinstance(x, (str, Path)):
+            return _yaml_str(x)
+        return "[" + ", ".join(_yaml_str(p) for p in x) + "]"
+
+    lines = [
+        "# X2Recon detection dataset: DRRs with boxes projected from the CT segmentation\n",
+        f"path: {_yaml_str(root)}\n",
+        f"train: {split(train)}\n",
+        f"val: {split(val)}\n",
+    ]
+    if test is not None:
+        lines.append(f"test: {split(test)}\n")
+    lines.append(f"nc: {len(classes)}\n")
+    lines.append("names:\n")
+    lines += [f"  {i}: {_yaml_str(n)}\n" for i, n in enumerate(classes)]
+    atomic_write_text(path, "".join(lines))

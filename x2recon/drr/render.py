@@ -1,88 +1,176 @@
-"""render_drr: CT volume + ProjectionGeometry → DRR (line integrals, display image, metadata)."""
+"""render_drr: CT (HU) + ProjectionGeometry → DRR (line integrals, 16-bit display image, metadata).
+
+Files of one DRR (``write_drr``/``read_drr``), all written atomically:
+``<stem>.png`` 16-bit display image, ``<stem>.json`` the geometry (``ProjectionGeometry.to_json``),
+``<stem>_mu.npy`` float32 line integrals Σ μ·mm (dimensionless).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from ..errors import X2ReconInputError
 from ..geometry import ProjectionGeometry
 from ..io.atomic import atomic_path
 from ..io.volume import Volume
-from .attenuation import MU_WATER, hu_to_mu
+from .attenuation import MU_AIR, MU_WATER, hu_to_mu
 from .display import to_display, to_uint16
 
 
 @dataclass
 class DRRImage:
-    line_integral: np.ndarray  # (H, W) float32, Σ μ·mm (dimensionless)
-    display: np.ndarray  # (H, W) uint16
+    """A rendered DRR: ``line_integral`` (H, W) float32 Σ μ·mm, ``display`` (H, W) uint16,
+    the ``geometry`` it was rendered with and the display ``mapping`` (for meta.json)."""
+
+    line_integral: np.ndarray | None
+    display: np.ndarray
     geometry: ProjectionGeometry
     mapping: dict = field(default_factory=dict)
 
     def resized(self, size: int | tuple[int, int]) -> "DRRImage":
-        """Area-averaged resampling to ``size`` (e.g. 224² for X2B) with the matching geometry."""
-        import torch
-        import torch.nn.functional as F
-
-        w, h = (size, size) if isinstance(size, int) else size
-        def area(a):
-            t = torch.from_numpy(np.asarray(a, np.float32))[None, None]
-            return F.interpolate(t, size=(h, w), mode="area")[0, 0].numpy()
-        disp = area(self.display.astype(np.float32) / 65535.0)
+        """Area-weighted resampling to ``size`` (an int for a square, or (width, height)), e.g. the
+        224² X2B input; the geometry keeps the detector's physical extent (``geometry.resized``)."""
+        w, h = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+        if w <= 0 or h <= 0:
+            raise ValueError(f"size must be positive, got {size!r}")
+        H, W = self.display.shape
+        ry, rx = area_matrix(H, h), area_matrix(W, w)
+        resample = lambda a: (ry @ np.asarray(a, dtype=np.float64) @ rx.T)
+        li = None if self.line_integral is None else resample(self.line_integral).astype(np.float32)
+        disp = resample(self.display.astype(np.float64) / 65535.0)
         return replace(
             self,
-            line_integral=area(self.line_integral),
+            line_integral=li,
             display=to_uint16(disp),
             geometry=self.geometry.resized(w, h),
-            mapping={**self.mapping, "resized_from": list(self.geometry.size)},
+            mapping={**self.mapping, "resized_from": [W, H], "resampling": "area"},
         )
 
 
-def _device(device: str):
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of exact area resampling: output pixel j averages the input over
+    ``[j, j + 1) · n_in / n_out`` (input pixel i covers ``[i, i + 1)``), fractional overlaps included."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    i = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+    return overlap / overlap.sum(1, keepdims=True)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` when torch sees a GPU, else ``"cpu"``; a clear error for a missing GPU."""
     import torch
 
-    if device == "auto":
+    if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
-    return device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU (use device='cpu' or 'auto')")
+    return str(device)
 
 
-def render_drr(ct: Volume, geometry: ProjectionGeometry, *, device: str = "auto", clahe: bool = True,
-               clahe_clip: float = 0.01, mu_water: float = MU_WATER, progress=None, cancel=None) -> DRRImage:
-    """Exact Siddon DRR of a CT (HU) for one geometry, on CUDA (Triton) or CPU (torch)."""
+def render_drr(
+    ct: Volume,
+    geometry: ProjectionGeometry,
+    *,
+    device: str = "auto",
+    clahe: bool = True,
+    clahe_clip: float = 0.01,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    mu_water: float = MU_WATER,
+    mu_air: float = MU_AIR,
+    percentile: float = 99.9,
+) -> DRRImage:
+    """Exact Siddon DRR of a CT in HU for one geometry, on CUDA (Triton kernel) or CPU (torch).
+
+    HU → μ with the water/air references (``attenuation.py``), line integrals through the volume's
+    own affine (oblique directions are exact), then the display map (``display.py``).
+    ``progress(fraction, message)`` and ``cancel() -> bool`` are polled while tracing on CPU.
+    """
     import torch
 
     from .siddon import line_integrals
 
-    dev = _device(device)
-    mu = hu_to_mu(torch.from_numpy(np.asarray(ct.array, dtype=np.float32)).to(dev), mu_water=mu_water)
+    if not isinstance(ct, Volume):
+        raise TypeError(f"render_drr needs an x2recon Volume, got {type(ct).__name__}")
+    if not isinstance(geometry, ProjectionGeometry):
+        raise TypeError(f"render_drr needs a ProjectionGeometry, got {type(geometry).__name__}")
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    hu = torch.from_numpy(np.ascontiguousarray(ct.array)).to(dev)  # transfer int16, convert there
+    mu = hu_to_mu(hu.float(), mu_water=mu_water, mu_air=mu_air)
+    del hu
     li = line_integrals(mu, ct.affine, geometry, progress=progress, cancel=cancel).cpu().numpy()
-    disp, mapping = to_display(li, clahe=clahe, clahe_clip=clahe_clip)
-    mapping.update(mu_water_per_mm=mu_water, renderer="siddon-exact", device=str(dev))
-    return DRRImage(li, to_uint16(disp), geometry, mapping)
+    seconds = time.perf_counter() - t0
+    disp, mapping = to_display(li, percentile=percentile, clahe=clahe, clahe_clip=clahe_clip)
+    mapping.update(
+        line_integral="sum of mu [1/mm] x length [mm] (dimensionless), float32 in <stem>_mu.npy",
+        mu_water_per_mm=mu_water,
+        mu_air_per_mm=mu_air,
+        renderer="siddon-exact/" + ("triton" if dev.startswith("cuda") else "torch"),
+        device=dev,
+        render_seconds=round(seconds, 3),
+        bits=16,
+    )
+    if progress is not None:
+        progress(1.0, "DRR rendered")
+    return DRRImage(li.astype(np.float32, copy=False), to_uint16(disp), geometry, mapping)
+
+
+def drr_paths(folder: str | Path, stem: str) -> tuple[Path, Path, Path]:
+    folder = Path(folder)
+    return folder / f"{stem}.png", folder / f"{stem}.json", folder / f"{stem}_mu.npy"
 
 
 def write_drr(img: DRRImage, folder: str | Path, stem: str) -> list[Path]:
-    """Write ``<stem>.png`` (16-bit), ``<stem>.json`` (geometry) and ``<stem>_mu.npy`` atomically."""
+    """Write ``<stem>.png`` (16-bit), ``<stem>.json`` (geometry) and ``<stem>_mu.npy`` atomically.
+
+    The line integrals are skipped when ``img.line_integral`` is None.  Returns the written paths.
+    """
     from ..io.image import write_png16
 
-    folder = Path(folder)
-    png, js, npy = folder / f"{stem}.png", folder / f"{stem}.json", folder / f"{stem}_mu.npy"
+    png, js, npy = drr_paths(folder, stem)
+    h, w = img.display.shape
+    if (w, h) != tuple(img.geometry.size):
+        raise ValueError(f"DRR image is {w}×{h} but its geometry is {img.geometry.size[0]}×{img.geometry.size[1]}")
     write_png16(img.display, png)
     img.geometry.to_json(js)
-    with atomic_path(npy) as tmp:
-        np.save(tmp, img.line_integral.astype(np.float32))
-    return [png, js, npy]
+    written = [png, js]
+    if img.line_integral is not None:
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(img.line_integral, dtype=np.float32))
+        written.append(npy)
+    return written
 
 
 def read_drr(folder: str | Path, stem: str) -> DRRImage:
+    """Read a DRR written by ``write_drr`` (``line_integral`` is None when ``<stem>_mu.npy`` is absent).
+
+    The display mapping lives in the dataset's ``meta.json``, not beside the image: ``mapping`` is
+    empty here.
+    """
     from ..io.image import read_png
 
-    folder = Path(folder)
-    geom = ProjectionGeometry.from_json(folder / f"{stem}.json")
-    li_path = folder / f"{stem}_mu.npy"
-    li = np.load(li_path) if li_path.exists() else None
-    return DRRImage(li, read_png(folder / f"{stem}.png"), geom, {})
+    png, js, npy = drr_paths(folder, stem)
+    geom = ProjectionGeometry.from_json(js)
+    disp = read_png(png)
+    if disp.dtype != np.uint16:
+        raise X2ReconInputError(png, f"expected a 16-bit DRR, got {disp.dtype}")
+    if disp.shape != (geom.height, geom.width):
+        raise X2ReconInputError(png, f"image is {disp.shape[1]}×{disp.shape[0]} but {js.name} says "
+                                     f"{geom.width}×{geom.height}")
+    li = None
+    if npy.exists():
+        try:
+            li = np.load(npy, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise X2ReconInputError(npy, f"cannot read line integrals: {e}") from None
+        if li.shape != disp.shape:
+            raise X2ReconInputError(npy, f"line integrals {li.shape} do not match the image {disp.shape}")
+    return DRRImage(li, disp, geom, {})

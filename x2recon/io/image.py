@@ -1,4 +1,4 @@
-"""2D images: 16-bit PNG (DRRs) with clear errors."""
+"""2D greyscale images: 16-bit PNG for DRRs (written atomically), with clear errors on bad files."""
 
 from __future__ import annotations
 
@@ -9,32 +9,45 @@ import numpy as np
 from ..errors import X2ReconInputError
 from .atomic import atomic_path
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-def write_png16(img: np.ndarray, path: str | Path) -> None:
-    """Write a 2D uint16 array as a 16-bit greyscale PNG, atomically."""
+
+def write_png16(img: np.ndarray, path: str | Path) -> Path:
+    """Write a 2D uint16 array as a 16-bit greyscale PNG, atomically; returns the path."""
     import SimpleITK as sitk
 
     a = np.asarray(img)
     if a.ndim != 2 or a.dtype != np.uint16:
         raise ValueError(f"write_png16 needs a 2D uint16 array, got {a.dtype} {a.shape}")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"write_png16: {path} does not end in .png")
     with atomic_path(path) as tmp:
-        sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp))
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(a)), str(tmp))
+    return path
 
 
 def read_png(path: str | Path) -> np.ndarray:
-    """Read a greyscale PNG (8 or 16 bit) as a 2D array."""
+    """Read a greyscale PNG (8 or 16 bit) as a 2D ``uint8``/``uint16`` array ``(H, W)``."""
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.is_file():
         raise X2ReconInputError(path, "image file not found")
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise X2ReconInputError(path, "not a PNG file (bad signature)")
     try:
         img = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise X2ReconInputError(path, "cannot read as an image") from None
-    a = sitk.GetArrayFromImage(img)
+    except RuntimeError as e:
+        raise X2ReconInputError(path, f"cannot read PNG ({str(e).strip().splitlines()[-1][:160]})") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise X2ReconInputError(path, f"expected a greyscale image, got {img.GetNumberOfComponentsPerPixel()} channels")
+    a = sitk.GetArrayFromImage(img)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
+    if a.ndim != 2:
+        raise X2ReconInputError(path, f"expected a 2D image, got shape {a.shape}")
+    if a.dtype not in (np.uint8, np.uint16):
+        raise X2ReconInputError(path, f"expected 8- or 16-bit unsigned pixels, got {a.dtype}")
     return a

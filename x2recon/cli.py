@@ -146,6 +146,8 @@ def cmd_manifest(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .geometry import CHEST_DEFAULTS
+
     p = argparse.ArgumentParser(
         prog="x2recon",
         description="3D anatomy from plain X-rays: dataset building from CT (X2B/X2BR/SPIDER training data).",
@@ -182,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--view", default="AP", help="AP, PA, LAT or an angle in degrees (default: %(default)s)")
     d.add_argument("--geometry", help="a geometry JSON to use instead of --view")
     d.add_argument("--isocenter", help="x,y,z LPS mm (default: CT centre)")
-    d.add_argument("--size", type=int, default=512)
-    d.add_argument("--sdd", type=float, default=1800.0)
-    d.add_argument("--sod", type=float, default=1650.0)
-    d.add_argument("--detector-mm", type=float, default=430.0)
+    d.add_argument("--size", type=int, default=CHEST_DEFAULTS["size"][0])
+    d.add_argument("--sdd", type=float, default=CHEST_DEFAULTS["sdd"])
+    d.add_argument("--sod", type=float, default=CHEST_DEFAULTS["sod"])
+    d.add_argument("--detector-mm", type=float, default=CHEST_DEFAULTS["detector_mm"])
     d.add_argument("--beam", default="cone", choices=["cone", "parallel"])
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--no-clahe", action="store_true")

@@ -31,11 +31,13 @@ import numpy as np
 
 from .errors import X2ReconInputError
 
-#: Default chest radiography set-up (PA chest: 180 cm source–image distance, patient midline
-#: about 15 cm in front of the detector, 43 cm × 43 cm detector rendered at 512²).
+#: Default chest radiography set-up (PA chest: 180 cm source–image distance, 43 cm × 43 cm detector
+#: rendered at 512²).  The isocentre (patient midline) sits 200 mm in front of the detector: more
+#: than half the reconstruction box, so no part of the box — nor of a lateral chest with its
+#: arms — lies beyond the detector plane (150 mm cut ~1 % of the chest CT's body in LAT).
 CHEST_DEFAULTS: dict[str, Any] = dict(
     sdd=1800.0,
-    sod=1650.0,
+    sod=1600.0,
     size=(512, 512),
     detector_mm=430.0,
     box_size=384.0,

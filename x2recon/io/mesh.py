@@ -43,11 +43,11 @@ def _encode(mesh: trimesh.Trimesh, suffix: str) -> bytes:
     raise AssertionError(suffix)
 
 
-def _write_vtk(mesh: trimesh.Trimesh, path: Path) -> None:
+def to_polydata(mesh: trimesh.Trimesh):
+    """A triangle mesh as vtkPolyData (points and triangles copied, no other arrays)."""
     from vtkmodules.util import numpy_support as ns
     from vtkmodules.vtkCommonCore import vtkPoints
     from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
-    from vtkmodules.vtkIOLegacy import vtkPolyDataWriter
 
     pd = vtkPolyData()
     pts = vtkPoints()
@@ -58,6 +58,13 @@ def _write_vtk(mesh: trimesh.Trimesh, path: Path) -> None:
     cells.SetData(ns.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(f) + 1, 3, dtype=np.int64), deep=1),
                   ns.numpy_to_vtkIdTypeArray(f.ravel(), deep=1))
     pd.SetPolys(cells)
+    return pd
+
+
+def _write_vtk(mesh: trimesh.Trimesh, path: Path) -> None:
+    from vtkmodules.vtkIOLegacy import vtkPolyDataWriter
+
+    pd = to_polydata(mesh)
     w = vtkPolyDataWriter()
     w.SetInputData(pd)
     w.SetFileName(str(path))

@@ -183,19 +183,11 @@ def simplify_lossless(mesh: trimesh.Trimesh, epsilon: float = 1e-3) -> trimesh.T
 def smooth_windowed_sinc(mesh: trimesh.Trimesh, iterations: int = 20, pass_band: float = 0.1) -> trimesh.Trimesh:
     """VTK windowed-sinc smoothing: removes the voxel staircase without the shrinkage of Laplacian."""
     from vtkmodules.util import numpy_support as ns
-    from vtkmodules.vtkCommonCore import vtkPoints
-    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
     from vtkmodules.vtkFiltersCore import vtkWindowedSincPolyDataFilter
 
-    pd = vtkPolyData()
-    pts = vtkPoints()
-    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(mesh.vertices, np.float64), deep=1))
-    pd.SetPoints(pts)
-    cells = vtkCellArray()
-    f = np.asarray(mesh.faces, np.int64)
-    cells.SetData(ns.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(f) + 1, 3, dtype=np.int64), deep=1),
-                  ns.numpy_to_vtkIdTypeArray(f.ravel(), deep=1))
-    pd.SetPolys(cells)
+    from ..io.mesh import to_polydata
+
+    pd = to_polydata(mesh)
     sm = vtkWindowedSincPolyDataFilter()
     sm.SetInputData(pd)
     sm.SetNumberOfIterations(int(iterations))
@@ -206,7 +198,7 @@ def smooth_windowed_sinc(mesh: trimesh.Trimesh, iterations: int = 20, pass_band:
     sm.NonManifoldSmoothingOn()
     sm.Update()
     v = ns.vtk_to_numpy(sm.GetOutput().GetPoints().GetData()).astype(np.float64)
-    return trimesh.Trimesh(v, f.copy(), process=False, metadata=dict(mesh.metadata))
+    return trimesh.Trimesh(v, np.asarray(mesh.faces).copy(), process=False, metadata=dict(mesh.metadata))
 
 
 def restore_volume(mesh: trimesh.Trimesh, target: float, iterations: int = 3) -> trimesh.Trimesh:

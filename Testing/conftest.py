@@ -55,3 +55,18 @@ def chest_half_meshes(chest_half):
     seg, names, _ = segment(read_ct(chest_half[0]), chest_half[1], BuildConfig(structures=MESH_TEST_STRUCTURES))
     meshes, skipped = labelmap_to_meshes(seg, names)
     return seg, names, meshes, skipped
+
+
+# ---- the default bone segmentation of chest_half, shared by box and target tests ----
+@pytest.fixture(scope="session")
+def chest_half_seg(chest_half):
+    """``(ct, seg, names, isocenter)`` of chest_half with the default structures (built once)."""
+    from x2recon.dataset.case import isocenter_of
+    from x2recon.dataset.config import BuildConfig
+    from x2recon.dataset.segmentation import segment
+    from x2recon.io.volume import read_ct
+
+    cfg = BuildConfig()
+    ct = read_ct(chest_half[0])
+    seg, names, _ = segment(ct, chest_half[1], cfg)
+    return ct, seg, names, isocenter_of(seg, ct, cfg)

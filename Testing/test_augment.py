@@ -19,15 +19,11 @@ from x2recon.dataset.config import BuildConfig
 from x2recon.dataset.segmentation import segment
 from x2recon.io.volume import Volume, read_ct
 
+from _helpers import rotation
+
 NO_DEFORMATION = dict(max_rotation_deg=0, max_scale=0, max_shear=0, max_translation_mm=0, elastic_mm=0)
 
 
-def rotation(ax, ay, az):
-    c, s = np.cos, np.sin
-    rx = np.array([[1, 0, 0], [0, c(ax), -s(ax)], [0, s(ax), c(ax)]])
-    ry = np.array([[c(ay), 0, s(ay)], [0, 1, 0], [-s(ay), 0, c(ay)]])
-    rz = np.array([[c(az), -s(az), 0], [s(az), c(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def oblique_volume(values: np.ndarray, spacing=(2.1, 1.7, 2.5)) -> Volume:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from x2recon.dataset.config import BuildConfig
-from x2recon.dataset.segmentation import segment
 from x2recon.drr.boxes import (
     GROUP_CLASSES,
     Box,
@@ -23,17 +22,14 @@ from x2recon.drr.boxes import (
 )
 from x2recon.errors import X2ReconInputError
 from x2recon.geometry import ProjectionGeometry
-from x2recon.io.volume import Volume, read_ct
+from x2recon.io.volume import Volume
 
 CORNERS = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
 
 
 @pytest.fixture(scope="module")
-def chest(chest_half):
-    ct = read_ct(chest_half[0])
-    seg, names, _ = segment(ct, chest_half[1], BuildConfig())
-    idx = np.argwhere(seg.array > 0)
-    iso = seg.index_to_world((idx.min(0) + idx.max(0))[::-1] / 2)
+def chest(chest_half_seg):
+    ct, seg, names, iso = chest_half_seg
     return seg, names, iso
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from x2recon.dataset.builder import (
 )
 from x2recon.dataset.case import CaseInput, build_case
 from x2recon.dataset.config import BuildConfig
-from x2recon.io.volume import Volume, read_ct, read_labelmap, write_volume
+from x2recon.io.volume import read_ct, read_labelmap, write_volume
 
 FAST = dict(views=["AP", "LAT"], drr_size=128, x2b_size=64, n_points=20_000, spider_grid=32)
 

@@ -8,19 +8,13 @@ independent numpy nearest-neighbour lookup through ``Volume.world_to_index``.
 import numpy as np
 import pytest
 
-from x2recon.dataset.config import BuildConfig
-from x2recon.dataset.segmentation import segment
 from x2recon.dataset.spider_targets import AIR_HU, box_centres, box_grid, resample_to_box
 from x2recon.geometry import ProjectionGeometry
-from x2recon.io.volume import Volume, read_ct
+from x2recon.io.volume import Volume
+
+from _helpers import rotation
 
 
-def rotation(ax, ay, az):
-    c, s = np.cos, np.sin
-    rx = np.array([[1, 0, 0], [0, c(ax), -s(ax)], [0, s(ax), c(ax)]])
-    ry = np.array([[c(ay), 0, s(ay)], [0, 1, 0], [-s(ay), 0, c(ay)]])
-    rz = np.array([[c(az), -s(az), 0], [s(az), c(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def voxel_centres(vol: Volume) -> np.ndarray:
@@ -110,11 +104,8 @@ def test_bright_cube_and_its_label_land_at_the_known_world_position():
 
 
 @pytest.fixture(scope="module")
-def chest_box(chest_half):
-    ct = read_ct(chest_half[0])
-    seg, names, _ = segment(ct, chest_half[1], BuildConfig())
-    idx = np.argwhere(seg.array > 0)
-    iso = seg.index_to_world((idx.min(0) + idx.max(0))[::-1] / 2)
+def chest_box(chest_half_seg):
+    ct, seg, names, iso = chest_half_seg
     ct_box, seg_box = resample_to_box(ct, seg, iso, 384.0, 128)
     return ct, seg, names, ct_box, seg_box
 

@@ -254,7 +254,8 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
     # ---- 1. load, segment (and deform for variants)
     report(0.0, "reading CT")
     seg_path = work / "segmentation.nii.gz"
-    if stages.finished("segment"):
+    seg_done = stages.finished("segment")  # checks the stored checksums once
+    if seg_done:
         seg = read_labelmap(seg_path)
         info = stages.info("segment")
         names = {int(k): v for k, v in info["names"].items()}
@@ -270,7 +271,7 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
     if inp.variant > 0:
         deformation = random_deformation(variant_seed(cfg, inp.base_id, inp.variant), ct)
         ct = deformation.apply(ct, kind="ct")
-    if not stages.finished("segment"):
+    if not seg_done:
         check_cancel()
         report(0.03, "segmenting")
         seg, names, source = segment(ct0, lab_input, cfg)
@@ -318,6 +319,7 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
             files,
             {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": float(merged.volume)},
         )
+    # always the stored mesh (float32 on disk): a resumed run samples exactly what a fresh run does
     merged = read_mesh(mesh_dir / "bones.ply")
     t_stage["meshes"] = time.time() - t
 

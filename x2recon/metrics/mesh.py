@@ -157,3 +157,25 @@ def mesh_metrics(pred: trimesh.Trimesh, gt: trimesh.Trimesh, *, n_points: int = 
     ex, ey, ez = axis_errors_after_icp(p, g)
     iou = iou_points(pred, gt, n=n_points, seed=seed + 2)
     return MeshMetrics(iou, cd, acc, comp, f, prec, rec, nc, ex, ey, ez)
+
+
+def vertex_distances(vertices: np.ndarray, gt: trimesh.Trimesh, *, signed: bool = False) -> np.ndarray:
+    """Distance from each of ``vertices`` (N, 3) to the nearest point of ``gt``'s surface (exact
+    point-to-triangle, VTK's ``vtkImplicitPolyDataDistance`` evaluated in C++ over the whole array),
+    e.g. for a heat map on a reconstruction.  ``signed``: negative inside ``gt`` (needs a closed ``gt``)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    from ..io.mesh import to_polydata
+
+    v = np.ascontiguousarray(vertices, dtype=np.float64).reshape(-1, 3)
+    if len(gt.faces) == 0:
+        raise ValueError("the reference mesh has no faces")
+    if len(v) == 0:
+        return np.zeros(0)
+    f = vtk.vtkImplicitPolyDataDistance()
+    f.SetInput(to_polydata(gt))
+    out = vtk.vtkDoubleArray()
+    f.FunctionValue(numpy_support.numpy_to_vtk(v, deep=True), out)
+    d = numpy_support.vtk_to_numpy(out).astype(np.float64).copy()
+    return d if signed else np.abs(d)

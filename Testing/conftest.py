@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 
 def shared_data_dir() -> Path:
-    """``$X2RECON_SHARED_DATA`` or ``../shared/data`` beside the repository."""
-    env = os.environ.get("X2RECON_SHARED_DATA")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here / "shared" / "data", here.parent / "shared" / "data"):
-        if cand.is_dir():
-            return cand
-    return here.parent / "shared" / "data"
+    """``$X2RECON_SHARED_DATA`` or ``../shared/data`` beside the repository (x2recon.sample_data)."""
+    from x2recon.sample_data import sample_data_dir
+
+    return sample_data_dir()
 
 
 @pytest.fixture(scope="session")

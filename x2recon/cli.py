@@ -4,6 +4,11 @@ Subcommands (``x2recon <command> --help`` explains each):
   build-dataset   CT scans (+ labelmaps) → training dataset: meshes, occupancy, DRRs, boxes
   drr             render one DRR (16-bit PNG + geometry JSON) from a CT
   manifest        re-aggregate a dataset's manifest, splits and dataset.yaml (after sharded runs)
+  train           train X2B / X2B2 on a dataset (one GPU, torchrun/DDP, or CPU; resumable)
+  reconstruct     X-ray(s) → bone mesh (MISE) with a trained model
+  evaluate        a model on a dataset split: per-case CSV and the papers' tables
+  info            a checkpoint's config
+  demo            the whole pipeline on the bundled sample data with the bundled demo model
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="x2recon",
-        description="3D anatomy from plain X-rays: dataset building from CT (X2B/X2BR/SPIDER training data).",
+        description="3D anatomy from plain X-rays: datasets from CT, training, bone reconstruction, evaluation.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'x2recon <command> --help' for a command's options.",
     )
@@ -196,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("manifest", help="re-aggregate a dataset's manifest/splits/dataset.yaml (after shards)")
     m.add_argument("dataset")
     m.set_defaults(func=cmd_manifest)
+
+    from .cli_x2b import add_parsers
+
+    add_parsers(sub)
     return p
 
 

@@ -293,6 +293,25 @@ class ProjectionGeometry:
             iso = torch.as_tensor(iso, dtype=points.dtype, device=points.device)
         return points * self.box_size + iso
 
+    def box_to_grid_matrix(self) -> np.ndarray:
+        """3×4 matrix ``M`` with ``M @ [bx, by, bz, 1] ∝ [gx, gy, 1]``: normalised box coordinates →
+        ``torch.nn.functional.grid_sample`` coordinates of this image (``align_corners=False``:
+        −1 and +1 are the outer edges of the first and last pixels).  Networks that sample image
+        features at a point's projection (X2B pixel-aligned features, X2B2, SPIDER) use this."""
+        T = np.eye(4)
+        T[:3, :3] *= self.box_size
+        T[:3, 3] = self.isocenter
+        W, H = self.size
+        N = np.array([[2.0 / W, 0.0, 1.0 / W - 1.0], [0.0, 2.0 / H, 1.0 / H - 1.0], [0.0, 0.0, 1.0]])
+        return N @ self.matrix() @ T
+
+    def pixel_shifted(self, dcol: float, drow: float) -> "ProjectionGeometry":
+        """The geometry of this image with its content moved by (``dcol``, ``drow``) pixels: the
+        detector slides in its plane, so a point that projected to (c, r) projects to
+        (c + dcol, r + drow).  Keeps image-space augmentation consistent with the geometry."""
+        shift = dcol * self.spacing[0] * self.u + drow * self.spacing[1] * self.v
+        return replace(self, detector_center=self.detector_center - shift)
+
     def box_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(min, max) corners of the reconstruction box in world mm."""
         half = self.box_size / 2

@@ -1,0 +1,183 @@
+"""What every training loop shares: devices and DDP set-up (torchrun), mixed precision, logging
+(TensorBoard + a JSON-lines file), resumable training state, and stopping cleanly on Ctrl-C/SIGTERM.
+
+Training state lives in the run folder: ``last.safetensors`` (a loadable checkpoint),
+``last.state.pt`` (optimiser state, step, epoch; read back with ``torch.load(weights_only=True)``,
+never unpickling code), ``best.safetensors`` (best validation score) and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..io.atomic import atomic_path
+
+
+@dataclass
+class TrainSettings:
+    out: str
+    epochs: int = 100
+    max_steps: int = 0  # 0: no limit besides epochs
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    compile: bool = False
+    channels_last: bool = True
+    val_every: int = 1  # epochs
+    save_every: int = 500  # steps
+    resume: str = "auto"  # auto | never | PATH to a checkpoint to start from (weights only)
+    progress: bool = True
+    threads: int = 0  # CPU threads per process (0: torch's default)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(settings: TrainSettings) -> Dist:
+    """Device and (under torchrun) the process group: NCCL on CUDA, Gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = settings.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but torch sees no CUDA GPU")
+        device = torch.device("cuda", local if world > 1 else (torch.device(want).index or 0))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(settings.seed + rank)
+    return Dist(rank, world, local, device)
+
+
+def teardown(dist: Dist) -> None:
+    if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def autocast(settings: TrainSettings, device: torch.device):
+    """The autocast context for ``settings.amp`` (bf16 on CUDA by default, none on CPU)."""
+    mode = settings.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "off"
+    if mode == "off":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+    if dtype is None:
+        raise ValueError(f"amp must be auto, bf16, fp16 or off; got {mode!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Logger:
+    """Scalars to TensorBoard (when installed) and to ``log.jsonl``; only on the main process."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        self.file = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "log.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            warnings.warn("tensorboard is not installed (pip install 'x2recon[train]'): logging to log.jsonl only",
+                          stacklevel=2)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if self.tb is not None:
+                self.tb.add_scalar(k, float(v), step)
+        self.file.write(json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def save_state(out: Path, optimizer: torch.optim.Optimizer, step: int, epoch: int, best: float, extra: dict | None = None) -> None:
+    """The optimiser and counters beside ``last.safetensors`` (atomic)."""
+    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best": best, **(extra or {})}
+    with atomic_path(out / "last.state.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(out: Path) -> dict | None:
+    p = out / "last.state.pt"
+    if not p.is_file():
+        return None
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a stopped run saves its state
+    (resume by running the same command).  A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -64,3 +64,42 @@ def chest_half_seg(chest_half):
     ct = read_ct(chest_half[0])
     seg, names, _ = segment(ct, chest_half[1], cfg)
     return ct, seg, names, isocenter_of(seg, ct, cfg)
+
+
+# ---- a tiny X2B dataset (vertebrae of chest_half, AP + LAT, 64² network inputs), built once ----
+@pytest.fixture(scope="session")
+def tiny_x2b_dataset(chest_half, tmp_path_factory):
+    """Dataset folder with chest_half (train), one deformed variant (val) and another (test)."""
+    from x2recon.dataset.builder import build_dataset
+    from x2recon.dataset.case import CaseInput
+    from x2recon.dataset.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("tiny_x2b")
+    cfg = BuildConfig(structures=["vertebrae"], views=["AP", "LAT"], drr_size=128, x2b_size=64, n_points=20_000,
+                      variants=2)
+    s = build_dataset([CaseInput("chest", str(chest_half[0]), str(chest_half[1]))], out, cfg, progress=False)
+    assert len(s.done) == 3, s.text()
+    return out
+
+
+# ---- an X2B model trained on the tiny dataset's training case (CPU, once per session) ----
+TINY_X2B = dict(backbone="convnext_atto", image_size=64, hidden=128, n_blocks=5, local_features=True,
+                local_stages=[0, 1], fourier=8)
+TINY_X2B_STEPS = 400
+
+
+@pytest.fixture(scope="session")
+def tiny_x2b_model(tiny_x2b_dataset, tmp_path_factory):
+    """Checkpoint of an X2B that has memorised the tiny dataset's training case (AP view)."""
+    import torch
+
+    from x2recon.models.x2b import X2BConfig
+    from x2recon.train.common import TrainSettings
+    from x2recon.train.x2b import train_x2b
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_x2b_run")
+    s = TrainSettings(out=str(out), epochs=10**6, max_steps=TINY_X2B_STEPS, batch_size=4, lr=2e-3, workers=0,
+                      save_every=0, progress=False, val_every=10**6)
+    train_x2b(tiny_x2b_dataset, s, X2BConfig(views=["AP"], **TINY_X2B), val_split="", augment=False)
+    return out / "last.safetensors"

@@ -21,7 +21,8 @@ def cmd_train(a) -> int:
 
     views = _views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
     cfg = X2BConfig(kind=a.network, backbone=a.backbone, image_size=a.image_size, latent_dim=a.latent_dim,
-                    hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features,
+                    hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features, fourier=a.fourier,
+                    local_stages=[int(x) for x in a.local_stages.split(",") if x.strip()],
                     attention_heads=a.heads, views=views, drop_path_rate=a.drop_path)
     settings = TrainSettings(out=a.out, epochs=a.epochs, max_steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                              workers=a.workers, seed=a.seed, device=a.device, amp=a.amp, compile=a.compile,
@@ -55,6 +56,8 @@ def add_train_parser(sub) -> None:
         g.add_argument("--blocks", type=int, default=5)
         g.add_argument("--local-features", action="store_true",
                        help="add pixel-aligned features sampled at each point's projection (beyond the paper)")
+        g.add_argument("--local-stages", default="1,2", help="encoder stages the pixel-aligned features come from")
+        g.add_argument("--fourier", type=int, default=0, help="octaves of sin/cos point features (0: raw coordinates, paper)")
         g.add_argument("--heads", type=int, default=8, help="X2B2 cross-attention heads")
         g.add_argument("--drop-path", type=float, default=0.0)
         g.add_argument("--views", default="", help="views to train on (X2B: default every rendered view; "

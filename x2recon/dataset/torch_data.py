@@ -131,14 +131,17 @@ class OccupancyDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _generator(self, index: int) -> torch.Generator:
+    def _generator(self, index: int, epoch: int) -> torch.Generator:
         g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+        g.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
         return g
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or ``(index, epoch)`` from :class:`EpochSampler` (data-loading workers
+        keep their own copy of the dataset, so the epoch must travel with the index)."""
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         case, pool = self.cases[index], self.pools[index]
-        gen = self._generator(index)
+        gen = self._generator(index, epoch)
         if self.kind == "x2b2":
             views = pool
         else:
@@ -159,6 +162,25 @@ class OccupancyDataset(torch.utils.data.Dataset):
             "points": torch.from_numpy(pts[idx]),
             "occupancies": torch.from_numpy(occ[idx].astype(np.float32)),
         }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Wraps a sampler (e.g. ``DistributedSampler``) to yield ``(index, epoch)``, so each epoch draws
+    new views, points and augmentations even in persistent data-loading workers."""
+
+    def __init__(self, base):
+        self.base, self.epoch = base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
 
 
 class ValidationDataset(torch.utils.data.Dataset):

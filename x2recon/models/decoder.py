@@ -10,6 +10,15 @@ import torch
 from torch import nn
 
 
+def fourier_embed(p: torch.Tensor, octaves: int) -> torch.Tensor:
+    """``[p, sin(2^k π p), cos(2^k π p)]`` for k < ``octaves`` (p in box units, |p| ≤ ½)."""
+    if not octaves:
+        return p
+    freqs = (2.0 ** torch.arange(octaves, device=p.device, dtype=p.dtype)) * torch.pi
+    x = p[..., None, :] * freqs[:, None]  # (..., octaves, 3)
+    return torch.cat([p, torch.sin(x).flatten(-2), torch.cos(x).flatten(-2)], dim=-1)
+
+
 class CBatchNorm1d(nn.Module):
     """Batch norm over (B, F, T) without its own affine; γ, β = linear maps of the latent c.
     γ starts at 1 and β at 0, so an untrained block is plain batch norm."""
@@ -49,17 +58,23 @@ class CResnetBlock(nn.Module):
 class OccupancyDecoder(nn.Module):
     """``forward(p (B, T, 3), c (B, c_dim), local (B, T, L) | None) → logits (B, T)``."""
 
-    def __init__(self, c_dim: int, hidden: int = 256, n_blocks: int = 5, local_dim: int = 0):
+    def __init__(self, c_dim: int, hidden: int = 256, n_blocks: int = 5, local_dim: int = 0, fourier: int = 0):
         super().__init__()
-        self.fc_p = nn.Conv1d(3, hidden, 1)
+        self.fourier = int(fourier)
+        self.fc_p = nn.Conv1d(3 * (1 + 2 * self.fourier), hidden, 1)
         self.fc_local = nn.Conv1d(local_dim, hidden, 1) if local_dim else None
         self.blocks = nn.ModuleList([CResnetBlock(c_dim, hidden) for _ in range(n_blocks)])
         self.bn = CBatchNorm1d(c_dim, hidden)
         self.fc_out = nn.Conv1d(hidden, 1, 1)
         self.act = nn.ReLU()
 
+    def embed(self, p: torch.Tensor) -> torch.Tensor:
+        """Points (..., 3), with ``fourier`` octaves of sin/cos features when configured (beyond
+        ONet's raw coordinates: lets the MLP draw thin structures such as ribs)."""
+        return fourier_embed(p, self.fourier)
+
     def forward(self, p: torch.Tensor, c: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
-        net = self.fc_p(p.transpose(1, 2))
+        net = self.fc_p(self.embed(p).transpose(1, 2))
         if self.fc_local is not None:
             if local is None:
                 raise ValueError("this decoder was built for local features; none given")
@@ -89,6 +104,7 @@ class FoldedDecoder:
                 return a, b - a * bn.bn.running_mean.float()
 
             w = lambda conv: conv.weight[:, :, 0].float()
+            self.fourier = dec.fourier
             self.wp, self.bp = w(dec.fc_p).T.contiguous(), dec.fc_p.bias.float()
             self.wl = w(dec.fc_local).T.contiguous() if dec.fc_local is not None else None
             self.bl = dec.fc_local.bias.float() if dec.fc_local is not None else None
@@ -106,7 +122,7 @@ class FoldedDecoder:
         """``p (T, 3)``, ``local (T, L)`` → logits ``(T,)`` (differentiable w.r.t. ``p`` and ``local``
         when grad mode is on; in-place updates only under ``torch.no_grad``)."""
         inplace = not torch.is_grad_enabled()
-        x = torch.addmm(self.bp, p.float(), self.wp)
+        x = torch.addmm(self.bp, fourier_embed(p.float(), self.fourier), self.wp)
         if self.wl is not None:
             x = x.addmm_(local.float(), self.wl).add_(self.bl) if inplace else torch.addmm(x + self.bl, local.float(), self.wl)
         for a0, b0, w0, c0, w1, c1 in self.blocks:

@@ -39,6 +39,7 @@ class X2BConfig:
     hidden: int = 256
     n_blocks: int = 5
     local_features: bool = False  # pixel-aligned features (beyond the paper)
+    fourier: int = 0  # octaves of sin/cos point features (beyond the paper; 0 = ONet's raw coordinates)
     local_stages: list[int] = field(default_factory=lambda: [1, 2])
     attention_heads: int = 8  # X2B2 cross-attention
     image_mean: float = 0.5  # network input = (display / 65535 − mean) / std
@@ -124,7 +125,7 @@ class X2B(nn.Module):
             self.fusion = None
             self.to_latent = nn.Linear(nf, c_dim) if c_dim != nf else nn.Identity()
         local_in = cfg.n_views * sum(self.encoder.stage_channels[i] for i in cfg.local_stages) if cfg.local_features else 0
-        self.decoder = OccupancyDecoder(c_dim, cfg.hidden, cfg.n_blocks, local_dim=local_in)
+        self.decoder = OccupancyDecoder(c_dim, cfg.hidden, cfg.n_blocks, local_dim=local_in, fourier=cfg.fourier)
         self.c_dim = c_dim
         self.channels_last = False
 

@@ -55,7 +55,7 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
               pretrained: str | None = None, train_split: str = "train", val_split: str = "val",
               augment: bool = True, log=print) -> dict:
     """Train (or resume) into ``settings.out``; returns a summary (steps, best IoU, seconds)."""
-    from ..dataset.torch_data import OccupancyDataset, ValidationDataset
+    from ..dataset.torch_data import EpochSampler, OccupancyDataset, ValidationDataset
 
     data, out = Path(data), Path(settings.out)
     dist = setup(settings)
@@ -104,8 +104,8 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(ddp_model) if settings.compile else ddp_model
 
-    sampler = torch.utils.data.distributed.DistributedSampler(train_ds, dist.world, dist.rank, shuffle=True,
-                                                               seed=settings.seed, drop_last=False)
+    sampler = EpochSampler(torch.utils.data.distributed.DistributedSampler(
+        train_ds, dist.world, dist.rank, shuffle=True, seed=settings.seed, drop_last=False))
     per_rank = max(1, settings.batch_size // dist.world)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=per_rank, sampler=sampler, num_workers=settings.workers, drop_last=len(train_ds) >= per_rank * dist.world,
@@ -135,12 +135,12 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
             save_state(out, opt, step, epoch, best)
 
     t0, seen, stopped = time.time(), 0, False
+    warm = {"step": step + 10, "t": None, "seen": 0}  # steady-state throughput excludes warm-up/compilation
     epoch = start_epoch
     model.train()
     with StopFlag() as stop:
         while epoch < settings.epochs and (not settings.max_steps or step < settings.max_steps):
             sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
             for batch in loader:
                 images = batch["images"].to(device, non_blocking=True)
                 grid = batch["grid"].to(device, non_blocking=True)
@@ -154,6 +154,8 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
                 opt.step()
                 step += 1
                 seen += images.shape[0] * dist.world
+                if step == warm["step"]:
+                    warm["t"], warm["seen"] = time.time(), seen
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.1f}", epoch=epoch)
@@ -186,7 +188,9 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
     logger.close()
     seconds = time.time() - t0
     summary = {"out": str(out), "steps": step, "epochs": epoch, "best_val_iou": best, "seconds": seconds,
-               "samples_per_s": seen / max(seconds, 1e-9), "stopped": stopped, "device": str(device), "world": dist.world}
+               "samples_per_s": seen / max(seconds, 1e-9),
+               "samples_per_s_steady": ((seen - warm["seen"]) / max(time.time() - warm["t"], 1e-9)) if warm["t"] else None,
+               "stopped": stopped, "device": str(device), "world": dist.world}
     if dist.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if val_loader is None:

@@ -1,0 +1,103 @@
+"""X2B training on CPU: the network overfits one case (IoU ≥ 0.8), runs resume where they stopped,
+a mismatching run folder is refused, and X2B2 trains on its view pair."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from x2recon.dataset.torch_data import OccupancyDataset, ValidationDataset
+from x2recon.models.checkpoint import CheckpointError, load_model, read_config
+from x2recon.models.x2b import X2BConfig
+from x2recon.train.common import TrainSettings
+from x2recon.train.x2b import train_x2b, validate
+
+SMALL = dict(backbone="convnext_atto", image_size=64, hidden=64, n_blocks=3, local_features=True, local_stages=[0, 1],
+             fourier=6)
+
+
+def _settings(out, **kw):
+    base = dict(out=str(out), epochs=100000, batch_size=4, lr=2e-3, workers=0, save_every=0, progress=False,
+                val_every=100000, threads=0)
+    return TrainSettings(**{**base, **kw})
+
+
+def test_dataset_items_follow_the_geometry(tiny_x2b_dataset):
+    ds = OccupancyDataset(tiny_x2b_dataset, "train", image_size=64, n_points=512, augment=True)
+    a, b = ds[0], ds[0]
+    assert a["images"].shape == (1, 1, 64, 64) and a["grid"].shape == (1, 3, 4) and a["points"].shape == (512, 3)
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["points"], b["points"])  # seeded per item
+    assert not torch.equal(ds[(0, 1)]["points"], a["points"])  # the epoch travels with the index
+    assert torch.equal(ds[(0, 1)]["points"], ds[(0, 1)]["points"])
+    pair = OccupancyDataset(tiny_x2b_dataset, "train", kind="x2b2", views=["AP", "LAT"], image_size=64)[0]
+    assert pair["images"].shape == (2, 1, 64, 64)
+    with pytest.raises(Exception, match="X2B2 needs views"):
+        OccupancyDataset(tiny_x2b_dataset, "train", kind="x2b2", views=["AP", "PA"])
+
+
+def test_overfits_one_case_on_cpu(tiny_x2b_dataset, tiny_x2b_model):
+    """A short CPU run memorises one case: IoU on uniform box points ≥ 0.8 (Occupancy Networks' IoU)."""
+    from conftest import TINY_X2B_STEPS
+
+    model, conf = load_model(tiny_x2b_model)
+    assert conf["dataset"]["build"]["x2b_size"] == 64 and conf["training"]["step"] == TINY_X2B_STEPS
+    val = ValidationDataset(tiny_x2b_dataset, "train", views=["AP"], image_size=64, n_uniform=50_000)
+    iou = validate(model, torch.utils.data.DataLoader(val, batch_size=1), torch.device("cpu"), 0.2,
+                   contextlib.nullcontext)["val/iou"]
+    assert iou >= 0.8, iou
+
+
+def test_resume_continues_and_mismatch_is_refused(tiny_x2b_dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = X2BConfig(views=["AP"], **{**SMALL, "hidden": 32})
+    train_x2b(tiny_x2b_dataset, _settings(out, max_steps=3), cfg, val_split="val")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    s = train_x2b(tiny_x2b_dataset, _settings(out, max_steps=5), cfg, val_split="val")
+    assert s["steps"] == 5  # continued from 3, not restarted
+    assert read_config(out / "last.safetensors")["training"]["step"] == 5
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert any("val/iou" in x for x in lines)
+    other = X2BConfig(views=["AP"], **{**SMALL, "hidden": 48})
+    with pytest.raises(CheckpointError, match="hidden: 32 vs 48"):
+        train_x2b(tiny_x2b_dataset, _settings(out, max_steps=6), other)
+
+
+def test_x2b2_trains_on_the_view_pair(tiny_x2b_dataset, tmp_path):
+    cfg = X2BConfig(kind="x2b2", views=["AP", "LAT"], attention_heads=4, **SMALL)
+    s = train_x2b(tiny_x2b_dataset, _settings(tmp_path / "r2", max_steps=2), cfg, val_split="val")
+    assert s["steps"] == 2 and 0.0 <= s["best_val_iou"] <= 1.0
+    model, conf = load_model(tmp_path / "r2" / "best.safetensors")
+    assert conf["network"] == "x2b2" and model.cfg.views == ["AP", "LAT"]
+
+
+def test_persistent_workers_see_new_epochs(tiny_x2b_dataset):
+    """The epoch travels with each index, so persistent loader workers draw fresh samples."""
+    from x2recon.dataset.torch_data import EpochSampler
+
+    ds = OccupancyDataset(tiny_x2b_dataset, "train", image_size=64, n_points=256)
+    sampler = EpochSampler(torch.utils.data.SequentialSampler(ds))
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=sampler, num_workers=1, persistent_workers=True)
+    first = next(iter(loader))["points"]
+    sampler.set_epoch(1)
+    second = next(iter(loader))["points"]
+    assert not torch.equal(first, second)
+
+
+def test_ddp_two_processes_on_cpu(tiny_x2b_dataset, tmp_path):
+    """torchrun with two Gloo processes: one global batch split between them, one checkpoint."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "x2recon.cli",
+           "train", "x2b", "--data", str(tiny_x2b_dataset), "--out", str(out), "--steps", "2", "--batch-size", "4",
+           "--workers", "0", "--threads", "1", "--backbone", "convnext_atto", "--image-size", "64", "--hidden", "32",
+           "--blocks", "1", "--val-split", "", "--quiet", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["steps"] == 2
+    load_model(out / "last.safetensors")

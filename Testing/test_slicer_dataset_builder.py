@@ -12,12 +12,14 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is part o
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "X2DatasetBuilder"))
 
 from X2DatasetBuilderLib.logic import (  # noqa: E402
-    LineBuffer,
     X2DatasetBuilderLogic,
     config_to_cli_args,
-    kill_process_tree,
 )
-from X2DatasetBuilderLib.mrml_io import (  # noqa: E402
+
+from x2recon.dataset.config import BuildConfig  # noqa: E402
+from x2recon.geometry import ProjectionGeometry  # noqa: E402
+from x2recon.io.volume import Volume, read_ct, read_labelmap  # noqa: E402
+from x2recon.slicer_io import (  # noqa: E402
     LPS_RAS,
     lps_ras_points,
     mesh_to_model_node,
@@ -25,10 +27,7 @@ from X2DatasetBuilderLib.mrml_io import (  # noqa: E402
     volume_node_to_volume,
     volume_to_volume_node,
 )
-
-from x2recon.dataset.config import BuildConfig  # noqa: E402
-from x2recon.geometry import ProjectionGeometry  # noqa: E402
-from x2recon.io.volume import Volume, read_ct, read_labelmap  # noqa: E402
+from x2recon.slicer_process import LineBuffer, _alive, kill_process_tree  # noqa: E402
 
 
 @pytest.fixture
@@ -267,8 +266,6 @@ def test_cancel_kills_the_whole_process_tree(use_psutil):
     killed = kill_process_tree(parent.pid, timeout=2.0, use_psutil=use_psutil)
     assert set(killed) >= {parent.pid, child}
     parent.wait(timeout=5)  # ended (psutil may already have reaped it: no reliable exit code here)
-    from X2DatasetBuilderLib.logic import _alive
-
     for _ in range(100):  # the orphaned worker is reaped by init, maybe a moment later
         if not _alive(child):
             break
@@ -284,7 +281,7 @@ def test_logic_imports_without_qt_and_without_heavy_packages():
 
     code = ("import sys\nsys.modules['qt'] = sys.modules['ctk'] = sys.modules['slicer.util'] = None\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'X2DatasetBuilder')!r})\n"
-            "import X2DatasetBuilderLib.logic, X2DatasetBuilderLib.mrml_io\n"
+            "import X2DatasetBuilderLib.logic, x2recon.slicer_io, x2recon.slicer_process\n"
             "heavy = [m for m in ('torch', 'x2recon.drr.render', 'x2recon.dataset.case', 'trimesh') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

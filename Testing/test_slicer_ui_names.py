@@ -30,7 +30,7 @@ def ui_modules() -> list[str]:
 
 def test_extension_lists_existing_modules():
     mods = listed_modules()
-    assert "X2DatasetBuilder" in mods
+    assert {"X2DatasetBuilder", "X2BoneRecon"} <= set(mods)
     for m in mods:
         d = ROOT / m
         for rel in ("CMakeLists.txt", f"{m}.py", f"Resources/UI/{m}.ui", f"Resources/Icons/{m}.png",
@@ -47,6 +47,20 @@ def test_extension_lists_existing_modules():
         for res in re.findall(r"^\s*(Resources/\S+)", cm, re.M):
             assert (d / res.replace("${MODULE_NAME}", m)).is_file(), res
         assert "slicer_add_python_unittest" in (d / "Testing" / "Python" / "CMakeLists.txt").read_text()
+
+
+def test_modules_share_code_through_x2recon_only():
+    """A module never imports another module's Lib (each is installed on its own); what they share
+    (RAS ↔ LPS, background processes) lives in x2recon.slicer_io / x2recon.slicer_process."""
+    mods = listed_modules()
+    for m in mods:
+        files = [ROOT / m / f"{m}.py", *sorted((ROOT / m / f"{m}Lib").glob("*.py"))]
+        for f in files:
+            tree = ast.parse(f.read_text())
+            imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            others = {f"{o}Lib" for o in mods if o != m} | {o for o in mods if o != m}
+            assert not imported & others, f"{f.relative_to(ROOT)} imports {sorted(imported & others)}"
 
 
 def test_extension_installs_the_package_and_its_data():

@@ -7,9 +7,7 @@ with the user's consent.  Folder builds run ``x2recon build-dataset`` as a backg
 (PythonSlicer), streamed into the panel; Cancel stops it and its workers, and a later run resumes.
 """
 
-import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
@@ -28,11 +26,13 @@ try:
 except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel works without saved settings
     parameterNodeWrapper = None
 
-from X2DatasetBuilderLib.logic import LineBuffer, X2DatasetBuilderLogic, kill_process_tree
+from X2DatasetBuilderLib.logic import X2DatasetBuilderLogic
+from x2recon import slicer_process
+from x2recon.slicer_process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
-#: Provided by Slicer itself (or by PyTorchUtils): never installed or upgraded by us.
-SLICER_PROVIDED = ["torch", "torchvision", "SimpleITK", "vtk", "numpy"]
+#: Import names of x2recon's requirements for the dataset builder.
+REQUIRED_MODULES = ("torch", "SimpleITK", "scipy", "trimesh", "igl", "skimage", "tqdm", "pyfqmr")
 NAMED_VIEWS = ["AP", "PA", "LAT"]
 
 
@@ -83,68 +83,13 @@ if parameterNodeWrapper is not None:
 
 def missing_modules() -> list[str]:
     """Import names of x2recon's requirements that this Python lacks (checked without importing them)."""
-    mods = ("torch", "SimpleITK", "scipy", "trimesh", "igl", "skimage", "tqdm", "pyfqmr")
-    return [m for m in mods if importlib.util.find_spec(m) is None]
+    return slicer_process.missing_modules(REQUIRED_MODULES)
 
 
 def ensure_dependencies(testing: bool = False) -> bool:
-    """Install what x2recon needs after asking (in ``testing`` mode: without asking).
-
-    torch comes from the PyTorch extension's PyTorchUtils when it is installed (a CUDA build that
-    matches the driver), else from pip; the rest from Resources/requirements.txt through
-    ``slicer.pydeps.pip_ensure`` (Slicer ≥ 5.11) or ``slicer.util.pip_install``.
-    """
-    missing = missing_modules()
-    if not missing:
-        return True
-    if "torch" in missing:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=not testing,
-                                                              torchVersionRequirement=">=2.1") is None:
-                return False
-        else:
-            if not testing and not slicer.util.confirmOkCancelDisplay(
-                "X2Recon needs PyTorch, which is not installed. Install it now (CPU or the default CUDA build; "
-                "install the PyTorch extension for a build matched to your GPU)?"
-            ):
-                return False
-            slicer.util.pip_install("torch>=2.1")
-    if not [m for m in missing_modules() if m != "torch"]:
-        return True
-    try:
-        import slicer.pydeps as pydeps
-    except ImportError:
-        pydeps = None
-    if pydeps is not None:
-        try:
-            pydeps.pip_ensure(pydeps.load_requirements(REQUIREMENTS), skip_packages=SLICER_PROVIDED,
-                              prompt_install=not testing, skip_in_testing=False, requester="X2Recon")
-        except RuntimeError:  # the user declined
-            return False
-        return True
-    if not testing and not slicer.util.confirmOkCancelDisplay(
-        f"X2Recon needs Python packages that are not installed: {', '.join(missing_modules())}.\n"
-        "Install them now? (This can take several minutes.)"
-    ):
-        return False
-    slicer.util.pip_install(["-r", str(REQUIREMENTS)])
-    return True
-
-
-def python_slicer() -> str:
-    """Slicer's own Python for background processes (``PythonSlicer``, on PATH inside Slicer)."""
-    exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    found = shutil.which("PythonSlicer")
-    if found:
-        return found
-    cand = Path(slicer.app.applicationDirPath()) / exe
-    if cand.exists():
-        return str(cand)
-    raise RuntimeError("PythonSlicer was not found next to the Slicer executable")
+    """Install what x2recon needs after asking (in ``testing`` mode: without asking); see
+    ``x2recon.slicer_process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing)
 
 
 class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -314,9 +259,8 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             proc = qt.QProcess()
             proc.setProcessChannelMode(qt.QProcess.MergedChannels)
             env = qt.QProcessEnvironment.systemEnvironment()
-            spec = importlib.util.find_spec("x2recon")  # where x2recon lies (the extension's scripted-modules dir)
-            if spec is not None and spec.origin:
-                root = str(Path(spec.origin).parent.parent)
+            root = x2recon_root()  # where x2recon lies (the extension's scripted-modules dir)
+            if root:
                 old = env.value("PYTHONPATH")
                 env.insert("PYTHONPATH", os.pathsep.join(p for p in (root, old) if p))
             env.insert("PYTHONUNBUFFERED", "1")
@@ -395,7 +339,7 @@ class X2DatasetBuilderTest(ScriptedLoadableModuleTest):
         from x2recon.dataset.config import BuildConfig
         from x2recon.geometry import ProjectionGeometry
         from x2recon.io.volume import Volume
-        from X2DatasetBuilderLib.mrml_io import lps_ras_points, volume_to_volume_node
+        from x2recon.slicer_io import lps_ras_points, volume_to_volume_node
 
         n = 64
         z, y, x = np.mgrid[:n, :n, :n]

@@ -1,24 +1,21 @@
 """X2DatasetBuilderLogic: CT volume node (+ labels) → DRR preview node, dataset case, bone model.
 
 MRML in, MRML out; imports no Qt and nothing that needs the Slicer application, so it runs (and
-is tested) with the real MRML of the ``slicer-core`` wheel.  Heavy parts of x2recon (torch, the
+is tested) with the real MRML of the ``slicer-core`` wheel.  Nodes are read and written through
+``x2recon.slicer_io`` (the project's one RAS ↔ LPS boundary).  Heavy parts of x2recon (torch, the
 DRR renderer, the pipeline) are imported on first use, never when the module loads.  The folder
-mode's background process is described here too (command line, progress lines, process-tree
-kill), so the Qt panel only starts the process and shows what it prints.
+mode's background process is described here too (command line, progress lines); the panel runs
+it with ``x2recon.slicer_process`` (line buffer, process-tree kill).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .mrml_io import (
+from x2recon.slicer_io import (
     drr_to_volume_node,
     load_model_node,
     segmentation_to_labelmap_volume,
@@ -83,104 +80,6 @@ def config_to_cli_args(config) -> list[str]:
         else:
             args.append(f"{opt}={value!r}" if isinstance(value, float) else f"{opt}={value}")
     return args
-
-
-def kill_process_tree(pid: int, timeout: float = 5.0, use_psutil: bool = True) -> list[int]:
-    """Stop a process and every process it started (pool workers); returns the pids signalled.
-
-    SIGTERM first, SIGKILL for what is still alive after ``timeout`` s (Windows: ``taskkill /T /F``).
-    Uses psutil when it is installed, else ``ps`` on POSIX.
-    """
-    if use_psutil:
-        try:
-            import psutil
-        except ImportError:
-            use_psutil = False
-    if use_psutil:
-        try:
-            root = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            return []
-        procs = root.children(recursive=True) + [root]
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=timeout)
-        return [p.pid for p in procs]
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True)
-        return [pid]
-    pids = [pid] + _descendants_posix(pid)
-    for p in pids:
-        _signal(p, signal.SIGTERM)
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end and any(_alive(p) for p in pids):
-        time.sleep(0.05)
-    for p in pids:
-        if _alive(p):
-            _signal(p, signal.SIGKILL)
-    return pids
-
-
-def _descendants_posix(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            children.setdefault(int(parts[1]), []).append(int(parts[0]))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
-def _signal(pid: int, sig) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class LineBuffer:
-    """Splits a process's output chunks into complete lines (``\\n`` or tqdm's ``\\r``)."""
-
-    def __init__(self):
-        self._rest = ""
-
-    def feed(self, text: str) -> list[str]:
-        parts = re.split(r"\r\n|\r|\n", self._rest + text)
-        self._rest = parts.pop()
-        return parts
-
-    def flush(self) -> list[str]:
-        rest, self._rest = self._rest, ""
-        return [rest] if rest else []
 
 
 class X2DatasetBuilderLogic:

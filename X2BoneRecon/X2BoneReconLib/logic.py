@@ -1,0 +1,405 @@
+"""X2BoneReconLogic: X-ray volume node(s) + a model file → bone model node; a model node against a
+ground-truth segmentation or model → metrics table and distance heat map (X2BR paper, Fig. 4).
+
+MRML in, MRML out; imports no Qt and nothing that needs the Slicer application, so it runs (and is
+tested) with the real MRML of the ``slicer-core`` wheel.  Nodes are read and written through
+``x2recon.slicer_io`` (the project's one RAS ↔ LPS boundary).  torch, the networks and the metrics
+are imported on first use, never when the module loads.  The background process the panel runs
+(``x2recon reconstruct`` with progress lines) is described here too: its command line, its
+progress lines, and loading its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from x2recon.slicer_io import (
+    BONE_COLOR,
+    GEOMETRY_ATTRIBUTE,
+    mesh_to_model_node,
+    model_node_to_mesh,
+    segment_ids,
+    segment_totalseg_names,
+    segmentation_to_mask_volume,
+    set_point_scalars,
+    xray_node_to_xray,
+)
+
+log = logging.getLogger(__name__)
+
+#: Lines ``x2recon reconstruct --progress-lines`` prints: percent and what it is doing.
+PROGRESS_RE = re.compile(r"^X2RECON_PROGRESS (\d+)(?: (.*))?$")
+
+#: Point array of the per-vertex distance to the reference surface (the heat map).
+DISTANCE_ARRAY = "Distance (mm)"
+#: Colour maps used for the heat map when the scene has them (Slicer's default colour nodes).
+DISTANCE_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeFileViridis.txt")
+DISTANCE_COLOR_NODE_NAMES = ("ColdToHotRainbow", "Viridis")
+#: The colour table this module makes when the scene has none of those (a bare MRML scene).
+FALLBACK_COLOR_NAME = "X2Recon distance"
+#: Node attributes on a reconstructed model: the structures its network was trained on, its X-ray node.
+STRUCTURES_ATTRIBUTE = "x2recon.structures"
+XRAY_ATTRIBUTE = "x2recon.xray"
+#: Files the background reconstruction reads and writes in its working folder.
+XRAY_PNG, XRAY_JSON, LATERAL_PNG, LATERAL_JSON, MESH_FILE = "xray.png", "xray.json", "lateral.png", "lateral.json", "bones.ply"
+
+
+def metric_rows(tau: float = 0.02) -> list[tuple[str, str]]:
+    """``(key, label)`` of the metrics table's rows, in the papers' order; units in the labels.
+    Chamfer-L1, accuracy/completeness and F-score are in box units (distances ÷ the reconstruction
+    box edge, as the papers normalise); per-axis errors after ICP and surface distances in mm."""
+    t = f"{tau:g}"
+    return [
+        ("iou", "IoU"),
+        ("chamfer_l1", "Chamfer-L1 (box units)"),
+        ("fscore", f"F-score@{t}"),
+        ("normal_consistency", "NC"),
+        ("maxe", "maxe (mm)"),
+        ("maye", "maye (mm)"),
+        ("maze", "maze (mm)"),
+        ("mean_distance_mm", "Mean surface distance (mm)"),
+        ("max_distance_mm", "Max surface distance (mm)"),
+        ("accuracy", "Accuracy (box units)"),
+        ("completeness", "Completeness (box units)"),
+        ("precision", f"Precision@{t}"),
+        ("recall", f"Recall@{t}"),
+        ("box_size_mm", "Box size (mm)"),
+    ]
+
+
+def _input_error(path, problem: str):
+    from x2recon.errors import X2ReconInputError
+
+    return X2ReconInputError(path, problem)
+
+
+class X2BoneReconLogic:
+    """Nodes of ``scene`` → x2recon calls → nodes added to ``scene``."""
+
+    def __init__(self, scene):
+        self.scene = scene
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def model_config(model_path) -> dict:
+        """The checkpoint's config (read without loading the weights); errors name the file."""
+        from x2recon.models.checkpoint import CheckpointError, read_config
+
+        if model_path is None or str(model_path).strip() in ("", "."):
+            raise _input_error(None, "choose a model file (.safetensors)")
+        cfg = read_config(model_path)
+        if cfg.get("network") not in ("x2b", "x2b2") or "model" not in cfg:
+            raise CheckpointError(model_path, f"network {cfg.get('network')!r} is not an X2B/X2B2 bone model")
+        return cfg
+
+    def xrays(self, cfg: dict, model_path, xray_node, lateral_node=None, view=None, lateral_view=None) -> list:
+        """The ``XRay`` inputs the model in ``cfg`` needs, from the nodes; clear errors for missing or
+        surplus views.  ``view``/``lateral_view`` are used only for nodes without a geometry attribute
+        (``lateral_view`` defaults to ``LAT`` when ``view`` is given)."""
+        kind = cfg["model"].get("kind", cfg.get("network"))
+        if xray_node is None:
+            raise _input_error(None, "choose an X-ray volume node")
+        if kind == "x2b2" and lateral_node is None:
+            views = cfg["model"].get("views") or ["AP", "LAT"]
+            raise _input_error(model_path, f"is an X2B2 model: it needs a frontal ({views[0]}) and a lateral "
+                                           f"({views[-1]}) X-ray; choose the lateral X-ray")
+        if kind != "x2b2" and lateral_node is not None:
+            raise _input_error(model_path, "is an X2B (single-view) model: it takes one X-ray; clear the lateral X-ray")
+        out = [xray_node_to_xray(xray_node, view)]
+        if lateral_node is not None:
+            if lateral_view is None and view is not None:
+                lateral_view = "LAT"
+            out.append(xray_node_to_xray(lateral_node, lateral_view))
+        return out
+
+    @staticmethod
+    def check_resolution(resolution: int) -> int:
+        from x2recon.reconstruct import upsampling_steps
+
+        upsampling_steps(int(resolution))  # ValueError names the allowed values
+        return int(resolution)
+
+    # ------------------------------------------------------------------ reconstruct (in this process)
+    def reconstruct(self, xray_node, model_path, lateral_node=None, resolution: int = 256, threshold: float | None = None,
+                    device: str = "auto", view=None, lateral_view=None, faces: int = 0, progress=None, cancel=None,
+                    name: str | None = None):
+        """Reconstruct the bones and add them as a model node in world (RAS) coordinates.
+
+        ``threshold``: occupancy τ (``None``: the model's, 0.2); ``progress(fraction, message)`` and
+        ``cancel() -> bool`` are passed to ``x2recon.reconstruct`` (cancel raises ``CancelledError``).
+        """
+        cfg = self.model_config(model_path)
+        xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
+        self.check_resolution(resolution)
+        from x2recon.models.checkpoint import load_model
+        from x2recon.reconstruct import reconstruct, resolve_device
+
+        dev = resolve_device(device)
+        model, cfg = load_model(model_path, dev)
+        rec = reconstruct(model, xrays, resolution=int(resolution), threshold=threshold, device=dev, faces=int(faces),
+                          progress=progress, cancel=cancel)
+        log.info("X2BoneRecon: %d triangles in %.1f s on %s", len(rec.mesh.faces), rec.seconds, dev)
+        return self.add_reconstruction(rec.mesh, xray_node, rec.geometry, cfg, name)
+
+    def add_reconstruction(self, mesh, xray_node, geometry, cfg: dict | None = None, name: str | None = None):
+        """A reconstructed mesh (LPS mm) → model node ``"<X-ray> bones"`` with normals, bone colour,
+        its geometry (for the box size of later comparisons) and the model's structures as attributes."""
+        node = mesh_to_model_node(np.asarray(mesh.vertices), np.asarray(mesh.faces), self.scene,
+                                  name or f"{xray_node.GetName()} bones", color=BONE_COLOR,
+                                  normals=np.asarray(mesh.vertex_normals))
+        node.SetAttribute(GEOMETRY_ATTRIBUTE, geometry.to_json())
+        node.SetAttribute(XRAY_ATTRIBUTE, xray_node.GetID())
+        structures = ((cfg or {}).get("dataset") or {}).get("build", {}).get("structures")
+        if structures:
+            node.SetAttribute(STRUCTURES_ATTRIBUTE, ",".join(structures) if isinstance(structures, list) else str(structures))
+        disp = node.GetDisplayNode()
+        disp.SetVisibility2D(True)  # outline in the slice views
+        return node
+
+    # ------------------------------------------------------------------ reconstruct (background process)
+    def reconstruct_command(self, xray_node, model_path, out_dir, lateral_node=None, resolution: int = 256,
+                            threshold: float | None = None, device: str = "auto", view=None, lateral_view=None,
+                            faces: int = 0, python: str | None = None) -> tuple[list[str], Path]:
+        """Check the inputs, write the X-ray(s) and their geometry into ``out_dir``, and return the
+        ``x2recon reconstruct`` command the panel runs in the background and the mesh it will write.
+
+        ``python`` is the interpreter (Slicer's ``PythonSlicer``); the command prints progress lines
+        (``parse_progress_line``); ``load_reconstruction`` adds its result to the scene.
+        """
+        from x2recon.io.image import write_png16
+
+        cfg = self.model_config(model_path)
+        xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
+        self.check_resolution(resolution)
+        if threshold is not None and not 0 < float(threshold) < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = [(XRAY_PNG, XRAY_JSON, "--xray", "--geometry"), (LATERAL_PNG, LATERAL_JSON, "--lateral", "--lateral-geometry")]
+        args: list[str] = []
+        for x, (png, js, opt_img, opt_geom) in zip(xrays, files):
+            write_png16(np.round(np.clip(x.image, 0, 1) * 65535).astype(np.uint16), out / png)
+            x.geometry.to_json(out / js)
+            args += [opt_img, str(out / png), opt_geom, str(out / js)]
+        mesh = out / MESH_FILE
+        if mesh.exists():
+            mesh.unlink()  # never load a previous run's result
+        cmd = [python or sys.executable, "-m", "x2recon.cli", "reconstruct", *args, "--model", str(model_path),
+               "--out", str(mesh), "--resolution", str(int(resolution)), "--device", str(device)]
+        if threshold is not None:
+            cmd += ["--threshold", repr(float(threshold))]
+        if faces:
+            cmd += ["--faces", str(int(faces))]
+        return cmd + ["--progress-lines", "--quiet"], mesh
+
+    def load_reconstruction(self, mesh_path, xray_node, model_path=None, name: str | None = None):
+        """The background process's mesh (LPS mm) → model node, as ``reconstruct`` adds it (the
+        geometry is the one written beside it by ``reconstruct_command``)."""
+        from x2recon.geometry import ProjectionGeometry
+        from x2recon.io.mesh import read_mesh
+
+        mesh_path = Path(mesh_path)
+        mesh = read_mesh(mesh_path)
+        geometry = ProjectionGeometry.from_json(mesh_path.with_name(XRAY_JSON))
+        cfg = None
+        if model_path:
+            try:
+                cfg = self.model_config(model_path)
+            except ValueError:
+                cfg = None
+        return self.add_reconstruction(mesh, xray_node, geometry, cfg, name)
+
+    @staticmethod
+    def parse_progress_line(line: str):
+        """``(fraction, message)`` from a progress line of ``x2recon reconstruct``, else ``None``."""
+        m = PROGRESS_RE.match(line.strip())
+        if not m:
+            return None
+        return min(1.0, int(m.group(1)) / 100.0), (m.group(2) or "").strip()
+
+    # ------------------------------------------------------------------ compare with ground truth
+    def reference_mesh(self, reference_node, structures=None):
+        """The ground truth as a watertight mesh in LPS mm.
+
+        A model node is taken as it is.  A segmentation node: the union of its segments — all of them,
+        or with ``structures`` (TotalSegmentator names or groups, e.g. ``"ribs,vertebrae"``) only the
+        segments whose ID or name is one of those — meshed on its own grid as the dataset builder
+        meshes labels (so the comparison matches the papers' ground truth).
+        """
+        if reference_node is None:
+            raise _input_error(None, "choose a ground-truth segmentation or model node")
+        if reference_node.IsA("vtkMRMLModelNode"):
+            return model_node_to_mesh(reference_node)
+        if not reference_node.IsA("vtkMRMLSegmentationNode"):
+            raise _input_error(reference_node.GetName(), "is neither a segmentation nor a model node")
+        from x2recon.mesh.extract import MeshError, mask_to_mesh
+
+        name = reference_node.GetName()
+        ids = segment_ids(reference_node)
+        if not ids:
+            raise _input_error(name, "the segmentation has no segments")
+        if structures is not None and str(structures).strip():
+            from x2recon.structures import resolve_structures
+
+            wanted = set(resolve_structures(structures))
+            names = segment_totalseg_names(reference_node)
+            ids = [sid for sid in ids if names[sid] in wanted]
+            if not ids:
+                have = [n or reference_node.GetSegmentation().GetSegment(s).GetName() for s, n in names.items()]
+                raise _input_error(name, f"no segment is one of the structures {structures!r} (segments: {have[:8]})")
+        mask = segmentation_to_mask_volume(reference_node, self.scene, ids)
+        if not mask.array.any():
+            raise _input_error(name, "the chosen segments are empty")
+        try:
+            return mask_to_mesh(mask.array, mask.affine, name=name)
+        except MeshError as e:
+            raise _input_error(name, e.problem) from None
+
+    def compare(self, model_node, reference_node, structures=None, n_points: int = 100_000, tau: float = 0.02,
+                box_size: float | None = None, max_distance: float | None = None, table_node=None):
+        """Score ``model_node`` against ``reference_node`` with the papers' metrics → table node (one
+        row per metric, units in the labels), and show the distance from each of the model's vertices
+        to the reference surface on the model (point array ``"Distance (mm)"``, colour map, legend).
+
+        ``box_size``: the reconstruction box edge in mm that normalises Chamfer-L1 and F-score
+        (default: from the model's geometry attribute, else the chest default 384 mm);
+        ``max_distance``: top of the colour range in mm (default: the 95th percentile of the distances).
+        """
+        from x2recon.metrics.mesh import mesh_metrics, vertex_distances
+
+        if model_node is None:
+            raise _input_error(None, "choose the reconstructed model node")
+        pred = model_node_to_mesh(model_node)
+        gt = self.reference_mesh(reference_node, structures)
+        box = self.box_size_of(model_node) if box_size is None else float(box_size)
+        m = mesh_metrics(pred, gt, n_points=int(n_points), tau=tau, scale=box).to_dict()
+        d = vertex_distances(pred.vertices, gt)
+        m.update(mean_distance_mm=float(d.mean()), max_distance_mm=float(d.max()), box_size_mm=box)
+        table = self.metrics_table(m, model_node, reference_node, tau, table_node)
+        self.show_distance_map(model_node, d, max_distance)
+        return table
+
+    @staticmethod
+    def box_size_of(model_node) -> float:
+        from x2recon.geometry import CHEST_DEFAULTS, ProjectionGeometry
+
+        text = model_node.GetAttribute(GEOMETRY_ATTRIBUTE)
+        if text:
+            return ProjectionGeometry.from_json(text).box_size
+        log.info("X2BoneRecon: %s has no geometry; normalising by the default %g mm box",
+                 model_node.GetName(), CHEST_DEFAULTS["box_size"])
+        return float(CHEST_DEFAULTS["box_size"])
+
+    def metrics_table(self, metrics: dict, model_node, reference_node, tau: float = 0.02, table_node=None):
+        """A table node with the metrics: columns ``Metric`` and ``Value``; which nodes were compared
+        is in its name and attributes."""
+        import vtk
+
+        name = f"{model_node.GetName()} vs {reference_node.GetName()}"
+        if table_node is None:
+            table_node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} metrics")
+        table = table_node.GetTable()
+        table.Initialize()
+        col_m, col_v = vtk.vtkStringArray(), vtk.vtkDoubleArray()
+        col_m.SetName("Metric")
+        col_v.SetName("Value")
+        for key, label in metric_rows(tau):
+            col_m.InsertNextValue(label)
+            col_v.InsertNextValue(float(metrics[key]))
+        table.AddColumn(col_m)
+        table.AddColumn(col_v)
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+        table_node.SetColumnDescription("Value", name)
+        table_node.SetAttribute("x2recon.reconstruction", model_node.GetID())
+        table_node.SetAttribute("x2recon.reference", reference_node.GetID())
+        table_node.SetLocked(True)  # results, not inputs
+        table_node.Modified()
+        return table_node
+
+    @staticmethod
+    def table_values(table_node) -> dict[str, float]:
+        """``label → value`` of a metrics table (what the panel and the tests read)."""
+        t = table_node.GetTable()
+        labels, values = t.GetColumnByName("Metric"), t.GetColumnByName("Value")
+        return {labels.GetValue(i): values.GetValue(i) for i in range(t.GetNumberOfRows())}
+
+    # ------------------------------------------------------------------ heat map
+    def distance_color_node(self):
+        """Slicer's ColdToHotRainbow (or Viridis) colour table when the scene has it, else this
+        module's own cold-to-hot table (made once per scene)."""
+        for nid in DISTANCE_COLOR_NODE_IDS:
+            node = self.scene.GetNodeByID(nid)
+            if node is not None:
+                return node
+        for name in DISTANCE_COLOR_NODE_NAMES + (FALLBACK_COLOR_NAME,):
+            node = self.scene.GetFirstNodeByName(name)
+            if node is not None and node.IsA("vtkMRMLColorNode"):
+                return node
+        node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", FALLBACK_COLOR_NAME)
+        node.SetTypeToUser()
+        n = 256
+        node.SetNumberOfColors(n)
+        stops = np.array([[0.0, 0.0, 0.0, 1.0], [0.25, 0.0, 1.0, 1.0], [0.5, 0.0, 1.0, 0.0],
+                          [0.75, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # blue → cyan → green → yellow → red
+        x = np.linspace(0, 1, n)
+        rgb = np.stack([np.interp(x, stops[:, 0], stops[:, c]) for c in (1, 2, 3)], 1)
+        for i, (r, g, b) in enumerate(rgb):
+            node.SetColor(i, f"{i}", float(r), float(g), float(b), 1.0)
+        node.SetAttribute("Category", "X2Recon")
+        return node
+
+    def show_distance_map(self, model_node, distances, max_distance: float | None = None):
+        """Distances (one per point, mm) as the model's active scalars, coloured from 0 to
+        ``max_distance`` (default: their 95th percentile, at least 1 mm), with a colour legend."""
+        import slicer
+        import vtk
+
+        d = np.asarray(distances, dtype=np.float64)
+        set_point_scalars(model_node, DISTANCE_ARRAY, d)
+        top = float(max_distance) if max_distance else max(1.0, float(np.ceil(np.percentile(d, 95))) if d.size else 1.0)
+        disp = model_node.GetDisplayNode()
+        if disp is None:
+            disp = self.scene.AddNewNodeByClass("vtkMRMLModelDisplayNode")
+            model_node.SetAndObserveDisplayNodeID(disp.GetID())
+        disp.SetActiveScalar(DISTANCE_ARRAY, vtk.vtkAssignAttribute.POINT_DATA)
+        disp.SetAndObserveColorNodeID(self.distance_color_node().GetID())
+        disp.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
+        disp.SetScalarRange(0.0, top)
+        disp.SetScalarVisibility(True)
+        self.add_color_legend(disp, DISTANCE_ARRAY)
+        return disp
+
+    def add_color_legend(self, display_node, title: str):
+        """A colour legend for ``display_node`` (the Colors module's), or ``None`` where this MRML has
+        no colour legend node class."""
+        import slicer
+
+        cls = getattr(slicer, "vtkMRMLColorLegendDisplayNode", None)
+        if cls is None:
+            return None
+        if not self.scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+            self.scene.RegisterNodeClass(cls())  # a bare scene (the application's Colors module registers it)
+        color_logic = getattr(slicer, "vtkSlicerColorLogic", None)
+        legend = None
+        if color_logic is not None and hasattr(color_logic, "AddDefaultColorLegendDisplayNode"):
+            legend = color_logic.AddDefaultColorLegendDisplayNode(display_node)
+        if legend is None:
+            displayable = display_node.GetDisplayableNode()
+            for i in range(displayable.GetNumberOfDisplayNodes()):
+                dn = displayable.GetNthDisplayNode(i)
+                if dn is not None and dn.IsA("vtkMRMLColorLegendDisplayNode"):
+                    legend = dn
+                    break
+            else:
+                legend = self.scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode")
+                legend.SetAndObservePrimaryDisplayNode(display_node)
+                displayable.AddAndObserveDisplayNodeID(legend.GetID())
+        legend.SetTitleText(title)
+        legend.SetLabelFormat("%.1f")
+        legend.SetVisibility(True)
+        return legend

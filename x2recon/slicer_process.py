@@ -1,0 +1,204 @@
+"""What the Slicer modules share to run ``x2recon`` in a background process and to set it up.
+
+* ``LineBuffer`` and ``kill_process_tree``: the panel streams a process's output line by line and
+  *Cancel* stops the process and every process it started (pool workers);
+* ``python_slicer`` and ``x2recon_root``: the interpreter and ``PYTHONPATH`` entry of that process;
+* ``missing_modules`` and ``ensure_dependencies``: install x2recon's requirements inside Slicer on
+  first use, after asking.
+
+Only the standard library is imported here (``slicer`` and ``PyTorchUtils`` inside the functions
+that need the application), so a module can import it before x2recon's requirements are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+#: Provided by Slicer itself (or by PyTorchUtils): never installed or upgraded by the modules.
+SLICER_PROVIDED = ["torch", "torchvision", "SimpleITK", "vtk", "numpy"]
+
+
+# ---------------------------------------------------------------------------------- processes
+def kill_process_tree(pid: int, timeout: float = 5.0, use_psutil: bool = True) -> list[int]:
+    """Stop a process and every process it started (pool workers); returns the pids signalled.
+
+    SIGTERM first, SIGKILL for what is still alive after ``timeout`` s (Windows: ``taskkill /T /F``).
+    Uses psutil when it is installed, else ``ps`` on POSIX.
+    """
+    if use_psutil:
+        try:
+            import psutil
+        except ImportError:
+            use_psutil = False
+    if use_psutil:
+        try:
+            root = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return []
+        procs = root.children(recursive=True) + [root]
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=timeout)
+        return [p.pid for p in procs]
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True)
+        return [pid]
+    pids = [pid] + _descendants_posix(pid)
+    for p in pids:
+        _signal(p, signal.SIGTERM)
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for p in pids:
+        if _alive(p):
+            _signal(p, signal.SIGKILL)
+    return pids
+
+
+def _descendants_posix(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _signal(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class LineBuffer:
+    """Splits a process's output chunks into complete lines (``\\n`` or tqdm's ``\\r``)."""
+
+    def __init__(self):
+        self._rest = ""
+
+    def feed(self, text: str) -> list[str]:
+        parts = re.split(r"\r\n|\r|\n", self._rest + text)
+        self._rest = parts.pop()
+        return parts
+
+    def flush(self) -> list[str]:
+        rest, self._rest = self._rest, ""
+        return [rest] if rest else []
+
+
+def x2recon_root() -> str | None:
+    """The folder that holds the ``x2recon`` package (the extension's scripted-modules folder inside
+    Slicer): the background process needs it on ``PYTHONPATH``."""
+    spec = importlib.util.find_spec("x2recon")
+    if spec is None or not spec.origin:
+        return None
+    return str(Path(spec.origin).parent.parent)
+
+
+def python_slicer() -> str:
+    """Slicer's own Python for background processes (``PythonSlicer``, on PATH inside Slicer)."""
+    import slicer
+
+    exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    cand = Path(slicer.app.applicationDirPath()) / exe
+    if cand.exists():
+        return str(cand)
+    raise RuntimeError("PythonSlicer was not found next to the Slicer executable")
+
+
+# ------------------------------------------------------------------------------- dependencies
+def missing_modules(modules) -> list[str]:
+    """Import names among ``modules`` that this Python lacks (checked without importing them)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def ensure_dependencies(requirements: str | Path, modules, testing: bool = False, requester: str = "X2Recon") -> bool:
+    """Install what x2recon needs inside Slicer after asking (in ``testing`` mode: without asking).
+
+    ``modules``: import names to check; ``requirements``: the module's ``Resources/requirements.txt``.
+    torch comes from the PyTorch extension's PyTorchUtils when it is installed (a CUDA build that
+    matches the driver), else from pip; the rest through ``slicer.pydeps.pip_ensure`` (Slicer ≥ 5.11)
+    or ``slicer.util.pip_install``.  Returns False when the user declines.
+    """
+    import slicer
+
+    missing = missing_modules(modules)
+    if not missing:
+        return True
+    if "torch" in missing:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is not None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=not testing,
+                                                              torchVersionRequirement=">=2.1") is None:
+                return False
+        else:
+            if not testing and not slicer.util.confirmOkCancelDisplay(
+                f"{requester} needs PyTorch, which is not installed. Install it now (CPU or the default CUDA build; "
+                "install the PyTorch extension for a build matched to your GPU)?"
+            ):
+                return False
+            slicer.util.pip_install("torch>=2.1")
+    if not [m for m in missing_modules(modules) if m != "torch"]:
+        return True
+    try:
+        import slicer.pydeps as pydeps
+    except ImportError:
+        pydeps = None
+    if pydeps is not None:
+        try:
+            pydeps.pip_ensure(pydeps.load_requirements(Path(requirements)), skip_packages=SLICER_PROVIDED,
+                              prompt_install=not testing, skip_in_testing=False, requester=requester)
+        except RuntimeError:  # the user declined
+            return False
+        return True
+    if not testing and not slicer.util.confirmOkCancelDisplay(
+        f"{requester} needs Python packages that are not installed: {', '.join(missing_modules(modules))}.\n"
+        "Install them now? (This can take several minutes.)"
+    ):
+        return False
+    slicer.util.pip_install(["-r", str(requirements)])
+    return True

@@ -61,16 +61,15 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), desc=f"evaluate {split}", unit="recon", dynamic_ncols=True)
-    gt_cache: dict[str, object] = {}
+    gt, gt_case = None, None  # items come case by case: read each ground truth once
     for cid, vs in items:
         if cancel is not None and cancel():
             raise CancelledError("evaluation cancelled")
         folder = root / "cases" / cid
         xrays = [load_view(folder, v, mc.image_size) for v in vs]
         rec = reconstruct(model, xrays, resolution=resolution, device=dev)
-        if cid not in gt_cache:
-            gt_cache = {cid: read_mesh(folder / "meshes" / "bones.ply")}
-        gt = gt_cache[cid]
+        if gt_case != cid:
+            gt, gt_case = read_mesh(folder / "meshes" / "bones.ply"), cid
         box = rec.geometry.box_size
         m = mesh_metrics(rec.mesh, gt, n_points=n_points, scale=box).to_dict()
         lo, hi = rec.geometry.box_bounds()

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import X2ReconInputError
 from .geometry import CHEST_DEFAULTS, ProjectionGeometry
+from .io.image import read_grey_2d, read_png
 
 MIN_SIZE = 32
 PNG_SUFFIXES = (".png",)
@@ -135,8 +136,6 @@ def read_xray(path: str | Path, *, view: str | float = "AP", geometry: Projectio
               clahe_clip: float = 0.01) -> XRay:
     """Read an X-ray file (see module doc); ``geometry`` (object or JSON path) overrides the sidecar
     and the default of ``view``."""
-    import SimpleITK as sitk
-
     path = Path(path)
     if not path.exists():
         raise X2ReconInputError(path, "X-ray file not found")
@@ -147,8 +146,6 @@ def read_xray(path: str | Path, *, view: str | float = "AP", geometry: Projectio
     name = path.name.lower()
     spacing = sdd = sod = None
     if name.endswith(PNG_SUFFIXES):
-        from .io.image import read_png
-
         raw = read_png(path)
         display = raw  # already a display image (our DRRs, exported radiographs)
     else:
@@ -157,17 +154,7 @@ def read_xray(path: str | Path, *, view: str | float = "AP", geometry: Projectio
         is_dicom = len(head) >= 132 and head[128:132] == b"DICM"
         if not (is_dicom or name.endswith(VOLUME_SUFFIXES)):
             raise X2ReconInputError(path, "unsupported X-ray format: give a PNG, a DICOM file, or a 2D NIfTI/NRRD/MHA image")
-        try:
-            img = sitk.ReadImage(str(path))
-        except RuntimeError as e:
-            raise X2ReconInputError(path, f"cannot read the image ({str(e).strip().splitlines()[-1][:160]})") from None
-        if img.GetNumberOfComponentsPerPixel() != 1:
-            raise X2ReconInputError(path, f"expected a greyscale X-ray, got {img.GetNumberOfComponentsPerPixel()} channels")
-        a = sitk.GetArrayFromImage(img)
-        if a.ndim == 3:
-            if a.shape[0] != 1:
-                raise X2ReconInputError(path, f"expected one 2D X-ray, got a volume with {a.shape[0]} slices")
-            a = a[0]
+        img, a = read_grey_2d(path, "X-ray")
         sp = img.GetSpacing()
         if is_dicom:
             ips = _dicom_tag(img, "0018|1164")  # Imager Pixel Spacing (detector plane)

@@ -126,7 +126,6 @@ def bench_latency(a) -> None:
         if a.data:
             case = next(p for p in sorted((Path(a.data) / "cases").iterdir()) if (p / "meta.json").is_file())
         else:
-            from x2recon.demo import run_demo  # noqa: F401  (the demo builds the same kind of case)
             from x2recon.dataset.case import CaseInput, build_case
             from x2recon.dataset.config import BuildConfig
             from conftest import shared_data_dir

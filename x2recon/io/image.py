@@ -27,9 +27,29 @@ def write_png16(img: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def read_grey_2d(path: str | Path, kind: str = "image"):
+    """``(SimpleITK image, (H, W) array)`` of a one-channel, one-slice image file (PNG, DICOM, NIfTI,
+    NRRD, MHA…), or an ``X2ReconInputError`` naming the file and what is wrong with it."""
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise X2ReconInputError(path, f"cannot read the {kind} ({str(e).strip().splitlines()[-1][:160]})") from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise X2ReconInputError(path, f"expected a greyscale {kind}, got {img.GetNumberOfComponentsPerPixel()} channels")
+    a = sitk.GetArrayFromImage(img)
+    if a.ndim == 3:
+        if a.shape[0] != 1:
+            raise X2ReconInputError(path, f"expected one 2D {kind}, got a volume with {a.shape[0]} slices")
+        a = a[0]
+    if a.ndim != 2:
+        raise X2ReconInputError(path, f"expected a 2D {kind}, got shape {a.shape}")
+    return img, a
+
+
 def read_png(path: str | Path) -> np.ndarray:
     """Read a greyscale PNG (8 or 16 bit) as a 2D ``uint8``/``uint16`` array ``(H, W)``."""
-    import SimpleITK as sitk
 
     path = Path(path)
     if not path.is_file():
@@ -37,17 +57,7 @@ def read_png(path: str | Path) -> np.ndarray:
     with open(path, "rb") as f:
         if f.read(8) != PNG_SIGNATURE:
             raise X2ReconInputError(path, "not a PNG file (bad signature)")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise X2ReconInputError(path, f"cannot read PNG ({str(e).strip().splitlines()[-1][:160]})") from None
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise X2ReconInputError(path, f"expected a greyscale image, got {img.GetNumberOfComponentsPerPixel()} channels")
-    a = sitk.GetArrayFromImage(img)
-    if a.ndim == 3 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2:
-        raise X2ReconInputError(path, f"expected a 2D image, got shape {a.shape}")
+    _, a = read_grey_2d(path, "PNG")
     if a.dtype not in (np.uint8, np.uint16):
         raise X2ReconInputError(path, f"expected 8- or 16-bit unsigned pixels, got {a.dtype}")
     return a

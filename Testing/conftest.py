@@ -103,3 +103,32 @@ def tiny_x2b_model(tiny_x2b_dataset, tmp_path_factory):
                       save_every=0, progress=False, val_every=10**6)
     train_x2b(tiny_x2b_dataset, s, X2BConfig(views=["AP"], **TINY_X2B), val_split="", augment=False)
     return out / "last.safetensors"
+
+
+# ---- a SPIDER model trained on the tiny dataset's training case (CPU, once per session) ----
+TINY_SPIDER = dict(views=["AP", "LAT"], image_size=64, unet_channels=[16, 32, 64], feature_channels=16, hidden=64,
+                   layers=2, classes=["thoracic"],
+                   hash=dict(n_levels=12, n_features_per_level=2, log2_hashmap_size=17, base_resolution=8,
+                             per_level_scale=None, finest_resolution=256))
+TINY_SPIDER_STEPS = 250
+
+
+@pytest.fixture(scope="session")
+def tiny_spider_model(tiny_x2b_dataset, tmp_path_factory):
+    """Checkpoint of a SPIDER (classes: thoracic vertebrae) that has memorised the tiny dataset's
+    training case from its AP + LAT pair."""
+    import torch
+
+    from x2recon.dataset.spider_data import class_members
+    from x2recon.models.spider import SpiderConfig
+    from x2recon.train.common import TrainSettings
+    from x2recon.train.spider import train_spider
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_spider_run")
+    cfg = SpiderConfig(members=class_members(TINY_SPIDER["classes"]), **TINY_SPIDER)
+    s = TrainSettings(out=str(out), epochs=10**6, max_steps=TINY_SPIDER_STEPS, batch_size=1, lr=1e-2, workers=0,
+                      save_every=0, progress=False, val_every=10**6)
+    train_spider(tiny_x2b_dataset, s, cfg, n_points=8192, optimizer="adam", lr_step_epochs=0, val_split="",
+                 augment=False, foreground_fraction=0.25)
+    return out / "last.safetensors"

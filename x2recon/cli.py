@@ -4,11 +4,13 @@ Subcommands (``x2recon <command> --help`` explains each):
   build-dataset   CT scans (+ labelmaps) → training dataset: meshes, occupancy, DRRs, boxes
   drr             render one DRR (16-bit PNG + geometry JSON) from a CT
   manifest        re-aggregate a dataset's manifest, splits and dataset.yaml (after sharded runs)
-  train           train X2B / X2B2 on a dataset (one GPU, torchrun/DDP, or CPU; resumable)
+  train           train X2B / X2B2 / SPIDER on a dataset (one GPU, torchrun/DDP, or CPU; resumable)
   reconstruct     X-ray(s) → bone mesh (MISE) with a trained model
+  spider          frontal + lateral X-rays → CT volume and labelmap (SPIDER)
   evaluate        a model on a dataset split: per-case CSV and the papers' tables
   info            a checkpoint's config
   demo            the whole pipeline on the bundled sample data with the bundled demo model
+  register        move a source mesh onto a target: CPD, BCPD, GBCPD/GBCPD++ (template refinement)
 """
 
 from __future__ import annotations
@@ -205,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_x2b import add_parsers
 
     add_parsers(sub)
+    from .cli_register import add_parsers as _add_register; _add_register(sub)
+    from .cli_spider import add_parsers as _add_spider
+
+    _add_spider(sub)
     return p
 
 

@@ -38,7 +38,7 @@ def cmd_train(a) -> int:
 
 
 def add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a network on a dataset (X2B, X2B2)",
+    t = sub.add_parser("train", help="train a network on a dataset (X2B, X2B2, SPIDER)",
                        description="Train a network (one GPU, many with torchrun, or CPU). Resumes from --out's "
                                    "last checkpoint when it exists.")
     tsub = t.add_subparsers(dest="network", metavar="<network>", required=True)
@@ -83,6 +83,9 @@ def add_train_parser(sub) -> None:
         g.add_argument("--resume", default="auto", help="auto (continue --out), never, or a checkpoint to start from")
         g.add_argument("--quiet", action="store_true")
         p.set_defaults(func=cmd_train)
+    from .cli_spider import add_spider_train_parser
+
+    add_spider_train_parser(tsub)
 
 
 # --------------------------------------------------------------------------------- reconstruct
@@ -118,7 +121,7 @@ def cmd_reconstruct(a) -> int:
     from .xray import read_xray
 
     dev = resolve_device(a.device)
-    model, cfg = load_model(a.model, dev)
+    model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
     xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry)]
     if a.lateral:
         xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry))
@@ -172,6 +175,15 @@ def cmd_evaluate(a) -> int:
 
     cfg = read_config(a.model)
     out_csv = Path(a.out) if a.out else Path(a.model).with_suffix(f".{a.split}.csv")
+    if cfg["network"] == "spider":
+        from .evaluate_spider import evaluate_spider, spider_tables
+
+        rows = evaluate_spider(a.model, a.data, split=a.split, device=a.device, out_csv=out_csv,
+                               volume_dir=a.meshes, progress=not a.quiet)
+        print(spider_tables(rows, method="SPIDER" if cfg["model"]["decoder"] == "shared" else
+                            f"SPIDER ({cfg['model']['decoder']})"))
+        print(f"per-case results: {out_csv}")
+        return 0
     rows = evaluate_model(a.model, a.data, split=a.split, views=_views(a.views) or None, resolution=a.resolution,
                           device=a.device, n_points=a.points, out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet)
     print(summary_table(rows, method=cfg["network"].upper()))
@@ -190,7 +202,7 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--points", type=int, default=100_000, help="surface/volume samples per metric")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="per-case CSV (default: beside the model)")
-    p.add_argument("--meshes", help="also write each reconstruction into this folder")
+    p.add_argument("--meshes", help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

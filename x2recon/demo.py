@@ -49,7 +49,7 @@ def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = Non
     out = Path(out)
     model_path = Path(model) if model else bundled_model()
     dev = resolve_device(device)
-    net, cfg = load_model(model_path, dev)
+    net, cfg = load_model(model_path, dev, network=("x2b", "x2b2"))
     data = Path(data) if data else sample_data_dir()
     src = data / case
     ct, labels = src / "ct.nii.gz", src / "labels.nii.gz"

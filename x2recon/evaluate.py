@@ -52,7 +52,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
 
     root = Path(data)
     dev = resolve_device(device)
-    model, cfg = load_model(model_path, dev)
+    model, cfg = load_model(model_path, dev, network=("x2b", "x2b2"))
     mc = model.cfg
     items = evaluation_items(root, split, mc.kind, views, mc.views)
     rows: list[dict] = []

@@ -129,22 +129,39 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", *, expect: dict | None = None):
-    """``(model in eval mode on device, config)`` from a checkpoint.  ``expect``: a ``model``
-    config the checkpoint must equal (e.g. when resuming training) — else the differences are named."""
+NETWORKS = ("x2b", "x2b2", "spider")
+
+
+def build_from_config(network: str, model_cfg: dict, device=None):
+    """A fresh network of kind ``network`` ("x2b", "x2b2", "spider") from its ``model`` config."""
+    if network == "spider":
+        from .spider import build_spider
+
+        return build_spider(model_cfg, device=device)
     from .x2b import build_model
 
+    return build_model(model_cfg)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, expect: dict | None = None,
+               network: str | tuple[str, ...] | None = None):
+    """``(model in eval mode on device, config)`` from a checkpoint.  ``expect``: a ``model`` config
+    the checkpoint must equal (e.g. when resuming training) — else the differences are named.
+    ``network``: the kind(s) the caller can use (e.g. "spider"); another kind is a clear error."""
     path = Path(path)
     cfg = read_config(path)
-    network = cfg.get("network")
-    if network not in ("x2b", "x2b2"):
-        raise CheckpointError(path, f"network {network!r} is not an X2B/X2B2 model")
+    kind = cfg.get("network")
+    if kind not in NETWORKS:
+        raise CheckpointError(path, f"network {kind!r} is not one this x2recon knows ({', '.join(NETWORKS)})")
+    wanted = (network,) if isinstance(network, str) else network
+    if wanted and kind not in wanted:
+        raise CheckpointError(path, f"is a {kind.upper()} model; this needs {' or '.join(w.upper() for w in wanted)}")
     if expect is not None:
         diff = config_differences(cfg["model"], expect)
         if diff:
             raise CheckpointError(path, "architecture differs from the one asked for: " + "; ".join(diff))
     try:
-        model = build_model(cfg["model"])
+        model = build_from_config(kind, cfg["model"], device=device)
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"cannot build its model: {e}") from None
     load_weights(path, model)

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .decoder import OccupancyDecoder
 from .encoders import Encoder
+from .sampling import project_to_grid, sample_maps
 
 KINDS = ("x2b", "x2b2")
 
@@ -163,17 +163,9 @@ class X2B(nn.Module):
         """Pixel-aligned features (B, T, V·ΣC_i) at each point's projection into each view."""
         if not code.maps:
             return None
-        B, V = code.grid.shape[:2]
-        h = torch.einsum("bvij,btj->bvti", code.grid[..., :3].to(points.dtype), points) + code.grid[..., 3].to(points.dtype)[:, :, None]
-        uv = h[..., :2] / h[..., 2:3].clamp_min(1e-6)  # (B, V, T, 2)
-        n_stage = len(code.maps) // V
-        feats = []
-        for v in range(V):
-            for m in code.maps[v * n_stage:(v + 1) * n_stage]:
-                s = F.grid_sample(m.to(points.dtype), uv[:, v, :, None, :], mode="bilinear", padding_mode="zeros",
-                                  align_corners=False)
-                feats.append(s[..., 0].transpose(1, 2))
-        return torch.cat(feats, dim=-1)
+        V = code.grid.shape[1]
+        n_stage = len(code.maps) // V  # maps are view-major: view 0's stages, then view 1's
+        return sample_maps(code.maps, project_to_grid(points, code.grid), [i // n_stage for i in range(len(code.maps))])
 
     def decode(self, points: torch.Tensor, code: Code) -> torch.Tensor:
         return self.decoder(points, code.latent, self.sample_local(points, code))

@@ -90,7 +90,9 @@ def test_encoding_equals_per_point_reference():
     x[12, :] = (3 - 0.5) / enc.levels[1].scale  # p = 3 exactly on level 1
     y = enc(x).detach().numpy()
     ref = reference_encode(x.numpy(), enc.params.detach().double().numpy(), SMALL)
-    np.testing.assert_allclose(y, ref, atol=2e-6, rtol=0)
+    # 5e-6, not 1e-7: numpy's float32 exp2 (ours) and power (the reference) may differ by one ulp on
+    # some CPUs (AVX-512 SIMD paths), which moves one level's scale, and so x·scale, by an ulp
+    np.testing.assert_allclose(y, ref, atol=5e-6, rtol=0)
     assert y.shape == (150, 12)
     # leading dimensions pass through
     assert enc(x.view(10, 15, 3)).shape == (10, 15, 12)
@@ -223,3 +225,86 @@ def test_equals_tinycudann():
     gt = torch.autograd.grad(y_t, tc.params, g)[0]
     go = torch.autograd.grad(y_o, ours.params, g)[0]
     torch.testing.assert_close(go, gt.float(), rtol=1e-4, atol=1e-3)
+
+
+# ------------------------------------------------------------------ Triton kernels (GPU fast path)
+TRITON_HASH_SCRIPT = """
+import torch
+from x2recon.models.hash_encoding import HashEncoding, HashEncodingConfig
+torch.manual_seed(0)
+cfgs = [HashEncodingConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4, per_level_scale=None, finest_resolution=200),
+        HashEncodingConfig(n_levels=4, n_features_per_level=4, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.5),
+        HashEncodingConfig(n_levels=3, n_features_per_level=1, log2_hashmap_size=10, base_resolution=3, per_level_scale=2.0)]
+for cfg in cfgs:
+    ref, tri = HashEncoding(cfg, kernel="torch"), HashEncoding(cfg, kernel="triton")
+    with torch.no_grad():
+        ref.params.uniform_(-1, 1)
+        tri.params.copy_(ref.params)
+    x = torch.rand(4000, 3)
+    x[:8] = torch.tensor([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=torch.float32)
+    g = torch.randn(4000, ref.n_output_dims)
+    ya, yb = ref(x), tri(x)
+    ga = torch.autograd.grad(ya, ref.params, g)[0]
+    gb = torch.autograd.grad(yb, tri.params, g)[0]
+    hashed = sum(l.hashed for l in ref.levels)
+    print(float((ya - yb).abs().max()), float((ga - gb).abs().max()), float(ga.abs().max()), hashed, len(ref.levels))
+"""
+
+
+def test_triton_kernels_equal_torch_path_in_the_interpreter():
+    """Forward and parameter gradient of the Triton kernels = the torch path, on dense and hashed levels
+    and 1, 2 and 4 features.  The interpreter's ``fma`` is not fused (numpy), so positions may differ by
+    one float32 ulp of ``x·scale`` (≤ 1.5e-5 at scale 200): hence 1e-4, not the 1e-6 seen on CUDA."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", TRITON_HASH_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [[float(v) for v in line.split()] for line in r.stdout.splitlines() if line.strip()]
+    assert len(rows) == 3
+    assert any(0 < h < n for *_, h, n in rows)  # dense and hashed levels both covered
+    for dy, dg, gmax, _, _ in rows:
+        assert dy < 1e-4 and dg < 1e-4 * max(1.0, gmax), rows
+
+
+def test_triton_hash_kernels_compile_for_h100():
+    """Both kernels lower to sm_90 cubins (ptxas ships with triton); no GPU needed."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from x2recon.models import hash_triton as ht
+
+    common = {"N": "i32", "scale": "fp32", "res": "i64", "size": "i64", "offset": "i64", "out_col": "i32",
+              "out_stride": "i32", "F": "constexpr", "HASHED": "constexpr", "POW2": "constexpr", "BLOCK": "constexpr"}
+    for kern, ptrs in ((ht._hash_fwd_kernel, ("x_ptr", "table_ptr", "out_ptr")),
+                       (ht._hash_bwd_kernel, ("x_ptr", "gout_ptr", "gtable_ptr"))):
+        sig = {p: "*fp32" for p in ptrs} | common
+        for hashed, pow2 in ((True, True), (False, False)):
+            src = triton.compiler.ASTSource(fn=kern, signature=sig,
+                                            constexprs={"F": 2, "HASHED": hashed, "POW2": pow2, "BLOCK": ht.BLOCK})
+            try:
+                k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            except (FileNotFoundError, PermissionError) as e:
+                pytest.skip(f"cannot run ptxas: {e}")
+            assert len(k.asm["cubin"]) > 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernels_equal_torch_path_on_cuda():
+    cfg = HashEncodingConfig()  # 16 levels, 2^19 entries: dense and hashed levels
+    ref = HashEncoding(cfg, device="cuda", kernel="torch")
+    tri = HashEncoding(cfg, device="cuda")  # auto: Triton on CUDA
+    with torch.no_grad():
+        ref.params.uniform_(-1, 1)
+        tri.params.copy_(ref.params)
+    x = torch.rand(200_000, 3, device="cuda")
+    g = torch.randn(200_000, 32, device="cuda")
+    ya, yb = ref(x), tri(x)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=2e-6)
+    ga = torch.autograd.grad(ya, ref.params, g)[0]
+    gb = torch.autograd.grad(yb, tri.params, g)[0]
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 """Benchmark: forward + backward throughput of the multiresolution hash encoding, same run, same points.
 
-  * ours: ``x2recon.models.hash_encoding.HashEncoding`` (custom backward that recomputes indices,
-    chunked),
+  * ours: ``x2recon.models.hash_encoding.HashEncoding`` — on CUDA its Triton kernels
+    (``hash_triton``), and its torch path (custom backward that recomputes indices, chunked) as a
+    second row,
   * compiled: ``torch.compile(hash_encode_plain)``, the same formula with autograd's own backward,
   * tcnn: ``tinycudann.Encoding`` (float32 and its default precision) when it imports and the device
     is CUDA.
@@ -93,10 +94,19 @@ def main():
         return step
 
     rows = []
+    torch_path = HashEncoding(cfg, device=dev, kernel="torch")
+    with torch.no_grad():
+        torch_path.params.copy_(ours.params)
+    uses_triton = ours._use_triton(x.detach(), ours.params)
     t = timed(make_step(ours, ours.params), dev, a.repeats)
-    rows.append(("ours (torch, custom backward)", t, None))
+    rows.append((f"ours ({'Triton kernels' if uses_triton else 'torch path'})", t, None))
     with torch.no_grad():
         y_ref = ours(x)
+    if uses_triton:
+        t = timed(make_step(torch_path, torch_path.params), dev, a.repeats)
+        with torch.no_grad():
+            err = float((torch_path(x) - y_ref).abs().max())
+        rows.append(("ours (torch path, custom backward)", t, err))
 
     if not a.no_compile:
         p = ours.params.detach().clone().requires_grad_(True)

@@ -200,12 +200,16 @@ class HashEncoding(nn.Module):
     ``params`` is one flat vector laid out as tcnn's (level tables back to back, entry-major), so
     weights can be copied to and from ``tinycudann.Encoding``.  ``chunk_size`` points are processed
     at a time (default 2^18 on CPU, 2^21 on CUDA; a few hundred bytes of temporaries per point); the
-    backward pass keeps only the inputs and recomputes each level's corners."""
+    backward pass keeps only the inputs and recomputes each level's corners.  ``kernel``: on CUDA the
+    Triton kernels of ``hash_triton`` do the forward pass and the parameter gradient (``auto``);
+    ``torch`` forces the torch path (the reference), ``triton`` forces the kernels (on CPU only under
+    ``TRITON_INTERPRET=1``)."""
 
     backend = "torch"
 
     def __init__(self, config: HashEncodingConfig | dict | None = None, *, seed: int = 1337,
-                 dtype: torch.dtype = torch.float32, device=None, chunk_size: int | None = None):
+                 dtype: torch.dtype = torch.float32, device=None, chunk_size: int | None = None,
+                 kernel: str = "auto"):
         super().__init__()
         cfg = config if isinstance(config, HashEncodingConfig) else HashEncodingConfig.from_dict(config or {})
         self.config = cfg
@@ -213,6 +217,9 @@ class HashEncoding(nn.Module):
         self.n_input_dims = cfg.n_input_dims
         self.n_output_dims = cfg.n_levels * cfg.n_features_per_level
         self.chunk_size = chunk_size
+        self.kernel = kernel
+        if kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
         self.backend_reason = "pure torch implementation"
         n = (self.levels[-1].offset + self.levels[-1].size) * cfg.n_features_per_level
         gen = torch.Generator().manual_seed(seed)
@@ -243,8 +250,29 @@ class HashEncoding(nn.Module):
     def _chunk(self, x) -> int:
         return int(self.chunk_size or (1 << 21 if x.is_cuda else 1 << 18))
 
+    def _use_triton(self, x, params) -> bool:
+        """The Triton kernels (``hash_triton``) on CUDA for what they cover (``kernel='auto'``), always
+        with ``kernel='triton'`` (CPU under ``TRITON_INTERPRET=1`` for tests), never with ``'torch'``."""
+        if self.kernel == "torch":
+            return False
+        from . import hash_triton_guard
+
+        ok = hash_triton_guard.available() and (x.is_cuda or self.kernel == "triton")
+        if ok:
+            from . import hash_triton
+
+            ok = hash_triton.supported(x, params, self.n_input_dims, self.config.n_features_per_level)
+        if self.kernel == "triton" and not ok:
+            raise RuntimeError("kernel='triton' but the Triton hash kernels cannot run here "
+                               f"({hash_triton_guard.reason()}; inputs {x.dtype} on {x.device}, params {params.dtype})")
+        return ok
+
     def _forward_impl(self, x, params):
         n, f, chunk = x.shape[0], self.config.n_features_per_level, self._chunk(x)
+        if self._use_triton(x, params):
+            from . import hash_triton
+
+            return hash_triton.forward(x, params, self.levels, f)
         out = torch.empty(n, self.n_output_dims, dtype=params.dtype, device=x.device)
         for li, lvl in enumerate(self.levels):
             table = self.level_table(li, params)
@@ -256,6 +284,12 @@ class HashEncoding(nn.Module):
 
     def _backward_impl(self, x, params, grad_out, need_x, need_p):
         n, f, chunk = x.shape[0], self.config.n_features_per_level, self._chunk(x)
+        if need_p and self._use_triton(x, params):
+            from . import hash_triton
+
+            gp = hash_triton.backward_params(x, grad_out, params, self.levels, f)
+            gx = self._backward_impl(x, params, grad_out, True, False)[0] if need_x else None
+            return gx, gp
         gp = torch.zeros_like(params) if need_p else None
         gx = torch.zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                          device=x.device) if need_x else None

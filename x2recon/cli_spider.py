@@ -121,7 +121,16 @@ def cmd_spider(a) -> int:
     xrays = [read_view(a.pa, fv, cfg, a.pa_geometry), read_view(a.lat, lv, cfg, a.lat_geometry)]
     prog = _ProgressLines(a.progress_lines, a.quiet)
     try:
-        res = reconstruct_ct(model, xrays, resolution=a.resolution, chunk=a.chunk, precision=a.precision, progress=prog)
+        if a.fit_ct:
+            from .io.volume import read_ct
+            from .spider import fit_to_ct
+
+            model = fit_to_ct(model, xrays, read_ct(a.fit_ct), steps=a.fit_steps,
+                              progress=lambda f, m: prog(0.5 * f, m))
+            inner = lambda f, m: prog(0.5 + 0.5 * f, m)
+        else:
+            inner = prog
+        res = reconstruct_ct(model, xrays, resolution=a.resolution, chunk=a.chunk, precision=a.precision, progress=inner)
     finally:
         prog.close()
     files = write_result(res, a.out, a.labels)
@@ -149,6 +158,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--chunk", type=int, default=1 << 18, help="points evaluated at a time (memory)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--fit-ct", help="segment this CT (paper §6.1): fit the model's intensities to it with the "
+                   "decoder frozen, then write the labels it predicts (the CT must lie in the X-rays' box)")
+    p.add_argument("--fit-steps", type=int, default=200)
     p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_spider)

@@ -123,6 +123,52 @@ def reconstruct_ct(model, xrays: list[XRay], *, resolution: int = 128, chunk: in
                         time.perf_counter() - t0, str(next(model.parameters()).device))
 
 
+def fit_to_ct(model, xrays: list[XRay], ct: Volume, *, steps: int = 200, lr: float = 1e-3, n_points: int = 16384,
+              seed: int = 0, progress: Callable[[float, str], None] | None = None,
+              cancel: Callable[[], bool] | None = None):
+    """SPIDER as a segmenter of a CT it was not trained on (spider-paper §6.1): a copy of ``model`` whose
+    decoder MLP is frozen is fitted to the CT's intensities (L1 only) at points of the reconstruction
+    box, from the X-ray pair; the segmentation head, still reading the shared decoder, then labels that
+    CT.  The encoder and the hash encoding are what change.  Returns the fitted copy (eval mode)."""
+    import copy
+
+    from .dataset.spider_targets import resample_to_box
+
+    check_pair(model, xrays)
+    fitted = copy.deepcopy(model)
+    dev = next(fitted.parameters()).device
+    frozen = [fitted.decoder] + ([fitted.seg_decoder] if fitted.seg_decoder is not None else [])
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    train = [p for p in fitted.parameters() if p.requires_grad]
+    g = xrays[0].geometry
+    n = 128
+    ct_box, _ = resample_to_box(ct, None, g, g.box_size, n)
+    target = torch.as_tensor(fitted.cfg.hu_to_unit(ct_box.array.astype(np.float32)), device=dev).reshape(-1)
+    S = fitted.cfg.image_size
+    ims, grids = zip(*(x.network_input(S) for x in xrays))
+    images = torch.from_numpy(np.stack(ims))[None].to(dev)
+    grid = torch.from_numpy(np.stack(grids))[None].to(dev)
+    c = torch.as_tensor(box_centres(n), dtype=torch.float32, device=dev)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    opt = torch.optim.Adam(train, lr=lr, eps=1e-15)
+    fitted.train()
+    for step in range(int(steps)):
+        if cancel is not None and cancel():
+            raise CancelledError("fitting to the CT cancelled")
+        flat = torch.randint(n ** 3, (n_points,), generator=gen).to(dev)
+        i, j, k = flat % n, (flat // n) % n, flat // (n * n)
+        out = fitted(images, grid, torch.stack([c[i], c[j], c[k]], 1)[None])
+        loss = (out[0, :, 0].float() - target[flat]).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress((step + 1) / steps, f"fitting to the CT: step {step + 1}/{steps}, L1 {loss.item():.4f}")
+    return fitted.eval()
+
+
 def labels_sidecar(labels_path: str | Path) -> Path:
     """``seg.nii.gz`` → ``seg.labels.json`` (beside it)."""
     p = Path(labels_path)

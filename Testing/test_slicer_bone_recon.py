@@ -387,3 +387,57 @@ def test_logic_imports_without_qt_and_without_heavy_packages():
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------ X2BR pieces
+def test_detections_are_boxes_on_the_detector_plane(logic, scene, drr):
+    """A detection box's curve projects back onto the box's corners, in RAS, named by class and confidence."""
+    g = drr.geometry
+    dets = [{"name": "thoracic", "confidence": 0.87, "box": [10.0, 12.5, 40.0, 50.0]},
+            {"name": "rib_left_4", "confidence": 0.4, "box": [0.0, 0.0, 5.0, 6.0]}]
+    curves = logic.show_detections(dets, g, None, group="g1")
+    assert [c.GetName() for c in curves] == ["thoracic 0.87", "rib_left_4 0.40"]
+    pts = np.array([curves[0].GetNthControlPointPosition(i) for i in range(4)])
+    uv = g.project(lps_ras_points(pts))
+    np.testing.assert_allclose(uv, [[10, 12.5], [40, 12.5], [40, 50], [10, 50]], atol=1e-6)
+    assert np.allclose(g.depth(lps_ras_points(pts)), g.sdd)  # on the detector plane
+    assert curves[1].GetAttribute("x2recon.x2br") == "g1"
+
+
+def test_structure_colours_are_stable_and_distinct():
+    from X2BoneReconLib.logic import structure_color
+
+    assert structure_color("vertebrae_T7") == structure_color("vertebrae_T7")
+    cols = {n: structure_color(n) for n in ("vertebrae_C1", "vertebrae_L5", "rib_left_3", "rib_left_4", "rib_right_3",
+                                            "sternum")}
+    assert len(set(cols.values())) == len(cols)
+    assert all(0 <= c <= 1 for rgb in cols.values() for c in rgb)
+
+
+def test_compare_methods_puts_each_reconstruction_in_a_column(logic, scene, ground_truth):
+    from x2recon.metrics.mesh import mesh_metrics
+
+    labels, vert, whole = ground_truth
+    a = mesh_to_model_node(vert.vertices, vert.faces, scene, "X2B result")
+    b = mesh_to_model_node(whole.vertices, whole.faces, scene, "X2BR result")
+    ref = mesh_to_model_node(vert.vertices, vert.faces, scene, "truth")
+    table = logic.compare_methods({"X2B": a, "X2BR": b}, ref, n_points=N_POINTS)
+    t = table.GetTable()
+    assert [t.GetColumnName(i) for i in range(t.GetNumberOfColumns())] == ["Metric", "X2B", "X2BR"]
+    rows = {t.GetColumnByName("Metric").GetValue(i): i for i in range(t.GetNumberOfRows())}
+    assert t.GetColumnByName("X2B").GetValue(rows["IoU"]) > 0.99  # the truth itself
+    expect = mesh_metrics(whole, vert, n_points=N_POINTS, scale=384.0).iou
+    assert t.GetColumnByName("X2BR").GetValue(rows["IoU"]) == pytest.approx(expect, abs=0.03)
+
+
+def test_refine_command_needs_the_detector_and_templates(logic, scene, drr, checkpoints, tmp_path):
+    node = drr_to_volume_node(drr, scene, "AP")
+    with pytest.raises(X2ReconInputError, match="detector"):
+        logic.reconstruct_command(node, checkpoints["x2b"], tmp_path, resolution=32, refine="template",
+                                  templates=tmp_path)
+    (tmp_path / "det.pt").write_bytes(b"x")
+    cmd, mesh = logic.reconstruct_command(node, checkpoints["x2b"], tmp_path / "run", resolution=32, refine="template",
+                                          detector=tmp_path / "det.pt", templates=tmp_path, registration="cpd")
+    i = cmd.index("--refine")
+    assert cmd[i:i + 8] == ["--refine", "template", "--detector", str(tmp_path / "det.pt"), "--templates",
+                            str(tmp_path), "--registration", "cpd"]

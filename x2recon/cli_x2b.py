@@ -125,12 +125,28 @@ def cmd_reconstruct(a) -> int:
     xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry)]
     if a.lateral:
         xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry))
+    if a.refine == "template":
+        _need_x2br_inputs(a)
     prog = _ProgressLines(a.progress_lines, a.quiet)
+    x2br = None
     try:
+        share = 0.6 if a.refine == "template" else 1.0
         rec = reconstruct(model, xrays, resolution=a.resolution, threshold=a.threshold, device=dev, faces=a.faces,
-                          refine_steps=a.refine_steps, network_normals=a.network_normals, progress=prog)
+                          refine_steps=a.refine_steps, network_normals=a.network_normals,
+                          progress=lambda f, m: prog(share * f, m))
+        if a.refine == "template":
+            from .detection import Detector
+            from .template import load_library
+            from .x2br import refine_with_template
+
+            x2br = refine_with_template(rec.mesh, xrays[0], Detector(a.detector), load_library(a.templates),
+                                        method=a.registration, conf=a.conf, device=str(dev),
+                                        progress=lambda f, m: prog(0.6 + 0.4 * f, m))
     finally:
         prog.close()
+    if x2br is not None:
+        _write_x2br(x2br, a, rec)
+        return 0
     write_mesh(rec.mesh, a.out)
     print(f"{a.out}: {len(rec.mesh.faces):,} triangles, LPS mm, in {rec.seconds:.1f} s on {dev} "
           f"({rec.evaluations:,} of {rec.dense_evaluations:,} grid points evaluated)")
@@ -140,6 +156,35 @@ def cmd_reconstruct(a) -> int:
         render_png(rec.mesh, a.render, title=Path(a.xray).name)
         print(a.render)
     return 0
+
+
+def _need_x2br_inputs(a) -> None:
+    from .errors import X2ReconInputError
+
+    for flag in ("detector", "templates"):
+        if not getattr(a, flag):
+            raise X2ReconInputError(f"--{flag}", f"--refine template needs --{flag}")
+        if not Path(getattr(a, flag)).exists():
+            raise X2ReconInputError(getattr(a, flag), f"--{flag} not found")
+
+
+def _write_x2br(res, a, rec) -> None:
+    """The refined mesh at --out, one mesh per structure beside it (<stem>_parts/), detections as JSON."""
+    from .io.atomic import atomic_write_text
+    from .io.mesh import write_mesh
+
+    out = Path(a.out)
+    write_mesh(res.mesh, out)
+    stem = out.name.split(".")[0]
+    parts_dir = out.with_name(stem + "_parts")
+    for name, m in res.parts.items():
+        write_mesh(m, parts_dir / f"{name}{out.suffix if out.suffix != '.gz' else '.ply'}")
+    write_mesh(rec.mesh, out.with_name(stem + "_x2b" + out.suffix))
+    atomic_write_text(out.with_name(stem + "_detections.json"),
+                      json.dumps([d.to_dict() for d in res.detections], indent=1))
+    print(f"{out}: X2BR ({a.registration.upper()}) — {len(res.parts)} structures in {parts_dir}, "
+          f"{len(res.detections)} detections, coarse X2B mesh {out.with_name(stem + '_x2b' + out.suffix)}; "
+          f"registration {res.registration.seconds:.1f} s, {res.registration.iterations} iterations")
 
 
 def add_reconstruct_parser(sub) -> None:
@@ -161,6 +206,14 @@ def add_reconstruct_parser(sub) -> None:
     p.add_argument("--faces", type=int, default=0, help="simplify to about this many triangles (pyfqmr; 0: off)")
     p.add_argument("--refine-steps", type=int, default=0, help="gradient steps moving vertices onto the level set")
     p.add_argument("--network-normals", action="store_true", help="vertex normals from the network's gradient")
+    p.add_argument("--refine", choices=["none", "template"], default="none",
+                   help="template: X2BR — detect vertebrae/ribs, assemble their templates, register them onto the "
+                        "X2B shape (needs --detector and --templates)")
+    p.add_argument("--detector", help="detector weights (x2recon train detector)")
+    p.add_argument("--templates", help="template library folder (x2recon template build)")
+    p.add_argument("--registration", default="gbcpd", choices=["gbcpd", "bcpd", "cpd"],
+                   help="template registration (X2BR: GBCPD++; CPD is the paper's baseline)")
+    p.add_argument("--conf", type=float, default=0.25, help="detection confidence threshold")
     p.add_argument("--device", default="auto")
     p.add_argument("--render", help="also write a PNG rendering of the mesh here")
     p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
@@ -184,8 +237,14 @@ def cmd_evaluate(a) -> int:
                             f"SPIDER ({cfg['model']['decoder']})"))
         print(f"per-case results: {out_csv}")
         return 0
+    refine = None
+    if a.refine == "template":
+        _need_x2br_inputs(a)
+        refine = {"detector": a.detector, "templates": a.templates,
+                  "methods": [m.strip() for m in a.registration.split(",") if m.strip()]}
     rows = evaluate_model(a.model, a.data, split=a.split, views=_views(a.views) or None, resolution=a.resolution,
-                          device=a.device, n_points=a.points, out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet)
+                          device=a.device, n_points=a.points, out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet,
+                          refine=refine)
     print(summary_table(rows, method=cfg["network"].upper()))
     print(f"per-case results: {out_csv}")
     return 0
@@ -203,6 +262,11 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="per-case CSV (default: beside the model)")
     p.add_argument("--meshes", help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
+    p.add_argument("--refine", choices=["none", "template"], default="none",
+                   help="template: also score X2BR (X2B + detection + template registration) — Tables 1–3")
+    p.add_argument("--detector", help="X2BR: detector weights (x2recon train detector)")
+    p.add_argument("--templates", help="X2BR: template library (x2recon template build)")
+    p.add_argument("--registration", default="gbcpd,cpd", help="X2BR: registration methods to score (Table 3)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CancelledError
+from .errors import CancelledError, X2ReconInputError
 from .io.atomic import atomic_write_text
 
 COLUMNS = ["iou", "iou_vox", "chamfer_l1", "fscore", "normal_consistency", "maxe", "maye", "maze"]
@@ -42,8 +42,11 @@ def evaluation_items(root: Path, split: str, kind: str, views: list[str] | None,
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "test", views: list[str] | None = None,
                    resolution: int = 128, device: str = "auto", n_points: int = 100_000, out_csv: str | Path | None = None,
                    mesh_dir: str | Path | None = None, progress: bool = True,
-                   cancel: Callable[[], bool] | None = None) -> list[dict]:
-    """One row per reconstruction (case, view(s), metrics, seconds); written to ``out_csv`` as it goes."""
+                   cancel: Callable[[], bool] | None = None, refine: dict | None = None) -> list[dict]:
+    """One row per reconstruction (case, view(s), method, metrics, seconds); written to ``out_csv`` as it goes.
+
+    ``refine``: X2BR as well — ``{"detector": weights, "templates": folder, "methods": ["gbcpd", "cpd"]}``
+    adds one row per registration method after each X2B row (paper Tables 1–3)."""
     from .dataset.torch_data import load_view
     from .io.mesh import read_mesh, write_mesh
     from .metrics.mesh import iou_voxels, mesh_metrics
@@ -54,6 +57,12 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
     dev = resolve_device(device)
     model, cfg = load_model(model_path, dev, network=("x2b", "x2b2"))
     mc = model.cfg
+    detector = library = None
+    if refine:
+        from .detection import Detector
+        from .template import load_library
+
+        detector, library = Detector(refine["detector"]), load_library(refine["templates"])
     items = evaluation_items(root, split, mc.kind, views, mc.views)
     rows: list[dict] = []
     bar = None
@@ -71,15 +80,34 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
         if gt_case != cid:
             gt, gt_case = read_mesh(folder / "meshes" / "bones.ply"), cid
         box = rec.geometry.box_size
-        m = mesh_metrics(rec.mesh, gt, n_points=n_points, scale=box).to_dict()
         lo, hi = rec.geometry.box_bounds()
-        joint = np.array([np.maximum(np.minimum(rec.mesh.bounds[0], gt.bounds[0]), lo),
-                          np.minimum(np.maximum(rec.mesh.bounds[1], gt.bounds[1]), hi)])
-        m["iou_vox"] = iou_voxels(rec.mesh, gt, resolution=128, bounds=joint)
-        row = {"case": cid, "view": "+".join(vs), **m, "seconds": rec.seconds, "faces": len(rec.mesh.faces)}
+
+        def score(mesh, method: str, seconds: float) -> dict:
+            m = mesh_metrics(mesh, gt, n_points=n_points, scale=box).to_dict()
+            joint = np.array([np.maximum(np.minimum(mesh.bounds[0], gt.bounds[0]), lo),
+                              np.minimum(np.maximum(mesh.bounds[1], gt.bounds[1]), hi)])
+            m["iou_vox"] = iou_voxels(mesh, gt, resolution=128, bounds=joint)
+            return {"case": cid, "view": "+".join(vs), "method": method, **m, "seconds": seconds,
+                    "faces": len(mesh.faces)}
+
+        row = score(rec.mesh, cfg["network"].upper(), rec.seconds)
         rows.append(row)
         if mesh_dir is not None:
             write_mesh(rec.mesh, Path(mesh_dir) / f"{cid}_{'+'.join(vs)}.ply")
+        for method in (refine or {}).get("methods", []):
+            from .x2br import refine_with_template
+
+            try:
+                res = refine_with_template(rec.mesh, xrays[0], detector, library, method=method,
+                                           device=str(dev), cancel=cancel)
+            except X2ReconInputError as e:  # no detections: the case has no X2BR row, and says why
+                rows.append({"case": cid, "view": "+".join(vs), "method": f"X2BR ({method.upper()})",
+                             **{c: float("nan") for c in COLUMNS}, "seconds": float("nan"), "faces": 0,
+                             "note": str(e)})
+                continue
+            rows.append(score(res.mesh, f"X2BR ({method.upper()})", rec.seconds + sum(res.seconds.values())))
+            if mesh_dir is not None:
+                write_mesh(res.mesh, Path(mesh_dir) / f"{cid}_{'+'.join(vs)}_x2br_{method}.ply")
         if out_csv is not None:
             write_csv(rows, out_csv)
         if bar is not None:
@@ -93,11 +121,11 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
 def write_csv(rows: list[dict], path: str | Path) -> None:
     if not rows:
         return
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (a note where X2BR failed)
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
+    w = csv.DictWriter(buf, fieldnames=keys, restval="")
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -112,17 +140,22 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def summary_table(rows: list[dict], method: str = "X2B") -> str:
-    """The paper's layout: Table 1 (IoU, Chamfer-L1, F-score, NC) and Table 2 (maxe, maye, maze), mean ± std."""
-    def fmt(col, digits):
-        m, s = mean_std(r[col] for r in rows)
+    """The paper's layout: Table 1 (IoU, Chamfer-L1, F-score, NC) and Table 2 (maxe, maye, maze), mean ± std,
+    one line per method (X2B, and X2BR with each registration method: Table 3)."""
+    methods = list(dict.fromkeys(r.get("method", method) for r in rows)) or [method]
+
+    def fmt(rs, col, digits):
+        m, s = mean_std(r[col] for r in rs)
         return f"{m:.{digits}f} ± {s:.{digits}f}"
 
     t1 = ["iou", "iou_vox", "chamfer_l1", "fscore", "normal_consistency"]
     t2 = ["maxe", "maye", "maze"]
     digits = {"chamfer_l1": 4}
-    lines = [f"{len(rows)} reconstructions", "",
-             "Table 1 — " + " | ".join(["method"] + [LABELS[c] for c in t1]),
-             " | ".join([method] + [fmt(c, digits.get(c, 3)) for c in t1]), "",
-             "Table 2 — " + " | ".join(["method"] + [LABELS[c] for c in t2]),
-             " | ".join([method] + [fmt(c, 2) for c in t2])]
+    by = {m: [r for r in rows if r.get("method", method) == m] for m in methods}
+    n = {m: sum(1 for r in rs if not math.isnan(r["iou"])) for m, rs in by.items()}
+    lines = [", ".join(f"{m}: {n[m]} reconstructions" for m in methods), "",
+             "Table 1 — " + " | ".join(["method"] + [LABELS[c] for c in t1])]
+    lines += [" | ".join([m] + [fmt(by[m], c, digits.get(c, 3)) for c in t1]) for m in methods]
+    lines += ["", "Table 2 — " + " | ".join(["method"] + [LABELS[c] for c in t2])]
+    lines += [" | ".join([m] + [fmt(by[m], c, 2) for c in t2]) for m in methods]
     return "\n".join(lines)

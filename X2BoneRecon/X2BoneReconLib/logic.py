@@ -47,6 +47,27 @@ STRUCTURES_ATTRIBUTE = "x2recon.structures"
 XRAY_ATTRIBUTE = "x2recon.xray"
 #: Files the background reconstruction reads and writes in its working folder.
 XRAY_PNG, XRAY_JSON, LATERAL_PNG, LATERAL_JSON, MESH_FILE = "xray.png", "xray.json", "lateral.png", "lateral.json", "bones.ply"
+#: What ``x2recon reconstruct --refine template --out bones.ply`` writes beside the refined mesh.
+X2B_MESH_FILE, PARTS_DIR, DETECTIONS_FILE = "bones_x2b.ply", "bones_parts", "bones_detections.json"
+#: Attribute tying the nodes of one X2BR result together (the refined mesh's node ID).
+X2BR_ATTRIBUTE = "x2recon.x2br"
+
+
+def structure_color(name: str) -> tuple[float, float, float]:
+    """A stable colour per structure: vertebrae from yellow (C1) to red (L5), ribs alternating blue
+    and green by level (left lighter than right), anything else a hue from its name."""
+    import colorsys
+    import zlib
+
+    order = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
+    if name.startswith("vertebrae_") and name[10:] in order:
+        h = 0.16 * (1 - order.index(name[10:]) / (len(order) - 1))
+        return colorsys.hsv_to_rgb(h, 0.75, 0.95)
+    if name.startswith("rib_"):
+        side, level = name.split("_")[1], int(name.split("_")[2])
+        h = 0.58 if level % 2 else 0.38
+        return colorsys.hsv_to_rgb(h, 0.55 if side == "left" else 0.8, 0.9)
+    return colorsys.hsv_to_rgb((zlib.crc32(name.encode()) % 360) / 360.0, 0.6, 0.9)
 
 
 def metric_rows(tau: float = 0.02) -> list[tuple[str, str]]:
@@ -164,12 +185,15 @@ class X2BoneReconLogic:
     # ------------------------------------------------------------------ reconstruct (background process)
     def reconstruct_command(self, xray_node, model_path, out_dir, lateral_node=None, resolution: int = 256,
                             threshold: float | None = None, device: str = "auto", view=None, lateral_view=None,
-                            faces: int = 0, python: str | None = None) -> tuple[list[str], Path]:
+                            faces: int = 0, python: str | None = None, refine: str = "none", detector=None,
+                            templates=None, registration: str = "gbcpd", conf: float = 0.25) -> tuple[list[str], Path]:
         """Check the inputs, write the X-ray(s) and their geometry into ``out_dir``, and return the
         ``x2recon reconstruct`` command the panel runs in the background and the mesh it will write.
 
         ``python`` is the interpreter (Slicer's ``PythonSlicer``); the command prints progress lines
         (``parse_progress_line``); ``load_reconstruction`` adds its result to the scene.
+        ``refine="template"``: X2BR with the ``detector`` weights and the ``templates`` library
+        (``registration``: gbcpd, bcpd or cpd); ``load_x2br`` then adds its results.
         """
         from x2recon.io.image import write_png16
 
@@ -186,15 +210,29 @@ class X2BoneReconLogic:
             write_png16(np.round(np.clip(x.image, 0, 1) * 65535).astype(np.uint16), out / png)
             x.geometry.to_json(out / js)
             args += [opt_img, str(out / png), opt_geom, str(out / js)]
+        if refine not in ("none", "template"):
+            raise ValueError(f"refine must be 'none' or 'template', got {refine!r}")
+        if refine == "template":
+            for what, path in (("detector weights", detector), ("template library", templates)):
+                if path is None or not str(path).strip() or not Path(path).exists():
+                    raise _input_error(path, f"refining with a template needs the {what}; not found")
         mesh = out / MESH_FILE
-        if mesh.exists():
-            mesh.unlink()  # never load a previous run's result
+        import shutil
+
+        for old in (mesh, out / X2B_MESH_FILE, out / DETECTIONS_FILE, out / PARTS_DIR):
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()  # never load a previous run's result
         cmd = [python or sys.executable, "-m", "x2recon.cli", "reconstruct", *args, "--model", str(model_path),
                "--out", str(mesh), "--resolution", str(int(resolution)), "--device", str(device)]
         if threshold is not None:
             cmd += ["--threshold", repr(float(threshold))]
         if faces:
             cmd += ["--faces", str(int(faces))]
+        if refine == "template":
+            cmd += ["--refine", "template", "--detector", str(detector), "--templates", str(templates),
+                    "--registration", str(registration), "--conf", repr(float(conf))]
         return cmd + ["--progress-lines", "--quiet"], mesh
 
     def load_reconstruction(self, mesh_path, xray_node, model_path=None, name: str | None = None):
@@ -213,6 +251,110 @@ class X2BoneReconLogic:
             except ValueError:
                 cfg = None
         return self.add_reconstruction(mesh, xray_node, geometry, cfg, name)
+
+    def load_x2br(self, mesh_path, xray_node, model_path=None, name: str | None = None) -> dict:
+        """An X2BR run's results → nodes: the coarse X2B model, the refined template as one model
+        (hidden; what *Compare* scores) and one model per structure in its own colour, and each
+        detection as a closed curve (its box) on the X-ray's detector plane.  Returns them by role."""
+        import json
+
+        from x2recon.geometry import ProjectionGeometry
+        from x2recon.io.mesh import read_mesh
+
+        mesh_path = Path(mesh_path)
+        folder = mesh_path.parent
+        geometry = ProjectionGeometry.from_json(folder / XRAY_JSON)
+        base = name or f"{xray_node.GetName()} bones"
+        x2b = self.load_reconstruction(folder / X2B_MESH_FILE, xray_node, model_path, f"{base} (X2B)")
+        refined = self.add_reconstruction(read_mesh(mesh_path), xray_node, geometry, None, f"{base} (X2BR)")
+        refined.GetDisplayNode().SetVisibility(False)
+        x2b.GetDisplayNode().SetVisibility(False)
+        refined.SetAttribute(X2BR_ATTRIBUTE, refined.GetID())
+        parts = []
+        for f in sorted((folder / PARTS_DIR).glob("*.ply")):
+            m = read_mesh(f)
+            node = mesh_to_model_node(np.asarray(m.vertices), np.asarray(m.faces), self.scene, f"{base}: {f.stem}",
+                                      color=structure_color(f.stem), normals=np.asarray(m.vertex_normals))
+            node.SetAttribute(X2BR_ATTRIBUTE, refined.GetID())
+            node.SetAttribute("x2recon.structure", f.stem)
+            node.GetDisplayNode().SetVisibility2D(True)
+            parts.append(node)
+        dets = json.loads((folder / DETECTIONS_FILE).read_text()) if (folder / DETECTIONS_FILE).is_file() else []
+        curves = self.show_detections(dets, geometry, xray_node, refined.GetID())
+        return {"x2b": x2b, "x2br": refined, "parts": parts, "detections": curves}
+
+    def show_detections(self, detections: list[dict], geometry, xray_node=None, group: str | None = None) -> list:
+        """Detections (``{"name", "confidence", "box": [x0, y0, x1, y1]}`` in the X-ray's continuous pixel
+        coordinates, ``ProjectionGeometry.project``'s convention, as ``x2recon.drr.boxes``) → one
+        closed-curve markup per box, on the detector plane in world (RAS) coordinates, named
+        ``"<class> <confidence>"``, coloured as the structure."""
+        from x2recon.slicer_io import lps_ras_points
+
+        nodes = []
+        for d in detections:
+            x0, y0, x1, y1 = (float(v) for v in d["box"])
+            corners = geometry.pixel_to_world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]))
+            ras = lps_ras_points(corners)
+            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", f"{d['name']} {d['confidence']:.2f}")
+            node.SetCurveTypeToLinear()
+            for p in ras:
+                node.AddControlPoint(*map(float, p))
+            node.SetLocked(True)
+            for i in range(node.GetNumberOfControlPoints()):
+                node.SetNthControlPointLabel(i, "")
+            disp = node.GetDisplayNode()
+            if disp is not None:
+                disp.SetSelectedColor(*structure_color(d["name"]))
+                disp.SetPointLabelsVisibility(False)
+            if group is not None:
+                node.SetAttribute(X2BR_ATTRIBUTE, group)
+            if xray_node is not None:
+                node.SetAttribute(XRAY_ATTRIBUTE, xray_node.GetID())
+            nodes.append(node)
+        return nodes
+
+    def compare_methods(self, model_nodes: dict, reference_node, structures=None, n_points: int = 100_000,
+                        tau: float = 0.02, table_node=None):
+        """Several reconstructions (label → model node, e.g. ``{"X2B": …, "X2BR": …}``) against one
+        ground truth → one table: a ``Metric`` column and a column per label (the papers' rows side by
+        side)."""
+        import vtk
+
+        from x2recon.metrics.mesh import mesh_metrics, vertex_distances
+
+        if not model_nodes:
+            raise _input_error(None, "choose at least one reconstructed model node")
+        gt = self.reference_mesh(reference_node, structures)
+        columns = {}
+        for label, node in model_nodes.items():
+            pred = model_node_to_mesh(node)
+            box = self.box_size_of(node)
+            m = mesh_metrics(pred, gt, n_points=int(n_points), tau=tau, scale=box).to_dict()
+            d = vertex_distances(pred.vertices, gt)
+            m.update(mean_distance_mm=float(d.mean()), max_distance_mm=float(d.max()), box_size_mm=box)
+            columns[label] = m
+        if table_node is None:
+            table_node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{' vs '.join(model_nodes)} vs "
+                                                                          f"{reference_node.GetName()} metrics")
+        table = table_node.GetTable()
+        table.Initialize()
+        col_m = vtk.vtkStringArray()
+        col_m.SetName("Metric")
+        rows = metric_rows(tau)
+        for _, label in rows:
+            col_m.InsertNextValue(label)
+        table.AddColumn(col_m)
+        for label, m in columns.items():
+            c = vtk.vtkDoubleArray()
+            c.SetName(label)
+            for key, _ in rows:
+                c.InsertNextValue(float(m[key]))
+            table.AddColumn(c)
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+        table_node.SetAttribute("x2recon.reference", reference_node.GetID())
+        table_node.SetLocked(True)
+        table_node.Modified()
+        return table_node
 
     @staticmethod
     def parse_progress_line(line: str):

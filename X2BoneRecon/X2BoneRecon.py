@@ -79,6 +79,10 @@ if parameterNodeWrapper is not None:
         threshold: Annotated[float, WithinRange(0.0, 0.99)] = 0.0  # 0: the model's τ
         faces: Annotated[int, WithinRange(0, 10_000_000)] = 0
         device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+        refine: bool = False
+        detectorPath: Path
+        templatesPath: Path
+        registration: Annotated[str, Choice(["gbcpd", "bcpd", "cpd"])] = "gbcpd"
         reconstruction: slicer.vtkMRMLModelNode
         reference: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLModelNode]
         structures: str = ""
@@ -101,7 +105,8 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._process = None
         self._lines = None
         self._timer = None
-        self._job = None  # (work folder, mesh path, X-ray node, model path) of the running reconstruction
+        self._job = None  # (work folder, mesh path, X-ray node, model path, X2BR?) of the running reconstruction
+        self._x2b_node = None  # the coarse X2B model of the last X2BR run (compared beside the X2BR model)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -189,6 +194,10 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device=self.ui.deviceComboBox.currentText,
             view=None if view == "from node" else view,
             faces=int(self.ui.facesSpinBox.value),
+            refine="template" if self.ui.refineCheckBox.checked else "none",
+            detector=self.chosenFile(self.ui.detectorPathLineEdit) or None,
+            templates=self.chosenFile(self.ui.templatesPathLineEdit) or None,
+            registration=self.ui.registrationComboBox.currentText,
         )
 
     def log(self, text: str):
@@ -215,7 +224,7 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 env.insert("PYTHONUNBUFFERED", "1")
                 proc.setProcessEnvironment(env)
                 self._process, self._lines = proc, LineBuffer()
-                self._job = (work, mesh, xray, model_path)
+                self._job = (work, mesh, xray, model_path, self.ui.refineCheckBox.checked)
                 self.ui.progressBar.maximum = 100
                 self.ui.progressBar.value = 0
                 self.log(" ".join(cmd))
@@ -257,7 +266,7 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGui()
 
     def onProcessFinished(self, code: int):
-        work, mesh, xray, model_path = self._job
+        work, mesh, xray, model_path, refined = self._job
         self._job = None
         try:
             if code != 0 or not Path(mesh).is_file():
@@ -265,7 +274,14 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay("The reconstruction failed; the panel's log shows why.")
                 return
             with slicer.util.tryWithErrorDisplay("Could not load the reconstruction.", waitCursor=True):
-                node = self.logic.load_reconstruction(mesh, xray, model_path)
+                if refined:
+                    nodes = self.logic.load_x2br(mesh, xray, model_path)
+                    node = nodes["x2br"]
+                    self._x2b_node = nodes["x2b"]
+                    self.log(f"X2BR: {len(nodes['detections'])} detections, {len(nodes['parts'])} structures")
+                else:
+                    node = self.logic.load_reconstruction(mesh, xray, model_path)
+                    self._x2b_node = None
                 self.ui.reconstructionSelector.setCurrentNode(node)
                 self.log(f"{node.GetName()}: {node.GetPolyData().GetNumberOfPolys():,} triangles in world coordinates")
                 slicer.util.resetThreeDViews()
@@ -298,6 +314,15 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reference = self.ui.referenceSelector.currentNode()
         max_distance = self.ui.maxDistanceSpinBox.value
         with slicer.util.tryWithErrorDisplay("The comparison failed.", waitCursor=True):
+            x2b = getattr(self, "_x2b_node", None)
+            if x2b is not None and model.GetAttribute("x2recon.x2br") and slicer.mrmlScene.IsNodePresent(x2b):
+                # an X2BR result: X2B and X2BR side by side (the papers' Tables 1–3 rows)
+                table = self.logic.compare_methods({"X2B": x2b, "X2BR": model}, reference,
+                                                   structures=self.ui.structuresLineEdit.text.strip() or None,
+                                                   n_points=int(self.ui.samplePointsSpinBox.value))
+                self.ui.metricsTableView.setMRMLTableNode(table)
+                self.log(f"{table.GetName()}: X2B and X2BR columns")
+                return
             table = self.logic.compare(model, reference, structures=self.ui.structuresLineEdit.text.strip() or None,
                                        n_points=int(self.ui.samplePointsSpinBox.value),
                                        max_distance=max_distance if max_distance > 0 else None)

@@ -30,7 +30,7 @@ def ui_modules() -> list[str]:
 
 def test_extension_lists_existing_modules():
     mods = listed_modules()
-    assert {"X2DatasetBuilder", "X2BoneRecon"} <= set(mods)
+    assert {"X2DatasetBuilder", "X2BoneRecon", "SpiderCT"} <= set(mods)
     for m in mods:
         d = ROOT / m
         for rel in ("CMakeLists.txt", f"{m}.py", f"Resources/UI/{m}.ui", f"Resources/Icons/{m}.png",

@@ -25,6 +25,27 @@ GEOMETRY_ATTRIBUTE = "x2recon.geometry"
 BONE_COLOR = (0.95, 0.92, 0.84)
 
 
+def structure_color(name: str) -> tuple[float, float, float]:
+    """A stable colour per structure: vertebrae from yellow (C1) to red (L5), ribs alternating blue
+    and green by level (left lighter than right), anything else a hue from its name.  Groups
+    (``cervical``, ``thoracic``, ``lumbar``, ``vertebrae``, ``ribs``) take a member's colour."""
+    import colorsys
+    import zlib
+
+    group = {"cervical": "vertebrae_C4", "thoracic": "vertebrae_T7", "vertebrae": "vertebrae_T7",
+             "lumbar": "vertebrae_L3", "ribs": "rib_right_5"}
+    name = group.get(name, name)
+    order = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
+    if name.startswith("vertebrae_") and name[10:] in order:
+        h = 0.16 * (1 - order.index(name[10:]) / (len(order) - 1))
+        return colorsys.hsv_to_rgb(h, 0.75, 0.95)
+    if name.startswith("rib_") and name.count("_") == 2 and name.split("_")[2].isdigit():
+        side, level = name.split("_")[1], int(name.split("_")[2])
+        h = 0.58 if level % 2 else 0.38
+        return colorsys.hsv_to_rgb(h, 0.55 if side == "left" else 0.8, 0.9)
+    return colorsys.hsv_to_rgb((zlib.crc32(name.encode()) % 360) / 360.0, 0.6, 0.9)
+
+
 def lps_ras_points(points) -> np.ndarray:
     """LPS ↔ RAS for points of shape (..., 3): negate x and y (its own inverse)."""
     p = np.array(points, dtype=float, copy=True)
@@ -298,6 +319,18 @@ def _export_segments(seg_node, ids: list[str], reference_node, scene):
         for node in added:
             if node.GetID() not in before:
                 scene.RemoveNode(node)
+
+
+def segments_to_label_volume(seg_node, scene, ids: list[str] | None = None, reference_node=None):
+    """Segments ``ids`` (default: all) → ``Volume`` holding 1..len(ids) in that order (0 elsewhere;
+    where segments overlap, the later one), LPS, on ``reference_node``'s grid or the segmentation's
+    own.  No node is left in the scene."""
+    ids = segment_ids(seg_node) if ids is None else list(ids)
+    if not ids:
+        raise ValueError(f"segmentation {seg_node.GetName()!r} has no segments")
+    res = _export_segments(seg_node, ids, reference_node, scene)
+    res.path = seg_node.GetName()
+    return res
 
 
 def segmentation_to_labelmap_volume(seg_node, reference_node, scene):

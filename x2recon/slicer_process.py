@@ -2,7 +2,9 @@
 
 * ``LineBuffer`` and ``kill_process_tree``: the panel streams a process's output line by line and
   *Cancel* stops the process and every process it started (pool workers);
-* ``python_slicer`` and ``x2recon_root``: the interpreter and ``PYTHONPATH`` entry of that process;
+* ``python_slicer``, ``x2recon_root`` and ``process_environment``: the interpreter, ``PYTHONPATH``
+  entry and environment of that process; ``parse_progress_line`` reads the ``X2RECON_PROGRESS
+  <percent> <message>`` lines the CLI prints with ``--progress-lines``;
 * ``missing_modules`` and ``ensure_dependencies``: install x2recon's requirements inside Slicer on
   first use, after asking.
 
@@ -108,6 +110,18 @@ def _alive(pid: int) -> bool:
         return True
 
 
+#: Lines ``x2recon … --progress-lines`` prints: percent and what it is doing.
+PROGRESS_RE = re.compile(r"^X2RECON_PROGRESS (\d+)(?: (.*))?$")
+
+
+def parse_progress_line(line: str):
+    """``(fraction, message)`` from a progress line of the ``x2recon`` CLI, else ``None``."""
+    m = PROGRESS_RE.match(line.strip())
+    if not m:
+        return None
+    return min(1.0, int(m.group(1)) / 100.0), (m.group(2) or "").strip()
+
+
 class LineBuffer:
     """Splits a process's output chunks into complete lines (``\\n`` or tqdm's ``\\r``)."""
 
@@ -131,6 +145,18 @@ def x2recon_root() -> str | None:
     if spec is None or not spec.origin:
         return None
     return str(Path(spec.origin).parent.parent)
+
+
+def process_environment(base=None) -> dict[str, str]:
+    """The environment of a background ``x2recon`` process: ``base`` (default: this process's) with
+    the folder holding ``x2recon`` first on ``PYTHONPATH`` and unbuffered output (progress lines
+    arrive as they are printed)."""
+    env = dict(os.environ if base is None else base)
+    root = x2recon_root()
+    if root:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def python_slicer() -> str:

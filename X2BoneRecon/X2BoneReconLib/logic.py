@@ -12,13 +12,12 @@ progress lines, and loading its result.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from x2recon.slicer_io import (
+from x2recon.slicer_io import (  # structure_color: shared with SpiderCT, re-exported here
     BONE_COLOR,
     GEOMETRY_ATTRIBUTE,
     mesh_to_model_node,
@@ -27,13 +26,12 @@ from x2recon.slicer_io import (
     segment_totalseg_names,
     segmentation_to_mask_volume,
     set_point_scalars,
+    structure_color,
     xray_node_to_xray,
 )
+from x2recon.slicer_process import PROGRESS_RE, parse_progress_line  # noqa: F401 (shared with SpiderCT; re-exported)
 
 log = logging.getLogger(__name__)
-
-#: Lines ``x2recon reconstruct --progress-lines`` prints: percent and what it is doing.
-PROGRESS_RE = re.compile(r"^X2RECON_PROGRESS (\d+)(?: (.*))?$")
 
 #: Point array of the per-vertex distance to the reference surface (the heat map).
 DISTANCE_ARRAY = "Distance (mm)"
@@ -51,23 +49,6 @@ XRAY_PNG, XRAY_JSON, LATERAL_PNG, LATERAL_JSON, MESH_FILE = "xray.png", "xray.js
 X2B_MESH_FILE, PARTS_DIR, DETECTIONS_FILE = "bones_x2b.ply", "bones_parts", "bones_detections.json"
 #: Attribute tying the nodes of one X2BR result together (the refined mesh's node ID).
 X2BR_ATTRIBUTE = "x2recon.x2br"
-
-
-def structure_color(name: str) -> tuple[float, float, float]:
-    """A stable colour per structure: vertebrae from yellow (C1) to red (L5), ribs alternating blue
-    and green by level (left lighter than right), anything else a hue from its name."""
-    import colorsys
-    import zlib
-
-    order = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
-    if name.startswith("vertebrae_") and name[10:] in order:
-        h = 0.16 * (1 - order.index(name[10:]) / (len(order) - 1))
-        return colorsys.hsv_to_rgb(h, 0.75, 0.95)
-    if name.startswith("rib_"):
-        side, level = name.split("_")[1], int(name.split("_")[2])
-        h = 0.58 if level % 2 else 0.38
-        return colorsys.hsv_to_rgb(h, 0.55 if side == "left" else 0.8, 0.9)
-    return colorsys.hsv_to_rgb((zlib.crc32(name.encode()) % 360) / 360.0, 0.6, 0.9)
 
 
 def metric_rows(tau: float = 0.02) -> list[tuple[str, str]]:
@@ -356,13 +337,8 @@ class X2BoneReconLogic:
         table_node.Modified()
         return table_node
 
-    @staticmethod
-    def parse_progress_line(line: str):
-        """``(fraction, message)`` from a progress line of ``x2recon reconstruct``, else ``None``."""
-        m = PROGRESS_RE.match(line.strip())
-        if not m:
-            return None
-        return min(1.0, int(m.group(1)) / 100.0), (m.group(2) or "").strip()
+    #: ``(fraction, message)`` from a progress line of ``x2recon reconstruct``, else ``None``.
+    parse_progress_line = staticmethod(parse_progress_line)
 
     # ------------------------------------------------------------------ compare with ground truth
     def reference_mesh(self, reference_node, structures=None):

@@ -1,0 +1,1 @@
+"""Logic of the SpiderCT module (MRML in, MRML out; no Qt)."""

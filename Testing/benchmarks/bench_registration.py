@@ -147,6 +147,9 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: CPU, and CUDA when there is one")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for ours and bcpd (0: torch's default)")
+    ap.add_argument("--save-problem", type=Path, help="write the problem (source mesh, target, ground truth) to this .npz")
+    ap.add_argument("--problem", type=Path, help="read the problem from a --save-problem .npz (machines without "
+                                                 "the shared data or the mesh libraries, e.g. a GPU node)")
     g = ap.add_argument_group("GBCPD parameters (Hirose's names; same for every peer)")
     g.add_argument("--w", type=float, default=0.0)
     g.add_argument("--lambda", dest="lam", type=float, default=100.0)
@@ -166,7 +169,16 @@ def main() -> int:
     from x2recon.registration import gbcpd
 
     t = time.perf_counter()
-    mesh, target, gt = make_problem(a.points)
+    if a.problem:
+        from types import SimpleNamespace
+
+        z = np.load(a.problem)
+        mesh, target, gt = SimpleNamespace(vertices=z["vertices"], faces=z["faces"]), z["target"], z["gt"]
+    else:
+        mesh, target, gt = make_problem(a.points)
+    if a.save_problem:
+        np.savez_compressed(a.save_problem, vertices=np.asarray(mesh.vertices), faces=np.asarray(mesh.faces),
+                            target=target, gt=gt)
     print(f"problem: {len(mesh.vertices):,} source vertices ({len(mesh.faces):,} triangles), {len(target):,} target "
           f"points; built in {time.perf_counter() - t:.1f} s; {threads} CPU thread(s); "
           f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")

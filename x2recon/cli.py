@@ -11,6 +11,8 @@ Subcommands (``x2recon <command> --help`` explains each):
   info            a checkpoint's config
   demo            the whole pipeline on the bundled sample data with the bundled demo model
   register        move a source mesh onto a target: CPD, BCPD, GBCPD/GBCPD++ (template refinement)
+  template        build X2BR's template library from a dataset's meshes (+ SKEL meshes you have)
+  detect          vertebrae/rib boxes on an X-ray with a YOLOv9 detector ('train detector' trains one)
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_x2b import add_parsers
 
     add_parsers(sub)
-    from .cli_register import add_parsers as _add_register; _add_register(sub)
+    from .cli_x2br import add_parsers as _add_x2br; _add_x2br(sub)  # noqa: E702
+    from .cli_register import add_parsers as _add_register; _add_register(sub)  # noqa: E702
     from .cli_spider import add_parsers as _add_spider
 
     _add_spider(sub)

@@ -86,6 +86,7 @@ def add_train_parser(sub) -> None:
     from .cli_spider import add_spider_train_parser
 
     add_spider_train_parser(tsub)
+    from .cli_x2br import add_detector_train_parser; add_detector_train_parser(tsub)  # noqa: E702
 
 
 # --------------------------------------------------------------------------------- reconstruct
@@ -145,7 +146,7 @@ def cmd_reconstruct(a) -> int:
     finally:
         prog.close()
     if x2br is not None:
-        _write_x2br(x2br, a, rec)
+        _write_x2br(x2br, a, rec, xrays[0])
         return 0
     write_mesh(rec.mesh, a.out)
     print(f"{a.out}: {len(rec.mesh.faces):,} triangles, LPS mm, in {rec.seconds:.1f} s on {dev} "
@@ -164,13 +165,14 @@ def _need_x2br_inputs(a) -> None:
     for flag in ("detector", "templates"):
         if not getattr(a, flag):
             raise X2ReconInputError(f"--{flag}", f"--refine template needs --{flag}")
+        if flag == "detector" and a.command == "evaluate" and getattr(a, flag) == "ground-truth":
+            continue
         if not Path(getattr(a, flag)).exists():
             raise X2ReconInputError(getattr(a, flag), f"--{flag} not found")
 
 
-def _write_x2br(res, a, rec) -> None:
+def _write_x2br(res, a, rec, xray) -> None:
     """The refined mesh at --out, one mesh per structure beside it (<stem>_parts/), detections as JSON."""
-    from .io.atomic import atomic_write_text
     from .io.mesh import write_mesh
 
     out = Path(a.out)
@@ -180,8 +182,10 @@ def _write_x2br(res, a, rec) -> None:
     for name, m in res.parts.items():
         write_mesh(m, parts_dir / f"{name}{out.suffix if out.suffix != '.gz' else '.ply'}")
     write_mesh(rec.mesh, out.with_name(stem + "_x2b" + out.suffix))
-    atomic_write_text(out.with_name(stem + "_detections.json"),
-                      json.dumps([d.to_dict() for d in res.detections], indent=1))
+    from .detection.detections import write_detections
+
+    write_detections(res.detections, out.with_name(stem + "_detections.json"), image=a.xray,
+                     size=tuple(xray.image.shape[::-1]), weights=a.detector)
     print(f"{out}: X2BR ({a.registration.upper()}) — {len(res.parts)} structures in {parts_dir}, "
           f"{len(res.detections)} detections, coarse X2B mesh {out.with_name(stem + '_x2b' + out.suffix)}; "
           f"registration {res.registration.seconds:.1f} s, {res.registration.iterations} iterations")
@@ -264,7 +268,8 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--meshes", help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
     p.add_argument("--refine", choices=["none", "template"], default="none",
                    help="template: also score X2BR (X2B + detection + template registration) — Tables 1–3")
-    p.add_argument("--detector", help="X2BR: detector weights (x2recon train detector)")
+    p.add_argument("--detector", help="X2BR: detector weights (x2recon train detector), or 'ground-truth' for each "
+                                      "case's own boxes (scores the registration alone, Table 3)")
     p.add_argument("--templates", help="X2BR: template library (x2recon template build)")
     p.add_argument("--registration", default="gbcpd,cpd", help="X2BR: registration methods to score (Table 3)")
     p.add_argument("--quiet", action="store_true")

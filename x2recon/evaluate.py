@@ -39,6 +39,31 @@ def evaluation_items(root: Path, split: str, kind: str, views: list[str] | None,
     return items
 
 
+#: ``refine["detector"]`` value that uses each case's ground-truth boxes (projected from its segmentation)
+#: instead of a detector: X2BR's registration scored on its own (Table 3), free of detection errors.
+GROUND_TRUTH = "ground-truth"
+
+
+def ground_truth_detections(case_folder: Path, view: str, size: tuple[int, int] | None = None) -> list:
+    """The case's boxes of ``view`` (``labels/<view>.json``, in the full DRR's pixels) as detections of the
+    paper's group classes, rescaled to an image of ``size`` (W, H) — e.g. the network's input."""
+    import json
+
+    from .detection.detections import detections_from_boxes
+    from .drr.boxes import Box
+    from .geometry import ProjectionGeometry
+
+    boxes = [Box(**b) for b in json.loads((case_folder / "labels" / f"{view}.json").read_text())]
+    dets = detections_from_boxes(boxes, "groups")
+    if size is None:
+        return dets
+    W0, H0 = ProjectionGeometry.from_json(case_folder / "images" / f"{view}.json").size
+    sx, sy = size[0] / W0, size[1] / H0
+    fx = lambda c: (c + 0.5) * sx - 0.5  # pixel centres at integers (ProjectionGeometry's convention)
+    fy = lambda r: (r + 0.5) * sy - 0.5
+    return [type(d)(d.name, d.confidence, fx(d.x0), fy(d.y0), fx(d.x1), fy(d.y1), d.class_id) for d in dets]
+
+
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "test", views: list[str] | None = None,
                    resolution: int = 128, device: str = "auto", n_points: int = 100_000, out_csv: str | Path | None = None,
                    mesh_dir: str | Path | None = None, progress: bool = True,
@@ -59,10 +84,13 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
     mc = model.cfg
     detector = library = None
     if refine:
-        from .detection import Detector
         from .template import load_library
 
-        detector, library = Detector(refine["detector"]), load_library(refine["templates"])
+        library = load_library(refine["templates"])
+        if str(refine["detector"]) != GROUND_TRUTH:
+            from .detection import Detector
+
+            detector = Detector(refine["detector"])
     items = evaluation_items(root, split, mc.kind, views, mc.views)
     rows: list[dict] = []
     bar = None
@@ -97,8 +125,10 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
         for method in (refine or {}).get("methods", []):
             from .x2br import refine_with_template
 
+            dets = detector if detector is not None else \
+                ground_truth_detections(folder, vs[0], tuple(xrays[0].image.shape[::-1]))
             try:
-                res = refine_with_template(rec.mesh, xrays[0], detector, library, method=method,
+                res = refine_with_template(rec.mesh, xrays[0], dets, library, method=method,
                                            device=str(dev), cancel=cancel)
             except X2ReconInputError as e:  # no detections: the case has no X2BR row, and says why
                 rows.append({"case": cid, "view": "+".join(vs), "method": f"X2BR ({method.upper()})",

@@ -237,8 +237,6 @@ class X2BoneReconLogic:
         """An X2BR run's results → nodes: the coarse X2B model, the refined template as one model
         (hidden; what *Compare* scores) and one model per structure in its own colour, and each
         detection as a closed curve (its box) on the X-ray's detector plane.  Returns them by role."""
-        import json
-
         from x2recon.geometry import ProjectionGeometry
         from x2recon.io.mesh import read_mesh
 
@@ -260,7 +258,12 @@ class X2BoneReconLogic:
             node.SetAttribute("x2recon.structure", f.stem)
             node.GetDisplayNode().SetVisibility2D(True)
             parts.append(node)
-        dets = json.loads((folder / DETECTIONS_FILE).read_text()) if (folder / DETECTIONS_FILE).is_file() else []
+        dets = []
+        if (folder / DETECTIONS_FILE).is_file():
+            from x2recon.detection.detections import read_detections
+
+            dets = [{"name": d.name, "confidence": d.confidence, "box": [d.x0, d.y0, d.x1, d.y1]}
+                    for d in read_detections(folder / DETECTIONS_FILE)]
         curves = self.show_detections(dets, geometry, xray_node, refined.GetID())
         return {"x2b": x2b, "x2br": refined, "parts": parts, "detections": curves}
 

@@ -103,6 +103,32 @@ def autocast(settings: TrainSettings, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def wrap_for_training(model: torch.nn.Module, settings: TrainSettings, dist: Dist):
+    """The module a training step calls: ``model`` under DDP when torchrun started several processes,
+    and ``torch.compile``d with ``--compile``."""
+    wrapped = model
+    if dist.enabled:
+        dev = dist.device
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return torch.compile(wrapped) if settings.compile else wrapped
+
+
+def train_loader(dataset, settings: TrainSettings, dist: Dist):
+    """``(sampler, loader)``: each process's share of a shuffled epoch (``DistributedSampler``), items keyed
+    by ``(index, epoch)`` (``EpochSampler``) so persistent workers draw new samples every epoch; the
+    global ``settings.batch_size`` is split over the processes."""
+    from ..dataset.torch_data import EpochSampler
+
+    sampler = EpochSampler(torch.utils.data.distributed.DistributedSampler(
+        dataset, dist.world, dist.rank, shuffle=True, seed=settings.seed, drop_last=False))
+    per_rank = max(1, settings.batch_size // dist.world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=settings.workers,
+        drop_last=len(dataset) >= per_rank * dist.world, pin_memory=dist.device.type == "cuda",
+        persistent_workers=settings.workers > 0)
+    return sampler, loader
+
+
 class Logger:
     """Scalars to TensorBoard (when installed) and to ``log.jsonl``; only on the main process."""
 

@@ -14,7 +14,8 @@ import torch
 
 from ..models.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from ..models.spider import SpiderConfig, build_spider, spider_loss
-from .common import Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup, teardown
+from .common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup, teardown,
+                     train_loader, wrap_for_training)
 from .x2b import dataset_build_config
 
 
@@ -71,7 +72,6 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
     """Train (or resume) into ``settings.out``; returns a summary (steps, best validation PSNR, seconds).
     ``lr_step_epochs``/``lr_gamma``: the step schedule (paper: ×0.5 every 100 epochs; 0 = constant)."""
     from ..dataset.spider_data import SpiderDataset
-    from ..dataset.torch_data import EpochSampler
 
     data, out = Path(data), Path(settings.out)
     dist = setup(settings)
@@ -117,18 +117,8 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
         step, start_epoch, best = int(state["step"]), int(state["epoch"]), float(state["best"])
         if dist.main:
             log(f"resuming {out} at step {step}, epoch {start_epoch} (best val PSNR {best:.2f})")
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(ddp_model) if settings.compile else ddp_model
-
-    sampler = EpochSampler(torch.utils.data.distributed.DistributedSampler(
-        train_ds, dist.world, dist.rank, shuffle=True, seed=settings.seed, drop_last=False))
-    per_rank = max(1, settings.batch_size // dist.world)
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=per_rank, sampler=sampler, num_workers=settings.workers,
-        drop_last=len(train_ds) >= per_rank * dist.world, pin_memory=device.type == "cuda",
-        persistent_workers=settings.workers > 0)
+    fwd = wrap_for_training(model, settings, dist)
+    sampler, loader = train_loader(train_ds, settings, dist)
     amp_ctx = lambda: autocast(settings, device)
     logger = Logger(out, dist.main)
     if dist.main:

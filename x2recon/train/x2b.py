@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ..models.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from ..models.x2b import X2BConfig, build_model
-from .common import Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup, teardown
+from .common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup, teardown,
+                     train_loader, wrap_for_training)
 
 
 def dataset_build_config(root: Path) -> dict:
@@ -54,7 +55,7 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
               pretrained: str | None = None, train_split: str = "train", val_split: str = "val",
               augment: bool = True, log=print) -> dict:
     """Train (or resume) into ``settings.out``; returns a summary (steps, best IoU, seconds)."""
-    from ..dataset.torch_data import EpochSampler, OccupancyDataset, ValidationDataset
+    from ..dataset.torch_data import OccupancyDataset, ValidationDataset
 
     data, out = Path(data), Path(settings.out)
     dist = setup(settings)
@@ -98,21 +99,11 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
         step, start_epoch, best = int(state["step"]), int(state["epoch"]), float(state["best"])
         if dist.main:
             log(f"resuming {out} at step {step}, epoch {start_epoch} (best val IoU {best:.4f})")
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(ddp_model) if settings.compile else ddp_model
-
-    sampler = EpochSampler(torch.utils.data.distributed.DistributedSampler(
-        train_ds, dist.world, dist.rank, shuffle=True, seed=settings.seed, drop_last=False))
-    per_rank = max(1, settings.batch_size // dist.world)
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=per_rank, sampler=sampler, num_workers=settings.workers, drop_last=len(train_ds) >= per_rank * dist.world,
-        pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
-    )
+    fwd = wrap_for_training(model, settings, dist)
+    sampler, loader = train_loader(train_ds, settings, dist)
     val_loader = None
     if val_ds is not None and dist.main:
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(1, min(8, per_rank)), num_workers=0)
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(1, min(8, loader.batch_size)), num_workers=0)
     amp_ctx = lambda: autocast(settings, device)
     logger = Logger(out, dist.main)
     if dist.main:

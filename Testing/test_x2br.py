@@ -105,3 +105,35 @@ def test_cpd_on_a_subset_moves_every_vertex_with_cpds_own_field():
     after = np.linalg.norm(r.Y_hat - tgt, axis=1).mean()
     assert after < 0.4 * before, (before, after)
     assert len(r.Y_hat) == len(m.vertices) and r.mesh().is_watertight
+
+
+def test_cli_reconstruct_refine_writes_parts_coarse_and_detections(tiny_x2b_model, tiny_x2b_dataset, library,
+                                                                    tmp_path, monkeypatch):
+    """``reconstruct --refine template`` end to end with a stand-in detector that returns the case's own boxes
+    (a trained detector is tested in test_detection.py; here the X2BR plumbing and its files)."""
+    import x2recon.detection as detection
+    from x2recon.cli import main
+    from x2recon.detection.detections import read_detections
+    from x2recon.io.mesh import read_mesh
+
+    _, dets, _ = _case(tiny_x2b_dataset)
+
+    class GroundTruthDetector:
+        def __init__(self, weights, *a, **k):
+            self.weights = weights
+
+        def detect(self, image, conf=0.25, **k):
+            return dets
+
+    monkeypatch.setattr(detection, "Detector", GroundTruthDetector, raising=False)
+    (tmp_path / "det.safetensors").write_bytes(b"stand-in")
+    png = tiny_x2b_dataset / "cases" / "chest_v02" / "images" / "AP_64.png"
+    out = tmp_path / "bones.ply"
+    assert main(["reconstruct", "--xray", str(png), "--model", str(tiny_x2b_model), "--out", str(out),
+                 "--resolution", "32", "--quiet", "--refine", "template", "--detector", str(tmp_path / "det.safetensors"),
+                 "--templates", str(library.folder)]) == 0
+    parts = sorted(p.stem for p in (tmp_path / "bones_parts").glob("*.ply"))
+    assert parts and all(p.startswith("vertebrae_") for p in parts)
+    assert len(read_mesh(out).faces) == sum(len(read_mesh(tmp_path / "bones_parts" / f"{p}.ply").faces) for p in parts)
+    assert (tmp_path / "bones_x2b.ply").is_file()
+    assert len(read_detections(tmp_path / "bones_detections.json")) == len(dets)

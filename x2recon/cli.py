@@ -4,7 +4,7 @@ Subcommands (``x2recon <command> --help`` explains each):
   build-dataset   CT scans (+ labelmaps) → training dataset: meshes, occupancy, DRRs, boxes
   drr             render one DRR (16-bit PNG + geometry JSON) from a CT
   manifest        re-aggregate a dataset's manifest, splits and dataset.yaml (after sharded runs)
-  train           train X2B / X2B2 / SPIDER on a dataset (one GPU, torchrun/DDP, or CPU; resumable)
+  train           train X2B / X2B2 / SPIDER / the X2BR detector on a dataset (one GPU, torchrun/DDP, or CPU; resumable)
   reconstruct     X-ray(s) → bone mesh (MISE) with a trained model
   spider          frontal + lateral X-rays → CT volume and labelmap (SPIDER)
   evaluate        a model on a dataset split: per-case CSV and the papers' tables

@@ -38,7 +38,7 @@ def cmd_train(a) -> int:
 
 
 def add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a network on a dataset (X2B, X2B2, SPIDER)",
+    t = sub.add_parser("train", help="train a network on a dataset (X2B, X2B2, SPIDER, the X2BR detector)",
                        description="Train a network (one GPU, many with torchrun, or CPU). Resumes from --out's "
                                    "last checkpoint when it exists.")
     tsub = t.add_subparsers(dest="network", metavar="<network>", required=True)

@@ -42,7 +42,7 @@ def cmd_train_spider(a) -> int:
                              threads=a.threads, channels_last=False)
     summary = train_spider(data, settings, cfg, n_points=a.points, lam=a.lam, optimizer=a.optimizer,
                            lr_step_epochs=a.lr_step, lr_gamma=a.lr_gamma, foreground_fraction=a.foreground_fraction,
-                           train_split=a.train_split, val_split=a.val_split, val_resolution=a.val_resolution or None,
+                           train_split=a.train_split, val_split=a.val_split,
                            augment=not a.no_augment)
     if summary.get("stopped"):
         print(f"stopped at step {summary['steps']}; run the same command again to resume", file=sys.stderr)
@@ -100,7 +100,6 @@ def add_spider_train_parser(tsub) -> None:
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val", help="'' to skip validation")
     g.add_argument("--val-every", type=int, default=10, help="epochs between validations")
-    g.add_argument("--val-resolution", type=int, default=0, help="validation grid (0: the targets' own)")
     g.add_argument("--save-every", type=int, default=500)
     g.add_argument("--resume", default="auto")
     g.add_argument("--quiet", action="store_true")

@@ -159,13 +159,14 @@ def cmd_reconstruct(a) -> int:
     return 0
 
 
-def _need_x2br_inputs(a) -> None:
+def _need_x2br_inputs(a, allow_ground_truth: bool = False) -> None:
+    """--detector and --templates exist (``evaluate`` may name ``ground-truth`` boxes instead of a detector)."""
     from .errors import X2ReconInputError
 
     for flag in ("detector", "templates"):
         if not getattr(a, flag):
             raise X2ReconInputError(f"--{flag}", f"--refine template needs --{flag}")
-        if flag == "detector" and a.command == "evaluate" and getattr(a, flag) == "ground-truth":
+        if flag == "detector" and allow_ground_truth and a.detector == "ground-truth":
             continue
         if not Path(getattr(a, flag)).exists():
             raise X2ReconInputError(getattr(a, flag), f"--{flag} not found")
@@ -243,7 +244,7 @@ def cmd_evaluate(a) -> int:
         return 0
     refine = None
     if a.refine == "template":
-        _need_x2br_inputs(a)
+        _need_x2br_inputs(a, allow_ground_truth=True)
         refine = {"detector": a.detector, "templates": a.templates,
                   "methods": [m.strip() for m in a.registration.split(",") if m.strip()]}
     rows = evaluate_model(a.model, a.data, split=a.split, views=_views(a.views) or None, resolution=a.resolution,

@@ -22,7 +22,11 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
                     chunk: int = 1 << 18, out_csv: str | Path | None = None, volume_dir: str | Path | None = None,
                     progress: bool = True, cancel: Callable[[], bool] | None = None) -> list[dict]:
     """One row per case: psnr, ssim, mean dice/hd95/chamfer and per-class ``dice:<class>`` etc."""
+    import time
+
     from .dataset.spider_data import SpiderDataset
+    from .dataset.spider_targets import box_grid
+    from .io.volume import write_volume
     from .metrics.volume import volume_metrics
     from .models.checkpoint import load_model
     from .reconstruct import resolve_device
@@ -43,8 +47,6 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
     for i, case in enumerate(ds.cases):
         if cancel is not None and cancel():
             raise CancelledError("evaluation cancelled")
-        import time
-
         t = time.perf_counter()
         images, grid = ds.pair(i)
         ct, cls = ds.targets(i)
@@ -63,9 +65,6 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
             row[f"chamfer:{c}"] = m.chamfer.get(c, np.nan)
         rows.append(row)
         if volume_dir is not None:
-            from .dataset.spider_targets import box_grid
-            from .io.volume import write_volume
-
             iso = np.asarray(case.isocenter, float)
             v = box_grid(iso, case.box_size, n, np.int16)
             v.array = np.clip(hu, -32768, 32767).astype(np.int16)

@@ -63,6 +63,13 @@ def _amp(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
+def voxel_centres(flat: torch.Tensor, n: int, centres: torch.Tensor) -> torch.Tensor:
+    """Box coordinates (x, y, z) of flat voxel indices of an n³ grid in array order [k, j, i] (x fastest);
+    ``centres`` = ``box_centres(n)`` as a tensor."""
+    i, j, k = flat % n, (flat // n) % n, flat // (n * n)
+    return torch.stack([centres[i], centres[j], centres[k]], 1)
+
+
 @torch.no_grad()
 def predict_grid(model, images: torch.Tensor, grid: torch.Tensor, n: int, *, chunk: int = 1 << 18,
                  precision: str = "auto", progress: Callable[[float, str], None] | None = None,
@@ -86,8 +93,7 @@ def predict_grid(model, images: torch.Tensor, grid: torch.Tensor, n: int, *, chu
             if cancel is not None and cancel():
                 raise CancelledError("SPIDER reconstruction cancelled")
             flat = torch.arange(s, min(s + chunk, total), device=dev)
-            i, j, k = flat % n, (flat // n) % n, flat // (n * n)
-            pts = torch.stack([c[i], c[j], c[k]], 1)[None]
+            pts = voxel_centres(flat, n, c)[None]
             out = model.decode(pts, code)[0].float()
             inten[s:s + len(flat)] = out[:, 0]
             if labels is not None:
@@ -158,8 +164,7 @@ def fit_to_ct(model, xrays: list[XRay], ct: Volume, *, steps: int = 200, lr: flo
         if cancel is not None and cancel():
             raise CancelledError("fitting to the CT cancelled")
         flat = torch.randint(n ** 3, (n_points,), generator=gen).to(dev)
-        i, j, k = flat % n, (flat // n) % n, flat // (n * n)
-        out = fitted(images, grid, torch.stack([c[i], c[j], c[k]], 1)[None])
+        out = fitted(images, grid, voxel_centres(flat, n, c)[None])
         loss = (out[0, :, 0].float() - target[flat]).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,23 +205,24 @@ def write_result(result: SpiderResult, ct_path: str | Path, labels_path: str | P
     return written
 
 
-def read_label_names(labels_path: str | Path) -> dict[int, str]:
-    """Label → class name from a labelmap's sidecar (``write_result``)."""
+def _read_sidecar(labels_path: str | Path) -> dict:
     side = labels_sidecar(labels_path)
     if not side.is_file():
         raise X2ReconInputError(side, "label names not found (the sidecar x2recon spider writes beside the labelmap)")
     d = json.loads(side.read_text())
     if d.get("format") != LABELS_FORMAT:
         raise X2ReconInputError(side, f"not an x2recon label file (format {d.get('format')!r})")
-    return {int(k): v for k, v in d["labels"].items()}
+    return d
+
+
+def read_label_names(labels_path: str | Path) -> dict[int, str]:
+    """Label → class name from a labelmap's sidecar (``write_result``)."""
+    return {int(k): v for k, v in _read_sidecar(labels_path)["labels"].items()}
 
 
 def read_label_members(labels_path: str | Path) -> dict[str, list[str]]:
     """Class name → TotalSegmentator names, from the sidecar."""
-    side = labels_sidecar(labels_path)
-    if not side.is_file():
-        raise X2ReconInputError(side, "label names not found")
-    return json.loads(side.read_text()).get("members", {})
+    return _read_sidecar(labels_path).get("members", {})
 
 
 # ------------------------------------------------------------------------- inputs and comparisons
@@ -305,26 +311,17 @@ def compare(pred_ct: Volume, pred_labels: Volume | None, label_names: dict[int, 
     n = pred_ct.array.shape[0]
     h = float(pred_ct.spacing[0])
     iso = np.asarray(pred_ct.origin, float) + (n * h) / 2 - h / 2
-    gt_ct_box, gt_lab_box = (None, None)
-    if gt_ct is not None or gt_labels is not None:
-        src = gt_ct if gt_ct is not None else gt_labels
-        ct_box, lab_box = resample_to_box(src if gt_ct is not None else _as_ct(gt_labels), gt_labels, iso, n * h, n)
-        gt_ct_box = ct_box if gt_ct is not None else None
-        gt_lab_box = lab_box
+    gt_ct_box, gt_lab_box = resample_to_box(gt_ct, gt_labels, iso, n * h, n)
     mapped = None
     if gt_lab_box is not None and pred_labels is not None:
-        members = members or {}
-        of = {}
-        for k, c in label_names.items():
-            of[c] = k
-            for m in members.get(c, []):
-                of[m] = k
-        names = gt_names or {}
-        lut = np.zeros(int(gt_lab_box.array.max()) + 1, np.uint8)
-        for i, nm in names.items():
-            if int(i) < len(lut):
-                lut[int(i)] = of.get(nm, 0)
-        mapped = lut[gt_lab_box.array]
+        from .dataset.spider_data import class_lut
+
+        if sorted(label_names) != list(range(1, len(label_names) + 1)):
+            raise ValueError(f"label ids must be 1..K, got {sorted(label_names)}")
+        classes = [label_names[k] for k in sorted(label_names)]
+        lut = class_lut({int(i): nm for i, nm in (gt_names or {}).items()}, classes, members or {})
+        a = gt_lab_box.array
+        mapped = np.where(a < len(lut), lut[np.minimum(a, len(lut) - 1)], 0).astype(np.uint8)
     m = volume_metrics(pred_ct.array if gt_ct_box is not None else None,
                        gt_ct_box.array if gt_ct_box is not None else None,
                        pred_labels.array if mapped is not None else None, mapped,
@@ -334,8 +331,3 @@ def compare(pred_ct: Volume, pred_labels: Volume | None, label_names: dict[int, 
                                "chamfer": m.chamfer.get(c, np.nan)} for c in label_names.values()} if mapped is not None else {},
             "mean": {"dice": m.mean_dice, "hd95": m.mean_hd95, "chamfer": m.mean_chamfer},
             "missing": m.missing}
-
-
-def _as_ct(labels: Volume) -> Volume:
-    """An air CT on a labelmap's grid (only to resample the labels when no CT is given)."""
-    return Volume(np.full(labels.array.shape, -1024, np.int16), labels.spacing, labels.origin, labels.direction)

@@ -95,9 +95,10 @@ def refine_with_template(coarse_mesh, xray, detector, library, *, method: str = 
     t["place"] = time.perf_counter() - t1
     if coarse_mesh is None or len(coarse_mesh.vertices) < 10:
         raise X2ReconInputError(xray.source, "the coarse X2B mesh is empty: nothing to register the template onto")
-    rng = np.random.default_rng(seed)
     if len(coarse_mesh.faces):
-        target, _ = _surface_points(coarse_mesh, target_points, rng)
+        from .metrics.mesh import sample_surface
+
+        target, _ = sample_surface(coarse_mesh, target_points, seed)
     else:
         target = np.asarray(coarse_mesh.vertices)
     kw = {**DEFAULT_PARAMS.get(method, {}), **(params or {})}
@@ -150,11 +151,3 @@ def cpd_on_subset(template, target, *, n: int, beta: float = 2.0, seed: int = 0,
         out[s0:s0 + chunk] = (a + gauss(a, Yn) @ W) * sx + mx
     return replace(res, Y_hat=out, V=None, P1=None, faces=np.asarray(template.faces),
                    info={**res.info, "subset": int(len(idx)), "interpolated": int(len(Y0))})
-
-
-def _surface_points(mesh, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` area-uniform surface points (seeded) and their face indices."""
-    import trimesh
-
-    pts, fi = trimesh.sample.sample_surface(mesh, n, seed=int(rng.integers(1 << 31)))
-    return np.asarray(pts), np.asarray(fi)

@@ -46,8 +46,10 @@ def class_members(classes: list[str]) -> dict[str, list[str]]:
 
 
 def class_lut(names: dict[int, str], classes: list[str], members: dict[str, list[str]]) -> np.ndarray:
-    """Lookup table labelmap id → class index (0 background) for one case's ``{id: name}``."""
-    of = {n: i + 1 for i, c in enumerate(classes) for n in members[c]}
+    """Lookup table labelmap id → class index (0 background) for one case's ``{id: name}``; a name is a
+    class's member structure or the class's own name."""
+    of = {c: i + 1 for i, c in enumerate(classes)}  # a labelmap may name a class itself (e.g. "ribs")
+    of.update({n: i + 1 for i, c in enumerate(classes) for n in members.get(c, [])})
     lut = np.zeros(max([0, *names]) + 1, np.int64)
     for i, n in names.items():
         lut[int(i)] = of.get(n, 0)
@@ -80,14 +82,6 @@ class _TargetCache:
         if len(self.items) > self.size:
             self.items.popitem(last=False)
         return ct, cls
-
-
-def grid_points(n: int) -> np.ndarray:
-    """Box coordinates of every voxel centre of an n³ target grid, in the array's [k, j, i] order
-    (x fastest): (n³, 3) float32 as (x, y, z)."""
-    c = box_centres(n).astype(np.float32)
-    z, y, x = np.meshgrid(c, c, c, indexing="ij")
-    return np.stack([x.ravel(), y.ravel(), z.ravel()], 1)
 
 
 class SpiderDataset(torch.utils.data.Dataset):

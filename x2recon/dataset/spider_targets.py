@@ -52,23 +52,25 @@ def box_grid(geometry_or_isocenter, box_size: float | None = None, n: int = 128,
     return Volume(np.zeros((n, n, n), dtype), (h, h, h), origin, np.eye(3))
 
 
-def resample_to_box(ct: Volume, seg: Volume | None, isocenter, box_size: float | None = None,
+def resample_to_box(ct: Volume | None, seg: Volume | None, isocenter, box_size: float | None = None,
                     n: int = 128) -> tuple[Volume, Volume | None]:
     """CT and labelmap on the box grid: ``(ct_box, seg_box)``.
 
     CT: trilinear interpolation in HU, ``−1024`` (air) outside the scan, rounded to int16.
-    Labels: nearest neighbour, same ids and dtype, 0 outside.  ``isocenter`` may be a
+    Labels: nearest neighbour, same ids and dtype, 0 outside.  Either input may be None (its output is None).  ``isocenter`` may be a
     ``ProjectionGeometry`` (then ``box_size`` defaults to its own).
     """
     import SimpleITK as sitk
 
     ref = box_grid(isocenter, box_size, n).to_sitk()
     identity = sitk.Transform(3, sitk.sitkIdentity)
-    ct_img = sitk.Cast(ct.to_sitk(), sitk.sitkFloat32)
-    out = sitk.Resample(ct_img, ref, identity, sitk.sitkLinear, float(AIR_HU), sitk.sitkFloat32)
-    hu = np.rint(sitk.GetArrayFromImage(out))
-    ct_box = Volume.from_sitk(out)
-    ct_box.array = np.clip(hu, -32768, 32767).astype(np.int16)
+    ct_box = None
+    if ct is not None:
+        ct_img = sitk.Cast(ct.to_sitk(), sitk.sitkFloat32)
+        out = sitk.Resample(ct_img, ref, identity, sitk.sitkLinear, float(AIR_HU), sitk.sitkFloat32)
+        hu = np.rint(sitk.GetArrayFromImage(out))
+        ct_box = Volume.from_sitk(out)
+        ct_box.array = np.clip(hu, -32768, 32767).astype(np.int16)
     if seg is None:
         return ct_box, None
     lab = np.asarray(seg.array)

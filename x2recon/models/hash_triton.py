@@ -33,32 +33,41 @@ def _corner_index(vx, vy, vz, res, size, HASHED: tl.constexpr, POW2: tl.constexp
 
 
 @triton.jit
-def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, N, scale, res, size, offset, out_col, out_stride,
-                     F: tl.constexpr, HASHED: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK + tl.arange(0, BLOCK)
-    m = n < N
-    n64 = n.to(tl.int64)
+def _cell(x_ptr, n64, m, scale):
+    """Each point's cell (int64 vertex coordinates) and trilinear fractions: p = fma(x, scale, ½)."""
     px = tl.fma(tl.load(x_ptr + n64 * 3 + 0, mask=m, other=0.0), scale, 0.5)
     py = tl.fma(tl.load(x_ptr + n64 * 3 + 1, mask=m, other=0.0), scale, 0.5)
     pz = tl.fma(tl.load(x_ptr + n64 * 3 + 2, mask=m, other=0.0), scale, 0.5)
     fx, fy, fz = tl.floor(px), tl.floor(py), tl.floor(pz)
-    tx, ty, tz = px - fx, py - fy, pz - fz
-    gx, gy, gz = fx.to(tl.int64), fy.to(tl.int64), fz.to(tl.int64)
+    return fx.to(tl.int64), fy.to(tl.int64), fz.to(tl.int64), px - fx, py - fy, pz - fz
+
+
+@triton.jit
+def _corner(c: tl.constexpr, gx, gy, gz, tx, ty, tz, res, size, HASHED: tl.constexpr, POW2: tl.constexpr):
+    """Weight and table index of corner ``c`` (bit d set: the upper vertex along dimension d)."""
+    bx = c & 1
+    by = (c >> 1) & 1
+    bz = (c >> 2) & 1
+    wx = tx if bx else 1.0 - tx
+    wy = ty if by else 1.0 - ty
+    wz = tz if bz else 1.0 - tz
+    idx = _corner_index((gx + bx) & 0xFFFFFFFF, (gy + by) & 0xFFFFFFFF, (gz + bz) & 0xFFFFFFFF, res, size, HASHED, POW2)
+    return wx * wy * wz, idx
+
+
+@triton.jit
+def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, N, scale, res, size, offset, out_col, out_stride,
+                     F: tl.constexpr, HASHED: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    n64 = n.to(tl.int64)
+    gx, gy, gz, tx, ty, tz = _cell(x_ptr, n64, m, scale)
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK], dtype=tl.float32)
     for c in tl.static_range(8):
-        bx = c & 1
-        by = (c >> 1) & 1
-        bz = (c >> 2) & 1
-        wx = tx if bx else 1.0 - tx
-        wy = ty if by else 1.0 - ty
-        wz = tz if bz else 1.0 - tz
-        w = wx * wy * wz
-        idx = _corner_index((gx + bx) & 0xFFFFFFFF, (gy + by) & 0xFFFFFFFF, (gz + bz) & 0xFFFFFFFF,
-                            res, size, HASHED, POW2)
+        w, idx = _corner(c, gx, gy, gz, tx, ty, tz, res, size, HASHED, POW2)
         base = (offset + idx) * F
         acc0 += w * tl.load(table_ptr + base, mask=m, other=0.0).to(tl.float32)
         if F > 1:
@@ -80,31 +89,17 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, N, scale, res, size, offset, out
 @triton.jit
 def _hash_bwd_kernel(x_ptr, gout_ptr, gtable_ptr, N, scale, res, size, offset, out_col, out_stride,
                      F: tl.constexpr, HASHED: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     n64 = n.to(tl.int64)
-    px = tl.fma(tl.load(x_ptr + n64 * 3 + 0, mask=m, other=0.0), scale, 0.5)
-    py = tl.fma(tl.load(x_ptr + n64 * 3 + 1, mask=m, other=0.0), scale, 0.5)
-    pz = tl.fma(tl.load(x_ptr + n64 * 3 + 2, mask=m, other=0.0), scale, 0.5)
-    fx, fy, fz = tl.floor(px), tl.floor(py), tl.floor(pz)
-    tx, ty, tz = px - fx, py - fy, pz - fz
-    gx, gy, gz = fx.to(tl.int64), fy.to(tl.int64), fz.to(tl.int64)
+    gx, gy, gz, tx, ty, tz = _cell(x_ptr, n64, m, scale)
     g = gout_ptr + n64 * out_stride + out_col
     g0 = tl.load(g, mask=m, other=0.0).to(tl.float32)
     g1 = tl.load(g + 1, mask=m & (F > 1), other=0.0).to(tl.float32)
     g2 = tl.load(g + 2, mask=m & (F > 2), other=0.0).to(tl.float32)
     g3 = tl.load(g + 3, mask=m & (F > 3), other=0.0).to(tl.float32)
     for c in tl.static_range(8):
-        bx = c & 1
-        by = (c >> 1) & 1
-        bz = (c >> 2) & 1
-        wx = tx if bx else 1.0 - tx
-        wy = ty if by else 1.0 - ty
-        wz = tz if bz else 1.0 - tz
-        w = wx * wy * wz
-        idx = _corner_index((gx + bx) & 0xFFFFFFFF, (gy + by) & 0xFFFFFFFF, (gz + bz) & 0xFFFFFFFF,
-                            res, size, HASHED, POW2)
+        w, idx = _corner(c, gx, gy, gz, tx, ty, tz, res, size, HASHED, POW2)
         base = (offset + idx) * F
         tl.atomic_add(gtable_ptr + base, w * g0, mask=m, sem="relaxed")
         if F > 1:

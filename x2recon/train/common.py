@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -127,6 +127,19 @@ def train_loader(dataset, settings: TrainSettings, dist: Dist):
         drop_last=len(dataset) >= per_rank * dist.world, pin_memory=dist.device.type == "cuda",
         persistent_workers=settings.workers > 0)
     return sampler, loader
+
+
+def finish_run(out: Path, summary: dict, dist: Dist, *, best_is_last: bool) -> dict:
+    """End a run: ``summary.json`` (main process), ``best.safetensors`` = the last checkpoint when there
+    was no validation to choose one, and the process group closed.  Returns ``summary``."""
+    if dist.main:
+        atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=1))
+        if best_is_last:
+            import shutil
+
+            shutil.copyfile(Path(out) / "last.safetensors", Path(out) / "best.safetensors")
+    teardown(dist)
+    return summary
 
 
 class Logger:

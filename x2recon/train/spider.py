@@ -14,8 +14,8 @@ import torch
 
 from ..models.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from ..models.spider import SpiderConfig, build_spider, spider_loss
-from .common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup, teardown,
-                     train_loader, wrap_for_training)
+from .common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup,
+                     finish_run, train_loader, wrap_for_training)
 from .x2b import dataset_build_config
 
 
@@ -28,34 +28,24 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: 
 
 
 @torch.no_grad()
-def validate(model, ds, device, resolution: int | None = None, max_cases: int = 0) -> dict:
-    """Mean PSNR, SSIM (HU window of the model) and foreground Dice over ``ds``'s cases, predicting each
-    whole target grid (or a ``resolution``³ grid compared with the targets sampled at its voxels)."""
+def validate(model, ds) -> dict:
+    """Mean PSNR, SSIM (HU window of the model) and foreground Dice over ``ds``'s cases, each predicted on
+    its whole target grid."""
     from ..metrics.volume import volume_metrics
     from ..spider import predict_grid
 
     model.eval()
     cfg = model.cfg
     rows = []
-    n_cases = len(ds) if not max_cases else min(max_cases, len(ds))
-    for i in range(n_cases):
+    for i in range(len(ds)):
         images, grid = ds.pair(i)
         ct, cls = ds.targets(i)
         n = ct.shape[0]
-        r = resolution or n
-        if n % r:
-            raise ValueError(f"validation resolution {r} must divide the target grid {n}")
-        step = n // r
-        off = step // 2 if step > 1 else 0
-        ct_r = ct[off::step, off::step, off::step]
-        cls_r = cls[off::step, off::step, off::step]
-        if step > 1 and step % 2 == 0:
-            raise ValueError(f"validation resolution {r}: the target grid {n} must be an odd multiple (voxel centres)")
-        inten, lab = predict_grid(model, images, grid, r, precision="fp32")
+        inten, lab = predict_grid(model, images, grid, n, precision="fp32")
         hu = cfg.unit_to_hu(inten.cpu().numpy().astype(np.float64))
-        h = float(ds.cases[i].box_size) / r
-        m = volume_metrics(hu, ct_r, lab.cpu().numpy() if lab is not None else None,
-                           cls_r if lab is not None else None, spacing=(h, h, h),
+        h = float(ds.cases[i].box_size) / n
+        m = volume_metrics(hu, ct, lab.cpu().numpy() if lab is not None else None, cls if lab is not None else None,
+                           spacing=(h, h, h),
                            labels={c: k + 1 for k, c in enumerate(cfg.classes)} if lab is not None else None,
                            hu_window=(cfg.hu_min, cfg.hu_max))
         rows.append((m.psnr, m.ssim, m.mean_dice))
@@ -68,7 +58,7 @@ def validate(model, ds, device, resolution: int | None = None, max_cases: int = 
 def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderConfig, *, n_points: int = 8192,
                  lam: float = 1.0, optimizer: str = "sgd", lr_step_epochs: int = 100, lr_gamma: float = 0.5,
                  foreground_fraction: float = 0.0, train_split: str = "train", val_split: str = "val",
-                 val_resolution: int | None = None, augment: bool = True, log=print) -> dict:
+                 augment: bool = True, log=print) -> dict:
     """Train (or resume) into ``settings.out``; returns a summary (steps, best validation PSNR, seconds).
     ``lr_step_epochs``/``lr_gamma``: the step schedule (paper: ×0.5 every 100 epochs; 0 = constant)."""
     from ..dataset.spider_data import SpiderDataset
@@ -175,7 +165,7 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
             val = None
             last_round = stopped or epoch >= settings.epochs or (settings.max_steps and step >= settings.max_steps)
             if val_ds is not None and dist.main and not stopped and (epoch % max(1, settings.val_every) == 0 or last_round):
-                val = validate(model, val_ds, device, val_resolution)
+                val = validate(model, val_ds)
                 logger.scalars(step, val)
                 if bar is not None:
                     bar.write(f"epoch {epoch} step {step}: val PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.4f}, "
@@ -197,11 +187,4 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
                "items_per_s_steady": ((seen - warm["seen"]) / max(time.time() - warm["t"], 1e-9)) if warm["t"] else None,
                "stopped": stopped, "device": str(device), "world": dist.world,
                "hash_backend": getattr(model.encoding, "backend", "?")}
-    if dist.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        if val_ds is None:
-            import shutil
-
-            shutil.copyfile(out / "last.safetensors", out / "best.safetensors")
-    teardown(dist)
-    return summary
+    return finish_run(out, summary, dist, best_is_last=val_ds is None)

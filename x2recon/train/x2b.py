@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from ..models.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from ..models.x2b import X2BConfig, build_model
-from .common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup, teardown,
-                     train_loader, wrap_for_training)
+from .common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup,
+                     finish_run, train_loader, wrap_for_training)
 
 
 def dataset_build_config(root: Path) -> dict:
@@ -181,11 +181,4 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
                "samples_per_s": seen / max(seconds, 1e-9),
                "samples_per_s_steady": ((seen - warm["seen"]) / max(time.time() - warm["t"], 1e-9)) if warm["t"] else None,
                "stopped": stopped, "device": str(device), "world": dist.world}
-    if dist.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        if val_loader is None:
-            import shutil
-
-            shutil.copyfile(out / "last.safetensors", out / "best.safetensors")
-    teardown(dist)
-    return summary
+    return finish_run(out, summary, dist, best_is_last=val_loader is None)

@@ -31,7 +31,7 @@ except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel wor
 
 from SpiderCTLib.logic import SpiderCTLogic
 from x2recon import slicer_process
-from x2recon.slicer_process import LineBuffer, kill_process_tree, process_environment, python_slicer
+from x2recon.slicer.process import LineBuffer, kill_process_tree, process_environment, python_slicer
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
 #: Import names of what reconstruction and comparison need.
@@ -95,7 +95,7 @@ if parameterNodeWrapper is not None:
 
 def ensure_dependencies(testing: bool = False) -> bool:
     """Install what reconstruction needs after asking (in ``testing`` mode: without asking); see
-    ``x2recon.slicer_process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    ``x2recon.slicer.process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing, requester="SpiderCT")
 
 
@@ -168,7 +168,7 @@ class SpiderCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """(first frontal, first lateral) X-ray node of the scene by the view in its geometry attribute."""
         import json
 
-        from x2recon.slicer_io import GEOMETRY_ATTRIBUTE
+        from x2recon.slicer.mrml import GEOMETRY_ATTRIBUTE
 
         frontal = lateral = None
         for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
@@ -372,9 +372,9 @@ class SpiderCTTest(ScriptedLoadableModuleTest):
 
         from x2recon.dataset.config import BuildConfig
         from x2recon.io.volume import Volume
-        from x2recon.models.checkpoint import save_checkpoint
-        from x2recon.models.spider import SpiderConfig, build_spider
-        from x2recon.slicer_io import volume_to_volume_node
+        from x2recon.nn.checkpoint import save_checkpoint
+        from x2recon.spider.network import SpiderConfig, build_spider
+        from x2recon.slicer.mrml import volume_to_volume_node
 
         n = 64
         z, y, x = np.mgrid[:n, :n, :n]

@@ -93,9 +93,9 @@ def tiny_x2b_model(tiny_x2b_dataset, tmp_path_factory):
     """Checkpoint of an X2B that has memorised the tiny dataset's training case (AP view)."""
     import torch
 
-    from x2recon.models.x2b import X2BConfig
+    from x2recon.x2b.network import X2BConfig
     from x2recon.train.common import TrainSettings
-    from x2recon.train.x2b import train_x2b
+    from x2recon.x2b.train import train_x2b
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_x2b_run")
@@ -120,9 +120,9 @@ def tiny_spider_model(tiny_x2b_dataset, tmp_path_factory):
     import torch
 
     from x2recon.dataset.spider_data import class_members
-    from x2recon.models.spider import SpiderConfig
+    from x2recon.spider.network import SpiderConfig
     from x2recon.train.common import TrainSettings
-    from x2recon.train.spider import train_spider
+    from x2recon.spider.train import train_spider
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_spider_run")

@@ -1,4 +1,4 @@
-"""YOLOv9 detector (x2recon.detection): offline ultralytics, training on the tiny dataset's DRRs and box labels,
+"""YOLOv9 detector (x2recon.x2br.detection): offline ultralytics, training on the tiny dataset's DRRs and box labels,
 resume after a stop, inference in the X-ray's pixel grid."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _run(code: str, config_dir: Path, timeout: int = 240) -> dict:
 def yolo_config(tmp_path_factory) -> Path:
     """The in-process ultralytics config folder (the first import in this process decides it)."""
     d = tmp_path_factory.mktemp("yolo_config")
-    from x2recon.detection.offline import import_ultralytics
+    from x2recon.x2br.detection.offline import import_ultralytics
 
     import_ultralytics(d)
     return d
@@ -64,7 +64,7 @@ def test_offline_import_in_fresh_process(tmp_path):
     settings sync and analytics off, ultralytics believes it is offline."""
     r = _run("""
         import os
-        from x2recon.detection.offline import import_ultralytics
+        from x2recon.x2br.detection.offline import import_ultralytics
         ul = import_ultralytics()
         from ultralytics import utils as U
         from ultralytics.utils import events
@@ -88,7 +88,7 @@ def test_ultralytics_reads_16bit_drr_as_high_byte(tiny_x2b_dataset, yolo_config)
     gives the same picture from the uint16 array and from the float display image."""
     from ultralytics.utils.patches import imread
 
-    from x2recon.detection.yolo import to_uint8
+    from x2recon.x2br.detection.yolo import to_uint8
     from x2recon.io.image import read_png
 
     png = tiny_x2b_dataset / "cases" / "chest" / "images" / "AP.png"
@@ -120,7 +120,7 @@ def offline_run(tiny_x2b_dataset, tmp_path_factory):
     r = _run(f"""
         import time
         t = time.time()
-        from x2recon.detection import train_detector
+        from x2recon.x2br.detection import train_detector
         s = train_detector({str(tiny_x2b_dataset)!r}, {str(run)!r}, epochs=1, imgsz=64, batch=4, device="cpu",
                            workers=0, quiet=True)
         print(json.dumps({{"attempts": ATTEMPTS, "summary": s, "seconds": time.time() - t}}))
@@ -153,7 +153,7 @@ def test_detector_boxes_in_xray_pixel_grid(offline_run, tiny_x2b_dataset, yolo_c
     image of the network's size, our boxes are ultralytics' own predictions shifted by −½ px."""
     from ultralytics import YOLO
 
-    from x2recon.detection import Detector
+    from x2recon.x2br.detection import Detector
     from x2recon.io.image import read_png
 
     run, _ = offline_run
@@ -182,7 +182,7 @@ def test_detector_boxes_in_xray_pixel_grid(offline_run, tiny_x2b_dataset, yolo_c
 
 def test_cli_detect_writes_boxes(offline_run, tiny_x2b_dataset, tmp_path, yolo_config):
     from x2recon.cli import main
-    from x2recon.detection import read_detections
+    from x2recon.x2br.detection import read_detections
 
     run, _ = offline_run
     out = tmp_path / "boxes.json"
@@ -196,7 +196,7 @@ def test_cli_detect_writes_boxes(offline_run, tiny_x2b_dataset, tmp_path, yolo_c
 
 def test_stopped_training_resumes(tiny_x2b_dataset, tmp_path, yolo_config):
     """cancel() stops a run after saving last.pt (optimizer kept); the same call resumes it to the end."""
-    from x2recon.detection import train_detector
+    from x2recon.x2br.detection import train_detector
 
     run = tmp_path / "run"
     kw = dict(epochs=2, imgsz=64, batch=4, device="cpu", workers=0, quiet=True)
@@ -215,8 +215,8 @@ def test_stopped_training_resumes(tiny_x2b_dataset, tmp_path, yolo_config):
 
 
 def test_bad_inputs_fail_clearly(tmp_path, yolo_config):
-    from x2recon.detection import Detector, train_detector
-    from x2recon.detection.yolo import to_uint8
+    from x2recon.x2br.detection import Detector, train_detector
+    from x2recon.x2br.detection.yolo import to_uint8
     from x2recon.errors import X2ReconInputError
 
     with pytest.raises(X2ReconInputError, match="not an x2recon dataset"):
@@ -229,7 +229,7 @@ def test_bad_inputs_fail_clearly(tmp_path, yolo_config):
 
 def test_stage_per_level_classes(tiny_x2b_dataset, tmp_path):
     """classes="structures": one class per vertebra, rows recomputed from the per-structure boxes."""
-    from x2recon.detection.yolo import stage_dataset
+    from x2recon.x2br.detection.yolo import stage_dataset
     from x2recon.drr.boxes import read_yolo_labels
 
     st = stage_dataset(tiny_x2b_dataset, tmp_path, views=["AP"], classes="structures")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from x2recon.models.hash_encoding import (
+from x2recon.spider.hash_encoding import (
     HashEncoding,
     _HashGridFunction,
     HashEncodingConfig,
@@ -175,7 +175,7 @@ def test_config_from_tcnn_dict_and_finest_resolution():
 
 
 def test_factory_says_which_backend_and_never_substitutes_silently(caplog):
-    with caplog.at_level(logging.INFO, logger="x2recon.models.hash_encoding"):
+    with caplog.at_level(logging.INFO, logger="x2recon.spider.hash_encoding"):
         enc = make_hash_encoding(SMALL, device="cpu")
     assert enc.backend == "torch" and isinstance(enc, HashEncoding)
     assert "pure torch" in caplog.text and "cpu" in caplog.text
@@ -230,7 +230,7 @@ def test_equals_tinycudann():
 # ------------------------------------------------------------------ Triton kernels (GPU fast path)
 TRITON_HASH_SCRIPT = """
 import torch
-from x2recon.models.hash_encoding import HashEncoding, HashEncodingConfig
+from x2recon.spider.hash_encoding import HashEncoding, HashEncodingConfig
 torch.manual_seed(0)
 cfgs = [HashEncodingConfig(n_levels=8, log2_hashmap_size=12, base_resolution=4, per_level_scale=None, finest_resolution=200),
         HashEncodingConfig(n_levels=4, n_features_per_level=4, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.5),

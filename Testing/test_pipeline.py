@@ -247,9 +247,11 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 
 def test_discovery_of_the_shared_data_folder(shared_data):
     cases = {c.case_id: c for c in discover([shared_data])}
-    assert {"chest_lidc0001", "chest_lidc0001_half", "head_invesalius", "lumbar_crop_verse", "thoracoabdominal_slab"} == set(cases)
+    # every CT folder; xray_nih_cxr holds a radiograph, not a CT, and is no case
+    assert {"chest_lidc0001", "chest_lidc0001_half", "head_invesalius", "lumbar_crop_verse", "thoracoabdominal_slab",
+            "wholebody_tcga_thca"} == set(cases)
     assert cases["chest_lidc0001"].labels.endswith("labels.nii.gz")
-    assert cases["head_invesalius"].labels is None
+    assert cases["head_invesalius"].labels is None and cases["wholebody_tcga_thca"].labels is None
 
 
 def test_list_file_and_explicit_labels(tmp_path, chest_half):

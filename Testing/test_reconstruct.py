@@ -22,9 +22,9 @@ from x2recon.dataset.torch_data import load_view
 from x2recon.io.mesh import read_mesh
 from x2recon.mesh.extract import flying_edges
 from x2recon.metrics.mesh import iou_points, sample_surface
-from x2recon.models.checkpoint import load_model, save_checkpoint
-from x2recon.models.x2b import X2BConfig, build_model
-from x2recon.reconstruct import OccupancyField, reconstruct
+from x2recon.nn.checkpoint import load_model, save_checkpoint
+from x2recon.x2b.network import X2BConfig, build_model
+from x2recon.x2b.reconstruct import OccupancyField, reconstruct
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from X2BoneReconLib.logic import (  # noqa: E402
 
 from x2recon.errors import X2ReconInputError  # noqa: E402
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
-from x2recon.slicer_io import (  # noqa: E402
+from x2recon.slicer.mrml import (  # noqa: E402
     GEOMETRY_ATTRIBUTE,
     drr_to_volume_node,
     lps_ras_points,
@@ -65,8 +65,8 @@ def lateral_drr(chest_half, drr):
 def _save_tiny(path, kind, views):
     import torch
 
-    from x2recon.models.checkpoint import save_checkpoint
-    from x2recon.models.x2b import X2BConfig, build_model
+    from x2recon.nn.checkpoint import save_checkpoint
+    from x2recon.x2b.network import X2BConfig, build_model
 
     torch.manual_seed(0)
     cfg = X2BConfig(kind=kind, views=views, **TINY)
@@ -88,9 +88,9 @@ def direct(checkpoints, drr):
     occupancy threshold the random network crosses inside the box (its median probability)."""
     import torch
 
-    from x2recon.models.checkpoint import load_model
-    from x2recon.reconstruct import OccupancyField, reconstruct
-    from x2recon.xray import xray_from_array
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.x2b.reconstruct import OccupancyField, reconstruct
+    from x2recon.io.xray import xray_from_array
 
     model, _ = load_model(checkpoints["x2b"])
     xray = xray_from_array(drr.display, drr.geometry)
@@ -211,7 +211,7 @@ def test_x2b2_takes_the_frontal_and_the_lateral_view(logic, scene, drr, lateral_
     a = build_parser().parse_args(cmd[3:])
     assert cmd[0] == "py" and a.threshold is None and a.resolution == 64
     assert ProjectionGeometry.from_json(Path(a.lateral_geometry)) == lateral_drr.geometry
-    from x2recon.xray import read_xray
+    from x2recon.io.xray import read_xray
 
     back = read_xray(a.lateral, geometry=a.lateral_geometry)  # the CLI reads exactly the node's image
     np.testing.assert_array_equal(back.image, xs[1].image)
@@ -241,7 +241,7 @@ def test_bad_inputs_name_the_problem(logic, scene, drr, lateral_drr, checkpoints
     assert x.geometry.name == "AP" and x.geometry.size == (64, 64)
     np.testing.assert_allclose(x.geometry.spacing, drr.geometry.spacing)
     np.testing.assert_allclose(x.geometry.isocenter, 0)
-    from x2recon.xray import display_map
+    from x2recon.io.xray import display_map
 
     np.testing.assert_allclose(x.image, display_map(drr.display), atol=1e-6)  # 16-bit, not a DRR: window + CLAHE
     drr_png = drr_to_volume_node(drr, scene, "exported")  # a 16-bit PNG file is a display image already
@@ -383,7 +383,7 @@ def test_logic_imports_without_qt_and_without_heavy_packages():
     code = ("import sys\nsys.modules['qt'] = sys.modules['ctk'] = sys.modules['slicer.util'] = None\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'X2BoneRecon')!r})\n"
             "import X2BoneReconLib.logic\n"
-            "heavy = [m for m in ('torch', 'timm', 'trimesh', 'x2recon.reconstruct', 'x2recon.metrics') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'timm', 'trimesh', 'x2recon.x2b.reconstruct', 'x2recon.metrics') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -401,7 +401,7 @@ def test_detections_are_boxes_on_the_detector_plane(logic, scene, drr):
     uv = g.project(lps_ras_points(pts))
     np.testing.assert_allclose(uv, [[10, 12.5], [40, 12.5], [40, 50], [10, 50]], atol=1e-6)
     assert np.allclose(g.depth(lps_ras_points(pts)), g.sdd)  # on the detector plane
-    assert curves[1].GetAttribute("x2recon.x2br") == "g1"
+    assert curves[1].GetAttribute("x2recon.x2br.refine") == "g1"
 
 
 def test_structure_colours_are_stable_and_distinct():

@@ -19,7 +19,7 @@ from X2DatasetBuilderLib.logic import (  # noqa: E402
 from x2recon.dataset.config import BuildConfig  # noqa: E402
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
 from x2recon.io.volume import Volume, read_ct, read_labelmap  # noqa: E402
-from x2recon.slicer_io import (  # noqa: E402
+from x2recon.slicer.mrml import (  # noqa: E402
     LPS_RAS,
     lps_ras_points,
     mesh_to_model_node,
@@ -27,7 +27,7 @@ from x2recon.slicer_io import (  # noqa: E402
     volume_node_to_volume,
     volume_to_volume_node,
 )
-from x2recon.slicer_process import LineBuffer, _alive, kill_process_tree  # noqa: E402
+from x2recon.slicer.process import LineBuffer, _alive, kill_process_tree  # noqa: E402
 
 
 @pytest.fixture
@@ -204,7 +204,8 @@ def test_folder_command_and_progress_lines(tmp_path):
     cfg = BuildConfig(variants=2, angles=[-20.0], structures="thoracic")
     cmd = X2DatasetBuilderLogic.build_folder_command("/in", tmp_path, cfg, 3, python="py")
     assert cmd[:4] == ["py", "-m", "x2recon.cli", "build-dataset"] and "--progress-lines" in cmd
-    from x2recon.cli import _config_from_args, build_parser
+    from x2recon.cli import build_parser
+    from x2recon.cli.dataset import _config_from_args
 
     a = build_parser().parse_args(cmd[3:])
     assert a.ct == ["/in"] and a.out == str(tmp_path) and a.workers == 3 and a.progress_lines
@@ -219,7 +220,8 @@ def test_config_round_trips_through_the_command_line():
     """Every build setting the panel can change reaches the background process unchanged."""
     from dataclasses import fields
 
-    from x2recon.cli import _config_from_args, build_parser
+    from x2recon.cli import build_parser
+    from x2recon.cli.dataset import _config_from_args
 
     def parse(args):
         a = build_parser().parse_args(["build-dataset", "--ct", "x", "--out", "y", *args])
@@ -281,7 +283,7 @@ def test_logic_imports_without_qt_and_without_heavy_packages():
 
     code = ("import sys\nsys.modules['qt'] = sys.modules['ctk'] = sys.modules['slicer.util'] = None\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'X2DatasetBuilder')!r})\n"
-            "import X2DatasetBuilderLib.logic, x2recon.slicer_io, x2recon.slicer_process\n"
+            "import X2DatasetBuilderLib.logic, x2recon.slicer.mrml, x2recon.slicer.process\n"
             "heavy = [m for m in ('torch', 'x2recon.drr.render', 'x2recon.dataset.case', 'trimesh') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -29,7 +29,7 @@ from SpiderCTLib.logic import (  # noqa: E402
 from x2recon.errors import X2ReconInputError  # noqa: E402
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
 from x2recon.io.volume import Volume  # noqa: E402
-from x2recon.slicer_io import (  # noqa: E402
+from x2recon.slicer.mrml import (  # noqa: E402
     GEOMETRY_ATTRIBUTE,
     drr_to_volume_node,
     lps_ras_points,
@@ -38,7 +38,7 @@ from x2recon.slicer_io import (  # noqa: E402
     volume_to_volume_node,
     xray_node_to_xray,
 )
-from x2recon.slicer_process import process_environment  # noqa: E402
+from x2recon.slicer.process import process_environment  # noqa: E402
 
 THORACIC = {f"vertebrae_T{i}" for i in range(1, 13)}
 
@@ -59,8 +59,8 @@ def _spider_checkpoint(path, decoder="shared", views=("AP", "LAT")):
 
     from x2recon.dataset.config import BuildConfig
     from x2recon.dataset.spider_data import class_members
-    from x2recon.models.checkpoint import save_checkpoint
-    from x2recon.models.spider import SpiderConfig, build_spider
+    from x2recon.nn.checkpoint import save_checkpoint
+    from x2recon.spider.network import SpiderConfig, build_spider
 
     torch.manual_seed(0)
     classes = [] if decoder == "volume-only" else ["thoracic", "ribs"]
@@ -84,8 +84,8 @@ def checkpoints(tmp_path_factory):
         import timm  # noqa: F401
         import torch
 
-        from x2recon.models.checkpoint import save_checkpoint
-        from x2recon.models.x2b import X2BConfig, build_model
+        from x2recon.nn.checkpoint import save_checkpoint
+        from x2recon.x2b.network import X2BConfig, build_model
 
         torch.manual_seed(0)
         cfg = X2BConfig(backbone="convnext_atto", image_size=64, hidden=32, n_blocks=2, views=["AP"])
@@ -149,7 +149,7 @@ def subset(labels: Volume, names) -> Volume:
 # ---------------------------------------------------------------------------- the command line
 def test_command_for_an_xray_pair_writes_the_nodes_images_and_geometry(logic, scene, case, checkpoints, tmp_path):
     from x2recon.cli import build_parser
-    from x2recon.xray import read_xray
+    from x2recon.io.xray import read_xray
 
     ap, lat = xray_node(scene, case, "AP"), xray_node(scene, case, "LAT")
     cmd, job = logic.reconstruct_command(checkpoints["spider"], tmp_path, ap, lat, resolution=64, device="cpu",
@@ -170,8 +170,8 @@ def test_command_for_an_xray_pair_writes_the_nodes_images_and_geometry(logic, sc
 
 
 def test_radiograph_without_geometry_gets_the_models_training_geometry(logic, scene, case, checkpoints, tmp_path):
-    from x2recon.models.checkpoint import read_config
-    from x2recon.spider import training_geometry
+    from x2recon.nn.checkpoint import read_config
+    from x2recon.spider.inference import training_geometry
 
     ap, lat = xray_node(scene, case, "AP", "film AP"), xray_node(scene, case, "LAT", "film LAT")
     for n in (ap, lat):
@@ -255,7 +255,7 @@ def test_command_for_a_ct_writes_the_ct_and_its_labels(logic, scene, chest, chec
 
 # ----------------------------------------------------------------------------- results → nodes
 def _write_result(tmp_path, ct: Volume, labels: Volume | None, names=None, members=None):
-    from x2recon.spider import SpiderResult, write_result
+    from x2recon.spider.inference import SpiderResult, write_result
 
     res = SpiderResult(ct, labels, names or {}, members or {}, 0.0, "cpu")
     write_result(res, tmp_path / "ct.nii", tmp_path / "labels.nii" if labels is not None else None)
@@ -307,7 +307,7 @@ def test_results_become_a_windowed_ct_and_a_named_segmentation_in_ras(logic, sce
     sids = segment_ids(seg)
     assert [segm.GetSegment(s).GetName() for s in sids] == ["thoracic", "ribs"]
     assert [segment_class(segm.GetSegment(s)) for s in sids] == ["thoracic", "ribs"]
-    from x2recon.slicer_io import structure_color
+    from x2recon.slicer.mrml import structure_color
 
     np.testing.assert_allclose(segm.GetSegment(sids[0]).GetColor(), structure_color("thoracic"), atol=1e-6)
     info = json.loads(seg.GetAttribute(LABELS_ATTRIBUTE))
@@ -424,8 +424,8 @@ def _run(cmd):
 def test_background_run_from_the_xray_pair(logic, scene, case, chest, tiny_spider_model, tmp_path):
     """The panel's path, as a subprocess: the trained tiny model's CT and segmentation from the
     training case's DRR nodes, equal to x2recon's own reconstruction, scored against the CT."""
-    from x2recon.models.checkpoint import load_model
-    from x2recon.spider import reconstruct_ct
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.spider.inference import reconstruct_ct
 
     ap, lat = xray_node(scene, case, "AP"), xray_node(scene, case, "LAT")
     cmd, job = logic.reconstruct_command(tiny_spider_model, tmp_path, ap, lat, resolution=32, device="cpu")
@@ -483,7 +483,7 @@ def test_background_failure_is_reported(logic, scene, tiny_spider_model, tmp_pat
 
 
 def test_progress_lines_and_environment():
-    from x2recon.slicer_process import x2recon_root
+    from x2recon.slicer.process import x2recon_root
 
     assert SpiderCTLogic.parse_progress_line("X2RECON_PROGRESS 42 1,000 of 32,768 points") == (0.42, "1,000 of 32,768 points")
     assert SpiderCTLogic.parse_progress_line("X2RECON_PROGRESS 100") == (1.0, "")
@@ -497,7 +497,7 @@ def test_logic_imports_without_qt_and_without_heavy_packages():
     code = ("import sys\nsys.modules['qt'] = sys.modules['ctk'] = sys.modules['slicer.util'] = None\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'SpiderCT')!r})\n"
             "import SpiderCTLib.logic\n"
-            "heavy = [m for m in ('torch', 'SimpleITK', 'x2recon.spider', 'x2recon.metrics', 'scipy') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'SimpleITK', 'x2recon.spider.inference', 'x2recon.metrics', 'scipy') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -51,7 +51,7 @@ def test_extension_lists_existing_modules():
 
 def test_modules_share_code_through_x2recon_only():
     """A module never imports another module's Lib (each is installed on its own); what they share
-    (RAS ↔ LPS, background processes) lives in x2recon.slicer_io / x2recon.slicer_process."""
+    (RAS ↔ LPS, background processes) lives in x2recon.slicer.mrml / x2recon.slicer.process."""
     mods = listed_modules()
     for m in mods:
         files = [ROOT / m / f"{m}.py", *sorted((ROOT / m / f"{m}Lib").glob("*.py"))]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from x2recon.geometry import ProjectionGeometry
-from x2recon.models.sampling import project_to_grid, sample_maps
-from x2recon.models.spider import DECODERS, SpiderConfig, build_spider, dice_loss, spider_loss
+from x2recon.nn.sampling import project_to_grid, sample_maps
+from x2recon.spider.network import DECODERS, SpiderConfig, build_spider, dice_loss, spider_loss
 
 SMALL = dict(views=["AP", "LAT"], image_size=32, unet_channels=[8, 16], feature_channels=8, hidden=16, layers=1,
              classes=["thoracic", "ribs"],
@@ -141,8 +141,8 @@ def test_class_mapping_joins_structures_by_name():
 def _case_eval(model_path, dataset, case="chest"):
     from x2recon.dataset.spider_data import SpiderDataset
     from x2recon.metrics.volume import volume_metrics
-    from x2recon.models.checkpoint import load_model
-    from x2recon.spider import predict_grid
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.spider.inference import predict_grid
 
     model, _ = load_model(model_path, "cpu", network="spider")
     mc = model.cfg
@@ -171,10 +171,10 @@ def test_overfitting_one_case_reaches_stated_psnr_and_dice(tiny_spider_model, ti
 
 
 def test_chunked_equals_one_shot(tiny_spider_model, tiny_x2b_dataset):
-    from x2recon.spider import predict_grid
+    from x2recon.spider.inference import predict_grid
 
     from x2recon.dataset.spider_data import SpiderDataset
-    from x2recon.models.checkpoint import load_model
+    from x2recon.nn.checkpoint import load_model
 
     model, _ = load_model(tiny_spider_model, "cpu", network="spider")
     mc = model.cfg
@@ -189,8 +189,8 @@ def test_chunked_equals_one_shot(tiny_spider_model, tiny_x2b_dataset):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_equals_cpu(tiny_spider_model, tiny_x2b_dataset):
     from x2recon.dataset.spider_data import SpiderDataset
-    from x2recon.models.checkpoint import load_model
-    from x2recon.spider import predict_grid
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.spider.inference import predict_grid
 
     cpu, _ = load_model(tiny_spider_model, "cpu", network="spider")
     gpu, _ = load_model(tiny_spider_model, "cuda", network="spider")
@@ -205,7 +205,7 @@ def test_cuda_equals_cpu(tiny_spider_model, tiny_x2b_dataset):
 
 def test_resume_continues_where_it_stopped(tiny_x2b_dataset, tmp_path):
     from x2recon.train.common import TrainSettings
-    from x2recon.train.spider import train_spider
+    from x2recon.spider.train import train_spider
 
     cfg = SpiderConfig(**{**SMALL, "image_size": 64, "classes": ["thoracic"]}, prefer_tcnn=False)
     kw = dict(n_points=512, optimizer="sgd", val_split="", augment=True)
@@ -216,7 +216,7 @@ def test_resume_continues_where_it_stopped(tiny_x2b_dataset, tmp_path):
     assert train_spider(tiny_x2b_dataset, s, cfg, log=logs.append, **kw)["steps"] == 4
     assert any("resuming" in m and "step 2" in m for m in logs)
     other = SpiderConfig(**{**SMALL, "image_size": 64, "classes": ["thoracic"], "hidden": 8}, prefer_tcnn=False)
-    from x2recon.models.checkpoint import CheckpointError
+    from x2recon.nn.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="hidden"):
         train_spider(tiny_x2b_dataset, s, other, **kw)
@@ -231,7 +231,7 @@ def test_cli_writes_ct_and_labels_in_lps_on_the_box(tiny_spider_model, tiny_x2b_
     import SimpleITK as sitk
 
     from x2recon.cli import main
-    from x2recon.spider import read_label_members, read_label_names
+    from x2recon.spider.inference import read_label_members, read_label_names
 
     ct, seg = tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz"
     rc = main(["spider", "--pa", str(_drr(tiny_x2b_dataset, "chest", "AP")), "--lat",
@@ -306,8 +306,8 @@ def test_compare_matches_the_metrics_computed_directly(tiny_spider_model, tiny_x
     from x2recon.dataset.torch_data import load_view
     from x2recon.io.volume import read_ct, read_labelmap
     from x2recon.metrics.volume import volume_metrics
-    from x2recon.models.checkpoint import load_model
-    from x2recon.spider import compare, reconstruct_ct
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.spider.inference import compare, reconstruct_ct
     from x2recon.structures import totalseg_v2
 
     model, cfg = load_model(tiny_spider_model, "cpu", network="spider")
@@ -332,8 +332,8 @@ def test_compare_matches_the_metrics_computed_directly(tiny_spider_model, tiny_x
 def test_render_pair_from_ct_matches_the_dataset_drrs(tiny_spider_model, tiny_x2b_dataset, chest_half):
     from x2recon.dataset.torch_data import load_view
     from x2recon.io.volume import read_ct, read_labelmap
-    from x2recon.models.checkpoint import read_config
-    from x2recon.spider import render_pair_from_ct
+    from x2recon.nn.checkpoint import read_config
+    from x2recon.spider.inference import render_pair_from_ct
 
     cfg = read_config(tiny_spider_model)
     pair = render_pair_from_ct(read_ct(chest_half[0]), cfg, read_labelmap(chest_half[1]), device="cpu")
@@ -351,8 +351,8 @@ def test_fit_to_ct_freezes_the_decoder_and_fits_the_intensities(tiny_spider_mode
     from x2recon.dataset.torch_data import load_view
     from x2recon.io.volume import read_ct
     from x2recon.metrics.volume import psnr
-    from x2recon.models.checkpoint import load_model
-    from x2recon.spider import fit_to_ct, reconstruct_ct
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.spider.inference import fit_to_ct, reconstruct_ct
 
     model, _ = load_model(tiny_spider_model, "cpu", network="spider")
     folder = tiny_x2b_dataset / "cases" / "chest_v01"

@@ -1,4 +1,4 @@
-"""Template library (x2recon.template): built from a dataset's meshes, SKEL parts, placement from boxes, levels."""
+"""Template library (x2recon.x2br.template): built from a dataset's meshes, SKEL parts, placement from boxes, levels."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def ribs_dataset(chest_half, tmp_path_factory):
 @pytest.fixture(scope="module")
 def library(ribs_dataset, tmp_path_factory):
     """Templates from the deformed variant only: placement is then tested on anatomy it was not built from."""
-    from x2recon.template import build_library
+    from x2recon.x2br.template import build_library
 
     return build_library(ribs_dataset, tmp_path_factory.mktemp("lib"), reference="chest_v01", split="all")
 
@@ -52,7 +52,7 @@ def _case(ds: Path, cid: str = "chest"):
 
 def test_library_from_dataset(ribs_dataset, library):
     from x2recon.io.mesh import read_mesh
-    from x2recon.template import load_library
+    from x2recon.x2br.template import load_library
 
     folder, meta, _, names, _ = _case(ribs_dataset, "chest_v01")
     expected = sorted(p.stem for p in (folder / "meshes").glob("*.ply") if not p.stem.startswith("bones"))
@@ -82,7 +82,7 @@ def test_median_rule_and_structure_selection(ribs_dataset, tmp_path):
     import trimesh
 
     from x2recon.io.mesh import read_mesh, write_mesh
-    from x2recon.template import build_library
+    from x2recon.x2br.template import build_library
 
     ds = tmp_path / "ds"
     wanted = [f"vertebrae_T{i}" for i in range(1, 13)] + ["rib_left_3"]
@@ -107,7 +107,7 @@ def test_median_rule_and_structure_selection(ribs_dataset, tmp_path):
 
 def test_bad_datasets_fail_clearly(ribs_dataset, tmp_path):
     from x2recon.errors import X2ReconInputError
-    from x2recon.template import build_library, load_library
+    from x2recon.x2br.template import build_library, load_library
 
     with pytest.raises(X2ReconInputError, match="not an x2recon dataset"):
         build_library(tmp_path, tmp_path / "out")
@@ -142,8 +142,8 @@ def _skel_folder(folder: Path, extra: bool = True) -> Path:
 
 def test_skel_parts(ribs_dataset, tmp_path):
     from x2recon.errors import X2ReconInputError
-    from x2recon.template import build_library, place_templates
-    from x2recon.detection import Detection
+    from x2recon.x2br.template import build_library, place_templates
+    from x2recon.x2br.detection import Detection
 
     skel = _skel_folder(tmp_path / "skel")
     lib = build_library(ribs_dataset, tmp_path / "lib", structures="ribs,vertebrae", skel=skel, split="all")
@@ -180,7 +180,7 @@ def test_skel_folder_without_spine(tmp_path):
     import trimesh
 
     from x2recon.errors import X2ReconInputError
-    from x2recon.template.skel import find_skel_meshes
+    from x2recon.x2br.template.skel import find_skel_meshes
 
     (tmp_path / "s").mkdir()
     trimesh.creation.box().export(tmp_path / "s" / "femur_l.obj")
@@ -193,10 +193,10 @@ def test_placement_from_ground_truth_boxes(ribs_dataset, library, view):
     """Ground-truth boxes of the original case, templates from its deformed variant, the true bones as the
     coarse shape: every template lands near its structure and its projection fills its box."""
     from x2recon.dataset.config import BuildConfig
-    from x2recon.detection import box_iou, detections_from_boxes
+    from x2recon.x2br.detection import box_iou, detections_from_boxes
     from x2recon.drr.boxes import structure_boxes
     from x2recon.io.mesh import read_mesh
-    from x2recon.template import place_templates
+    from x2recon.x2br.template import place_templates
 
     folder, meta, seg, names, bones = _case(ribs_dataset)
     g = BuildConfig().geometry(view, meta["isocenter"])  # 512² chest geometry
@@ -226,9 +226,9 @@ def test_level_assignment_by_order(chest_half_seg, view, drop):
     """Group boxes (cervical/thoracic/lumbar/ribs) of the real case get their true levels back, also with
     a vertebra missed, no cervical (or no cervical and no lumbar) box, or the first ribs missed."""
     from x2recon.dataset.config import BuildConfig
-    from x2recon.detection import detections_from_boxes
+    from x2recon.x2br.detection import detections_from_boxes
     from x2recon.drr.boxes import structure_boxes
-    from x2recon.template import assign_levels
+    from x2recon.x2br.template import assign_levels
 
     _, seg, names, iso = chest_half_seg
     g = BuildConfig().geometry(view, iso)
@@ -250,9 +250,9 @@ def test_level_assignment_by_order(chest_half_seg, view, drop):
 def test_assemble_and_cli(ribs_dataset, library, tmp_path):
     from x2recon.cli import main
     from x2recon.dataset.config import BuildConfig
-    from x2recon.detection import detections_from_boxes
+    from x2recon.x2br.detection import detections_from_boxes
     from x2recon.drr.boxes import structure_boxes
-    from x2recon.template import assemble, load_library, place_templates
+    from x2recon.x2br.template import assemble, load_library, place_templates
 
     folder, meta, seg, names, bones = _case(ribs_dataset)
     g = BuildConfig().geometry("AP", meta["isocenter"])

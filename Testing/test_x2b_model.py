@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from x2recon.errors import X2ReconInputError
 from x2recon.geometry import ProjectionGeometry
-from x2recon.models.checkpoint import CheckpointError, load_model, read_config, save_checkpoint
-from x2recon.models.decoder import CBatchNorm1d, FoldedDecoder, OccupancyDecoder
-from x2recon.models.encoders import create_backbone
-from x2recon.models.x2b import X2BConfig, build_model
+from x2recon.nn.checkpoint import CheckpointError, load_model, read_config, save_checkpoint
+from x2recon.x2b.decoder import CBatchNorm1d, FoldedDecoder, OccupancyDecoder
+from x2recon.nn.encoders import create_backbone
+from x2recon.x2b.network import X2BConfig, build_model
 
 TINY = dict(backbone="convnext_atto", image_size=64, hidden=32, n_blocks=2)
 
@@ -102,7 +102,7 @@ def test_pixel_aligned_sampling_reads_the_pixel_a_point_projects_to():
     m = build_model(cfg).eval()
     g = ProjectionGeometry.from_view("LAT", (5.0, -3.0, 40.0), size=(64, 64))
     fmap = torch.randn(1, 7, 8, 8)  # stride 8 on a 64² image
-    from x2recon.models.x2b import Code
+    from x2recon.x2b.network import Code
 
     code = Code(torch.zeros(1, m.c_dim), [fmap], torch.from_numpy(g.box_to_grid_matrix()).float()[None, None])
     cells = [(0, 0), (3, 5), (7, 2)]

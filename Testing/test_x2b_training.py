@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from x2recon.dataset.torch_data import OccupancyDataset, ValidationDataset
-from x2recon.models.checkpoint import CheckpointError, load_model, read_config
-from x2recon.models.x2b import X2BConfig
+from x2recon.nn.checkpoint import CheckpointError, load_model, read_config
+from x2recon.x2b.network import X2BConfig
 from x2recon.train.common import TrainSettings
-from x2recon.train.x2b import train_x2b, validate
+from x2recon.x2b.train import train_x2b, validate
 
 SMALL = dict(backbone="convnext_atto", image_size=64, hidden=64, n_blocks=3, local_features=True, local_stages=[0, 1],
              fourier=6)

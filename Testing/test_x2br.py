@@ -13,14 +13,14 @@ pytest.importorskip("trimesh")
 
 @pytest.fixture(scope="module")
 def library(tiny_x2b_dataset, tmp_path_factory):
-    from x2recon.template import build_library
+    from x2recon.x2br.template import build_library
 
     return build_library(tiny_x2b_dataset, tmp_path_factory.mktemp("templates"), structures=["vertebrae"])
 
 
 def _case(dataset, case="chest_v02", view="AP"):
     from x2recon.dataset.torch_data import load_view
-    from x2recon.evaluate import ground_truth_detections
+    from x2recon.x2b.evaluate import ground_truth_detections
     from x2recon.io.mesh import read_mesh
 
     folder = dataset / "cases" / case
@@ -34,7 +34,7 @@ def test_x2br_registers_the_placed_template_part_by_part(library, tiny_x2b_datas
     Euclidean kernels where neighbouring parts move apart is tested in test_registration.py; on this
     case BCPD with the same settings scores alike — see the closing note.)"""
     from x2recon.metrics.mesh import mesh_metrics
-    from x2recon.x2br import refine_with_template
+    from x2recon.x2br.refine import refine_with_template
 
     xray, dets, gt = _case(tiny_x2b_dataset)
     res = refine_with_template(gt, xray, dets, library, method="gbcpd")
@@ -50,7 +50,7 @@ def test_x2br_registers_the_placed_template_part_by_part(library, tiny_x2b_datas
 
 def test_no_detection_is_a_clear_error(library, tiny_x2b_dataset):
     from x2recon.errors import X2ReconInputError
-    from x2recon.x2br import refine_with_template
+    from x2recon.x2br.refine import refine_with_template
 
     xray, dets, gt = _case(tiny_x2b_dataset)
     with pytest.raises(X2ReconInputError, match="found no vertebrae or ribs"):
@@ -93,7 +93,7 @@ def test_cpd_on_a_subset_moves_every_vertex_with_cpds_own_field():
     import trimesh
 
     from x2recon.registration import register
-    from x2recon.x2br import cpd_on_subset
+    from x2recon.x2br.refine import cpd_on_subset
 
     m = trimesh.creation.icosphere(4, radius=50.0)
     tgt = np.asarray(m.vertices) * np.array([1.2, 1.0, 0.9]) + 5.0
@@ -111,9 +111,9 @@ def test_cli_reconstruct_refine_writes_parts_coarse_and_detections(tiny_x2b_mode
                                                                     tmp_path, monkeypatch):
     """``reconstruct --refine template`` end to end with a stand-in detector that returns the case's own boxes
     (a trained detector is tested in test_detection.py; here the X2BR plumbing and its files)."""
-    import x2recon.detection as detection
+    import x2recon.x2br.detection as detection
     from x2recon.cli import main
-    from x2recon.detection.detections import read_detections
+    from x2recon.x2br.detection.detections import read_detections
     from x2recon.io.mesh import read_mesh
 
     _, dets, _ = _case(tiny_x2b_dataset)

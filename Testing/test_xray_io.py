@@ -11,7 +11,7 @@ from x2recon.drr.render import render_drr, write_drr
 from x2recon.errors import X2ReconInputError
 from x2recon.geometry import ProjectionGeometry
 from x2recon.io.image import write_png16
-from x2recon.xray import read_xray, xray_from_array
+from x2recon.io.xray import read_xray, xray_from_array
 
 
 @pytest.fixture(scope="module")

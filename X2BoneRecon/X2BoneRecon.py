@@ -31,7 +31,7 @@ except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel wor
 
 from X2BoneReconLib.logic import X2BoneReconLogic
 from x2recon import slicer_process
-from x2recon.slicer_process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
+from x2recon.slicer.process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
 #: Import names of what reconstruction and comparison need.
@@ -92,7 +92,7 @@ if parameterNodeWrapper is not None:
 
 def ensure_dependencies(testing: bool = False) -> bool:
     """Install what reconstruction needs after asking (in ``testing`` mode: without asking); see
-    ``x2recon.slicer_process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    ``x2recon.slicer.process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing, requester="X2BoneRecon")
 
 
@@ -315,7 +315,7 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         max_distance = self.ui.maxDistanceSpinBox.value
         with slicer.util.tryWithErrorDisplay("The comparison failed.", waitCursor=True):
             x2b = getattr(self, "_x2b_node", None)
-            if x2b is not None and model.GetAttribute("x2recon.x2br") and slicer.mrmlScene.IsNodePresent(x2b):
+            if x2b is not None and model.GetAttribute("x2recon.x2br.refine") and slicer.mrmlScene.IsNodePresent(x2b):
                 # an X2BR result: X2B and X2BR side by side (the papers' Tables 1–3 rows)
                 table = self.logic.compare_methods({"X2B": x2b, "X2BR": model}, reference,
                                                    structures=self.ui.structuresLineEdit.text.strip() or None,
@@ -354,10 +354,10 @@ class X2BoneReconTest(ScriptedLoadableModuleTest):
         from x2recon.drr.render import render_drr
         from x2recon.geometry import ProjectionGeometry
         from x2recon.io.volume import Volume
-        from x2recon.models.checkpoint import save_checkpoint
-        from x2recon.models.x2b import X2BConfig, build_model
-        from x2recon.reconstruct import OccupancyField
-        from x2recon.slicer_io import drr_to_volume_node, lps_ras_points, xray_node_to_xray
+        from x2recon.nn.checkpoint import save_checkpoint
+        from x2recon.x2b.network import X2BConfig, build_model
+        from x2recon.x2b.reconstruct import OccupancyField
+        from x2recon.slicer.mrml import drr_to_volume_node, lps_ras_points, xray_node_to_xray
 
         n = 64
         z, y, x = np.mgrid[:n, :n, :n]

@@ -28,7 +28,7 @@ except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel wor
 
 from X2DatasetBuilderLib.logic import X2DatasetBuilderLogic
 from x2recon import slicer_process
-from x2recon.slicer_process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
+from x2recon.slicer.process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
 #: Import names of x2recon's requirements for the dataset builder.
@@ -88,7 +88,7 @@ def missing_modules() -> list[str]:
 
 def ensure_dependencies(testing: bool = False) -> bool:
     """Install what x2recon needs after asking (in ``testing`` mode: without asking); see
-    ``x2recon.slicer_process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    ``x2recon.slicer.process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing)
 
 
@@ -339,7 +339,7 @@ class X2DatasetBuilderTest(ScriptedLoadableModuleTest):
         from x2recon.dataset.config import BuildConfig
         from x2recon.geometry import ProjectionGeometry
         from x2recon.io.volume import Volume
-        from x2recon.slicer_io import lps_ras_points, volume_to_volume_node
+        from x2recon.slicer.mrml import lps_ras_points, volume_to_volume_node
 
         n = 64
         z, y, x = np.mgrid[:n, :n, :n]

@@ -41,8 +41,8 @@ def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = Non
     from .io.mesh import read_mesh, write_mesh
     from .mesh.render import render_png
     from .metrics.mesh import mesh_metrics, vertex_distances
-    from .models.checkpoint import load_model
-    from .reconstruct import reconstruct, resolve_device
+    from .nn.checkpoint import load_model
+    from .x2b.reconstruct import reconstruct, resolve_device
     from .sample_data import ENV, sample_data_dir
 
     t0 = time.time()

@@ -4,7 +4,7 @@ a metrics table (SPIDER's PSNR, SSIM, Dice, HD95, Chamfer).
 
 MRML in, MRML out; imports no Qt and nothing that needs the Slicer application, so it runs (and is
 tested) with the real MRML of the ``slicer-core`` wheel.  Nodes are read and written through
-``x2recon.slicer_io`` (the project's one RAS ↔ LPS boundary); torch, the network and the metrics are
+``x2recon.slicer.mrml`` (the project's one RAS ↔ LPS boundary); torch, the network and the metrics are
 imported on first use, never when the module loads.
 
 The reconstruction runs as a background process (the panel starts it with ``QProcess``; tests with
@@ -12,13 +12,13 @@ The reconstruction runs as a background process (the panel starts it with ``QPro
 the command line; ``load_results`` adds what it wrote to the scene.
 
 * X-ray pair: ``x2recon spider`` itself.  Each X-ray node is written as a 16-bit PNG plus its geometry
-  JSON (``x2recon.spider.write_xray``, as X2BoneRecon passes X-rays to ``x2recon reconstruct``):
+  JSON (``x2recon.spider.inference.write_xray``, as X2BoneRecon passes X-rays to ``x2recon reconstruct``):
   nodes with an ``x2recon.geometry`` attribute (DRRs made by X2DatasetBuilder) keep their geometry,
   other radiographs get the model's training geometry of their view, centred at the origin — as the
   CLI does for an image file without a geometry file.
 * CT (research): the CT node (and, for the isocentre, its segmentation) is written to the work folder
   and a short Python program run by the same interpreter renders the model's two DRRs with the dataset
-  builder's renderer and training geometry (``x2recon.spider.render_pair_from_ct``), writes them, then
+  builder's renderer and training geometry (``x2recon.spider.inference.render_pair_from_ct``), writes them, then
   runs ``x2recon spider`` on them in the same process.  Rendering is not done in Slicer's process: it
   takes seconds for a full chest CT on a CPU (longer at the training detector size), would freeze the
   application and load torch into it; in the background process it is cancellable with the rest and
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from x2recon.slicer_io import (
+from x2recon.slicer.mrml import (
     GEOMETRY_ATTRIBUTE,
     drr_to_volume_node,
     segment_ids,
@@ -55,7 +55,7 @@ from x2recon.slicer_io import (
     volume_to_volume_node,
     xray_node_to_xray,
 )
-from x2recon.slicer_process import parse_progress_line
+from x2recon.slicer.process import parse_progress_line
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ from x2recon.errors import X2ReconInputError
 try:
     print("X2RECON_PROGRESS 0 rendering the " + " and ".join(a["views"]) + " DRRs of the CT", flush=True)
     from x2recon.io.volume import read_ct, read_labelmap
-    from x2recon.models.checkpoint import read_config
-    from x2recon.spider import render_pair_from_ct, write_xray
+    from x2recon.nn.checkpoint import read_config
+    from x2recon.spider.inference import render_pair_from_ct, write_xray
     cfg = read_config(a["model"])
     labels = read_labelmap(a["labels"]) if a.get("labels") else None
     pair = render_pair_from_ct(read_ct(a["ct"]), cfg, labels, device=a["device"])
@@ -138,7 +138,7 @@ class SpiderCTLogic:
     @staticmethod
     def model_config(model_path) -> dict:
         """The checkpoint's config (read without loading the weights); errors name the file."""
-        from x2recon.models.checkpoint import CheckpointError, read_config
+        from x2recon.nn.checkpoint import CheckpointError, read_config
 
         if model_path is None or str(model_path).strip() in ("", "."):
             raise _input_error(None, "choose a SPIDER model file (.safetensors)")
@@ -165,7 +165,7 @@ class SpiderCTLogic:
         from dataclasses import replace
 
         from x2recon.errors import X2ReconInputError
-        from x2recon.spider import training_geometry
+        from x2recon.spider.inference import training_geometry
 
         if node.GetAttribute(GEOMETRY_ATTRIBUTE):
             return xray_node_to_xray(node)
@@ -191,7 +191,7 @@ class SpiderCTLogic:
         xrays = [self.xray(frontal_node, views[0], cfg), self.xray(lateral_node, views[1], cfg)]
         from types import SimpleNamespace
 
-        from x2recon.spider import check_pair
+        from x2recon.spider.inference import check_pair
 
         check_pair(SimpleNamespace(cfg=SimpleNamespace(views=views)), xrays)  # what x2recon spider checks
         return xrays
@@ -234,7 +234,7 @@ class SpiderCTLogic:
             if old.exists():
                 old.unlink()  # never load a previous run's result
         if ct_node is None:
-            from x2recon.spider import write_xray
+            from x2recon.spider.inference import write_xray
 
             xrays = self.xray_pair(cfg, model_path, frontal_node, lateral_node)
             for x, png in zip(xrays, (job.frontal, job.lateral)):
@@ -283,7 +283,7 @@ class SpiderCTLogic:
         if labels_node is None:
             return
         if labels_node.IsA("vtkMRMLSegmentationNode"):
-            from x2recon.slicer_io import segmentation_to_labelmap_volume
+            from x2recon.slicer.mrml import segmentation_to_labelmap_volume
 
             try:
                 labels, unknown = segmentation_to_labelmap_volume(labels_node, ct_node, self.scene)
@@ -318,7 +318,7 @@ class SpiderCTLogic:
             ct_node.SetAttribute(MODEL_ATTRIBUTE, str(job.model))
         seg_node = None
         if job.labels is not None:
-            from x2recon.spider import labels_sidecar
+            from x2recon.spider.inference import labels_sidecar
 
             if not Path(job.labels).is_file():
                 raise _input_error(job.labels, "the reconstruction wrote no labelmap (its log says why)")
@@ -328,7 +328,7 @@ class SpiderCTLogic:
             ct_node.SetAttribute(SEGMENTATION_ATTRIBUTE, seg_node.GetID())
         xray_nodes = []
         if job.from_ct:
-            from x2recon.xray import read_xray
+            from x2recon.io.xray import read_xray
 
             for png in (job.frontal, job.lateral):
                 x = read_xray(png)
@@ -522,9 +522,9 @@ class SpiderCTLogic:
         CT and/or segmentation (or labelmap) node → table node of SPIDER's metrics (``metric_rows``):
         PSNR and SSIM over the HU window [−1024, 3071], per structure Dice, HD95 and Chamfer (mm),
         their means.  The ground truth is resampled onto the reconstruction's grid and its structures
-        are mapped to the model's classes by name (``x2recon.spider.compare``; a class joins the
+        are mapped to the model's classes by name (``x2recon.spider.inference.compare``; a class joins the
         TotalSegmentator names listed in the label sidecar's ``members``)."""
-        from x2recon.spider import compare
+        from x2recon.spider.inference import compare
 
         if ct_node is None:
             raise _input_error(None, "choose the reconstructed CT volume node")

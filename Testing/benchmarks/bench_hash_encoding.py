@@ -1,6 +1,6 @@
 """Benchmark: forward + backward throughput of the multiresolution hash encoding, same run, same points.
 
-  * ours: ``x2recon.models.hash_encoding.HashEncoding`` — on CUDA its Triton kernels
+  * ours: ``x2recon.spider.hash_encoding.HashEncoding`` — on CUDA its Triton kernels
     (``hash_triton``), and its torch path (custom backward that recomputes indices, chunked) as a
     second row,
   * compiled: ``torch.compile(hash_encode_plain)``, the same formula with autograd's own backward,
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from x2recon.models.hash_encoding import (  # noqa: E402
+from x2recon.spider.hash_encoding import (  # noqa: E402
     HashEncoding,
     HashEncodingConfig,
     TcnnHashEncoding,

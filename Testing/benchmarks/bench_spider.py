@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
-from x2recon.models.spider import SpiderConfig, build_spider, spider_loss  # noqa: E402
-from x2recon.spider import predict_grid  # noqa: E402
+from x2recon.spider.network import SpiderConfig, build_spider, spider_loss  # noqa: E402
+from x2recon.spider.inference import predict_grid  # noqa: E402
 
 
 def sync(dev):
@@ -79,7 +79,7 @@ def main():
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     gen = torch.Generator().manual_seed(0)
     if a.model:
-        from x2recon.models.checkpoint import load_model
+        from x2recon.nn.checkpoint import load_model
 
         model, _ = load_model(a.model, dev, network="spider")
         cfg = model.cfg

@@ -62,9 +62,9 @@ def build_data(tmp: Path, image_size: int) -> Path:
 
 
 def bench_train(a) -> None:
-    from x2recon.models.x2b import X2BConfig, build_model
+    from x2recon.x2b.network import X2BConfig, build_model
     from x2recon.train.common import TrainSettings
-    from x2recon.train.x2b import occupancy_loss, train_x2b
+    from x2recon.x2b.train import occupancy_loss, train_x2b
 
     device = torch.device(a.device)
     cfg = X2BConfig(backbone=a.backbone, image_size=a.image_size, local_features=a.local_features, fourier=a.fourier)
@@ -117,8 +117,8 @@ def bench_train(a) -> None:
 def bench_latency(a) -> None:
     from x2recon.dataset.torch_data import load_view
     from x2recon.demo import bundled_model
-    from x2recon.models.checkpoint import load_model
-    from x2recon.reconstruct import reconstruct
+    from x2recon.nn.checkpoint import load_model
+    from x2recon.x2b.reconstruct import reconstruct
 
     device = torch.device(a.device)
     model, cfg = load_model(a.model or bundled_model(), device)

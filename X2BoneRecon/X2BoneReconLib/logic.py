@@ -3,7 +3,7 @@ ground-truth segmentation or model → metrics table and distance heat map (X2BR
 
 MRML in, MRML out; imports no Qt and nothing that needs the Slicer application, so it runs (and is
 tested) with the real MRML of the ``slicer-core`` wheel.  Nodes are read and written through
-``x2recon.slicer_io`` (the project's one RAS ↔ LPS boundary).  torch, the networks and the metrics
+``x2recon.slicer.mrml`` (the project's one RAS ↔ LPS boundary).  torch, the networks and the metrics
 are imported on first use, never when the module loads.  The background process the panel runs
 (``x2recon reconstruct`` with progress lines) is described here too: its command line, its
 progress lines, and loading its result.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from x2recon.slicer_io import (  # structure_color: shared with SpiderCT, re-exported here
+from x2recon.slicer.mrml import (  # structure_color: shared with SpiderCT, re-exported here
     BONE_COLOR,
     GEOMETRY_ATTRIBUTE,
     mesh_to_model_node,
@@ -29,7 +29,7 @@ from x2recon.slicer_io import (  # structure_color: shared with SpiderCT, re-exp
     structure_color,
     xray_node_to_xray,
 )
-from x2recon.slicer_process import PROGRESS_RE, parse_progress_line  # noqa: F401 (shared with SpiderCT; re-exported)
+from x2recon.slicer.process import PROGRESS_RE, parse_progress_line  # noqa: F401 (shared with SpiderCT; re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,13 @@ DISTANCE_COLOR_NODE_NAMES = ("ColdToHotRainbow", "Viridis")
 FALLBACK_COLOR_NAME = "X2Recon distance"
 #: Node attributes on a reconstructed model: the structures its network was trained on, its X-ray node.
 STRUCTURES_ATTRIBUTE = "x2recon.structures"
-XRAY_ATTRIBUTE = "x2recon.xray"
+XRAY_ATTRIBUTE = "x2recon.io.xray"
 #: Files the background reconstruction reads and writes in its working folder.
 XRAY_PNG, XRAY_JSON, LATERAL_PNG, LATERAL_JSON, MESH_FILE = "xray.png", "xray.json", "lateral.png", "lateral.json", "bones.ply"
 #: What ``x2recon reconstruct --refine template --out bones.ply`` writes beside the refined mesh.
 X2B_MESH_FILE, PARTS_DIR, DETECTIONS_FILE = "bones_x2b.ply", "bones_parts", "bones_detections.json"
 #: Attribute tying the nodes of one X2BR result together (the refined mesh's node ID).
-X2BR_ATTRIBUTE = "x2recon.x2br"
+X2BR_ATTRIBUTE = "x2recon.x2br.refine"
 
 
 def metric_rows(tau: float = 0.02) -> list[tuple[str, str]]:
@@ -90,7 +90,7 @@ class X2BoneReconLogic:
     @staticmethod
     def model_config(model_path) -> dict:
         """The checkpoint's config (read without loading the weights); errors name the file."""
-        from x2recon.models.checkpoint import CheckpointError, read_config
+        from x2recon.nn.checkpoint import CheckpointError, read_config
 
         if model_path is None or str(model_path).strip() in ("", "."):
             raise _input_error(None, "choose a model file (.safetensors)")
@@ -121,7 +121,7 @@ class X2BoneReconLogic:
 
     @staticmethod
     def check_resolution(resolution: int) -> int:
-        from x2recon.reconstruct import upsampling_steps
+        from x2recon.x2b.reconstruct import upsampling_steps
 
         upsampling_steps(int(resolution))  # ValueError names the allowed values
         return int(resolution)
@@ -133,13 +133,13 @@ class X2BoneReconLogic:
         """Reconstruct the bones and add them as a model node in world (RAS) coordinates.
 
         ``threshold``: occupancy τ (``None``: the model's, 0.2); ``progress(fraction, message)`` and
-        ``cancel() -> bool`` are passed to ``x2recon.reconstruct`` (cancel raises ``CancelledError``).
+        ``cancel() -> bool`` are passed to ``x2recon.x2b.reconstruct`` (cancel raises ``CancelledError``).
         """
         cfg = self.model_config(model_path)
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
         self.check_resolution(resolution)
-        from x2recon.models.checkpoint import load_model
-        from x2recon.reconstruct import reconstruct, resolve_device
+        from x2recon.nn.checkpoint import load_model
+        from x2recon.x2b.reconstruct import reconstruct, resolve_device
 
         dev = resolve_device(device)
         model, cfg = load_model(model_path, dev)
@@ -260,7 +260,7 @@ class X2BoneReconLogic:
             parts.append(node)
         dets = []
         if (folder / DETECTIONS_FILE).is_file():
-            from x2recon.detection.detections import read_detections
+            from x2recon.x2br.detection.detections import read_detections
 
             dets = [{"name": d.name, "confidence": d.confidence, "box": [d.x0, d.y0, d.x1, d.y1]}
                     for d in read_detections(folder / DETECTIONS_FILE)]
@@ -272,7 +272,7 @@ class X2BoneReconLogic:
         coordinates, ``ProjectionGeometry.project``'s convention, as ``x2recon.drr.boxes``) → one
         closed-curve markup per box, on the detector plane in world (RAS) coordinates, named
         ``"<class> <confidence>"``, coloured as the structure."""
-        from x2recon.slicer_io import lps_ras_points
+        from x2recon.slicer.mrml import lps_ras_points
 
         nodes = []
         for d in detections:

@@ -2,10 +2,10 @@
 
 MRML in, MRML out; imports no Qt and nothing that needs the Slicer application, so it runs (and
 is tested) with the real MRML of the ``slicer-core`` wheel.  Nodes are read and written through
-``x2recon.slicer_io`` (the project's one RAS ↔ LPS boundary).  Heavy parts of x2recon (torch, the
+``x2recon.slicer.mrml`` (the project's one RAS ↔ LPS boundary).  Heavy parts of x2recon (torch, the
 DRR renderer, the pipeline) are imported on first use, never when the module loads.  The folder
 mode's background process is described here too (command line, progress lines); the panel runs
-it with ``x2recon.slicer_process`` (line buffer, process-tree kill).
+it with ``x2recon.slicer.process`` (line buffer, process-tree kill).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from x2recon.slicer_io import (
+from x2recon.slicer.mrml import (
     drr_to_volume_node,
     load_model_node,
     segmentation_to_labelmap_volume,

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import X2ReconInputError
 from ..geometry import ProjectionGeometry
-from ..xray import XRay, xray_from_array
+from ..io.xray import XRay, xray_from_array
 from .occupancy import load_points
 
 

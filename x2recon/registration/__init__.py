@@ -24,7 +24,7 @@ E-step on CPU once σ is small; ``progress(fraction, message)`` reports, and ret
     res = gbcpd("template.ply", "x2b_bones.ply", beta=1.0, lam=20, downsample=5000)
     write_mesh(res.mesh(), "registered.ply"); print(res.summary())
 
-Command line: ``x2recon register SOURCE TARGET --method gbcpd --out OUT.ply`` (``x2recon.cli_register``).
+Command line: ``x2recon register SOURCE TARGET --method gbcpd --out OUT.ply`` (``x2recon.cli.register``).
 
 Modules, one job each: ``coherent`` (CPD), ``bayesian`` (BCPD, GBCPD, "++"), ``estep`` (blocked and
 local correspondence sums), ``kernels`` (Gaussian kernel, Nyström, the displacement solve),

@@ -1,0 +1,157 @@
+"""``x2recon train x2b|x2b2`` and ``x2recon reconstruct``: the bone occupancy networks (X2BR paper §3.1, §6.4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import ProgressLines, views
+from .x2br import need_x2br_inputs, write_x2br
+
+
+def cmd_train(a) -> int:
+    from ..x2b.network import X2BConfig
+    from ..train.common import TrainSettings
+    from ..x2b.train import train_x2b
+
+    views = views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
+    cfg = X2BConfig(kind=a.network, backbone=a.backbone, image_size=a.image_size, latent_dim=a.latent_dim,
+                    hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features, fourier=a.fourier,
+                    local_stages=[int(x) for x in a.local_stages.split(",") if x.strip()],
+                    attention_heads=a.heads, views=views, drop_path_rate=a.drop_path)
+    settings = TrainSettings(out=a.out, epochs=a.epochs, max_steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                             workers=a.workers, seed=a.seed, device=a.device, amp=a.amp, compile=a.compile,
+                             val_every=a.val_every, save_every=a.save_every, resume=a.resume, progress=not a.quiet,
+                             threads=a.threads)
+    summary = train_x2b(a.data, settings, cfg, n_points=a.points, pretrained=a.pretrained, train_split=a.train_split,
+                        val_split=a.val_split, augment=not a.no_augment)
+    if summary.get("stopped"):
+        print(f"stopped at step {summary['steps']}; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def add_x2b_train_parsers(tsub) -> None:
+    """``train x2b`` and ``train x2b2`` (the ``train`` group is built in ``cli.train``)."""
+    for name, helptext in (("x2b", "one X-ray → bone occupancy (X2BR paper §3.1)"),
+                           ("x2b2", "two orthogonal X-rays, cross-attention fusion (§6.4)")):
+        p = tsub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
+        p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, tensorboard/")
+        g = p.add_argument_group("architecture")
+        g.add_argument("--backbone", default="convnext_base", help="timm model name (paper: convnext_base)")
+        g.add_argument("--pretrained", help="local backbone weights file (nothing is downloaded)")
+        g.add_argument("--image-size", type=int, default=224)
+        g.add_argument("--latent-dim", type=int, default=0, help="0: the backbone's descriptor size (paper)")
+        g.add_argument("--hidden", type=int, default=256)
+        g.add_argument("--blocks", type=int, default=5)
+        g.add_argument("--local-features", action="store_true",
+                       help="add pixel-aligned features sampled at each point's projection (beyond the paper)")
+        g.add_argument("--local-stages", default="1,2", help="encoder stages the pixel-aligned features come from")
+        g.add_argument("--fourier", type=int, default=0, help="octaves of sin/cos point features (0: raw coordinates, paper)")
+        g.add_argument("--heads", type=int, default=8, help="X2B2 cross-attention heads")
+        g.add_argument("--drop-path", type=float, default=0.0)
+        g.add_argument("--views", default="", help="views to train on (X2B: default every rendered view; "
+                                                    "X2B2: frontal,lateral, default AP,LAT)")
+        g = p.add_argument_group("optimisation")
+        g.add_argument("--epochs", type=int, default=100)
+        g.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
+        g.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun processes)")
+        g.add_argument("--lr", type=float, default=1e-4)
+        g.add_argument("--points", type=int, default=2048, help="occupancy samples per item")
+        g.add_argument("--no-augment", action="store_true")
+        g.add_argument("--seed", type=int, default=0)
+        g = p.add_argument_group("running")
+        g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+        g.add_argument("--compile", action="store_true", help="torch.compile the network")
+        g.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU")
+        g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
+        g.add_argument("--train-split", default="train")
+        g.add_argument("--val-split", default="val", help="'' to skip validation")
+        g.add_argument("--val-every", type=int, default=1, help="epochs between validations")
+        g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+        g.add_argument("--resume", default="auto", help="auto (continue --out), never, or a checkpoint to start from")
+        g.add_argument("--quiet", action="store_true")
+        p.set_defaults(func=cmd_train)
+
+
+def cmd_reconstruct(a) -> int:
+    from ..io.mesh import write_mesh
+    from ..nn.checkpoint import load_model
+    from ..x2b.reconstruct import reconstruct, resolve_device
+    from ..io.xray import read_xray
+
+    dev = resolve_device(a.device)
+    model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
+    xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry)]
+    if a.lateral:
+        xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry))
+    if a.refine == "template":
+        need_x2br_inputs(a)
+    prog = ProgressLines(a.progress_lines, a.quiet)
+    x2br = None
+    try:
+        share = 0.6 if a.refine == "template" else 1.0
+        rec = reconstruct(model, xrays, resolution=a.resolution, threshold=a.threshold, device=dev, faces=a.faces,
+                          refine_steps=a.refine_steps, network_normals=a.network_normals,
+                          progress=lambda f, m: prog(share * f, m))
+        if a.refine == "template":
+            from ..x2br.detection import Detector
+            from ..x2br.template import load_library
+            from ..x2br.refine import refine_with_template
+
+            x2br = refine_with_template(rec.mesh, xrays[0], Detector(a.detector), load_library(a.templates),
+                                        method=a.registration, conf=a.conf, device=str(dev),
+                                        progress=lambda f, m: prog(0.6 + 0.4 * f, m))
+    finally:
+        prog.close()
+    if x2br is not None:
+        write_x2br(x2br, a, rec, xrays[0])
+        return 0
+    write_mesh(rec.mesh, a.out)
+    print(f"{a.out}: {len(rec.mesh.faces):,} triangles, LPS mm, in {rec.seconds:.1f} s on {dev} "
+          f"({rec.evaluations:,} of {rec.dense_evaluations:,} grid points evaluated)")
+    if a.render:
+        from ..mesh.render import render_png
+
+        render_png(rec.mesh, a.render, title=Path(a.xray).name)
+        print(a.render)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("reconstruct", help="X-ray(s) → bone mesh with an X2B/X2B2 model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Reconstruct the bones from one X-ray (X2B) or a frontal + lateral pair (X2B2). "
+                                   "Inputs: PNG (8/16-bit grey; a <stem>.json beside it gives the geometry), DICOM, "
+                                   "2D NIfTI/NRRD/MHA. The mesh is written in LPS millimetres in the X-ray's geometry.")
+    p.add_argument("--xray", required=True, help="the (frontal) X-ray")
+    p.add_argument("--lateral", help="the lateral X-ray (X2B2 models)")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, help="mesh file: .stl, .ply, .obj, .off or .vtk")
+    p.add_argument("--view", default="AP", help="view of --xray when it has no geometry file: AP, PA, LAT or degrees")
+    p.add_argument("--lateral-view", default="LAT")
+    p.add_argument("--geometry", help="geometry JSON of --xray (overrides <stem>.json)")
+    p.add_argument("--lateral-geometry", help="geometry JSON of --lateral")
+    p.add_argument("--resolution", type=int, default=256, help="final MISE grid (32·2^k)")
+    p.add_argument("--threshold", type=float, default=None, help="occupancy threshold τ (default: the model's, 0.2)")
+    p.add_argument("--faces", type=int, default=0, help="simplify to about this many triangles (pyfqmr; 0: off)")
+    p.add_argument("--refine-steps", type=int, default=0, help="gradient steps moving vertices onto the level set")
+    p.add_argument("--network-normals", action="store_true", help="vertex normals from the network's gradient")
+    p.add_argument("--refine", choices=["none", "template"], default="none",
+                   help="template: X2BR — detect vertebrae/ribs, assemble their templates, register them onto the "
+                        "X2B shape (needs --detector and --templates)")
+    p.add_argument("--detector", help="detector weights (x2recon train detector)")
+    p.add_argument("--templates", help="template library folder (x2recon template build)")
+    p.add_argument("--registration", default="gbcpd", choices=["gbcpd", "bcpd", "cpd"],
+                   help="template registration (X2BR: GBCPD++; CPD is the paper's baseline)")
+    p.add_argument("--conf", type=float, default=0.25, help="detection confidence threshold")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--render", help="also write a PNG rendering of the mesh here")
+    p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reconstruct)

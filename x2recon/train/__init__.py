@@ -1,0 +1,1 @@
+"""The one training loop every network plugs into (DDP, AMP, resume, logging, checkpoints)."""

@@ -30,7 +30,7 @@ except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel wor
     parameterNodeWrapper = None
 
 from SpiderCTLib.logic import SpiderCTLogic
-from x2recon import slicer_process
+from x2recon.slicer import process as slicer_process
 from x2recon.slicer.process import LineBuffer, kill_process_tree, process_environment, python_slicer
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"

@@ -275,7 +275,7 @@ def test_triton_hash_kernels_compile_for_h100():
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
 
-    from x2recon.models import hash_triton as ht
+    from x2recon.spider import hash_triton as ht
 
     common = {"N": "i32", "scale": "fp32", "res": "i64", "size": "i64", "offset": "i64", "out_col": "i32",
               "out_stride": "i32", "F": "constexpr", "HASHED": "constexpr", "POW2": "constexpr", "BLOCK": "constexpr"}

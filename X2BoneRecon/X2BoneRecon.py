@@ -30,7 +30,7 @@ except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel wor
     parameterNodeWrapper = None
 
 from X2BoneReconLib.logic import X2BoneReconLogic
-from x2recon import slicer_process
+from x2recon.slicer import process as slicer_process
 from x2recon.slicer.process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,3 +46,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+#: names ``atomic_path`` gives its temporary files: ``.<stem>.<mkstemp's 8 characters>.part<suffixes>``
+_PARTIAL = re.compile(r"^\..*\.[a-z0-9_]{8}\.part(\.[^/]*)?$")
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed ``atomic_path`` writes left in ``folder`` (not its
+    subfolders); call it when a run starts in a folder no other process writes to.  Returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = []
+    for p in folder.iterdir():
+        if _PARTIAL.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

@@ -62,12 +62,14 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *, h
 
 
 def read_config(path: str | Path) -> dict:
-    """The JSON config of a checkpoint, without loading its weights."""
+    """The JSON config of a checkpoint, without loading its weights.  Anything that is not an x2recon
+    checkpoint with a ``network`` name and a ``model`` table is a ``CheckpointError`` naming the file
+    (and the key)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(path, "model file not found")
+        raise CheckpointError(path, "model file not found" if not path.exists() else "is not a file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -79,15 +81,28 @@ def read_config(path: str | Path) -> dict:
         cfg = json.loads(meta[META_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(path, f"its x2recon config is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(path, "its x2recon config is nested too deeply to be a model config") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(path, f"its x2recon config is a JSON {type(cfg).__name__}, not an object")
     if cfg.get("format") != FORMAT:
         raise CheckpointError(path, f"checkpoint format {cfg.get('format')!r}; this x2recon reads {FORMAT!r}")
+    if not isinstance(cfg.get("network"), str):
+        raise CheckpointError(path, "its config has no 'network' name (key 'network')")
+    if not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(path, "its config has no 'model' table (key 'model')")
     return cfg
 
 
 def _read_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    if not path.is_file():
+        raise CheckpointError(path, "model file not found" if not path.exists() else "is not a file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (text file, pickle, truncated file) has no common base to name
+        raise CheckpointError(path, f"not a safetensors model file ({type(e).__name__}: {e})") from None
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
@@ -166,7 +181,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, expect: 
             raise CheckpointError(path, "architecture differs from the one asked for: " + "; ".join(diff))
     try:
         model = build_from_config(kind, cfg["model"], device=device)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(path, f"cannot build its model: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(path, f"cannot build its model from its 'model' config ({type(e).__name__}: {e})") from None
     load_weights(path, model)
     return model.to(device).eval(), cfg

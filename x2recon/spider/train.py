@@ -14,7 +14,7 @@ import torch
 
 from ..nn.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from .network import SpiderConfig, build_spider, spider_loss
-from ..train.common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup,
+from ..train.common import (Logger, StopFlag, TrainSettings, autocast, save_state, setup, start_run,
                      finish_run, train_loader, wrap_for_training)
 from ..x2b.train import dataset_build_config
 
@@ -84,16 +84,15 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
                      "foreground_fraction": foreground_fraction, "augment": augment, "world_size": dist.world},
     }
     model = build_spider(model_cfg, device=device)
-    state = None
-    if settings.resume != "never" and (out / "last.safetensors").is_file():
-        old = read_config(out / "last.safetensors")
+    state = start_run(out, settings.resume, dist.main)  # None: a fresh run
+    if state is not None:
+        old = read_config(state["weights"])
         diff = config_differences(old["model"], model_cfg.to_dict())
         if old.get("network") != "spider" or diff:
-            raise CheckpointError(out / "last.safetensors",
+            raise CheckpointError(state["weights"],
                                   "cannot resume: the run folder holds another network or architecture (" +
                                   "; ".join(diff or [f"network {old.get('network')}"]) + "); use another --out or --resume never")
-        load_weights(out / "last.safetensors", model)
-        state = load_state(out)
+        load_weights(state["weights"], model)
     elif settings.resume not in ("auto", "never"):
         load_weights(settings.resume, model)  # fine-tune from a checkpoint: weights only
     model.to(device)

@@ -2,8 +2,9 @@
 (TensorBoard + a JSON-lines file), resumable training state, and stopping cleanly on Ctrl-C/SIGTERM.
 
 Training state lives in the run folder: ``last.safetensors`` (a loadable checkpoint),
-``last.state.pt`` (optimiser state, step, epoch; read back with ``torch.load(weights_only=True)``,
-never unpickling code), ``best.safetensors`` (best validation score) and ``log.jsonl``.
+``last.state.pt`` (optimiser state, step, epoch, the weights' checksum; read back with
+``torch.load(weights_only=True)``, never unpickling code), ``last.prev.*`` (the pair before, kept
+until the next save is complete), ``best.safetensors`` (best validation score) and ``log.jsonl``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def finish_run(out: Path, summary: dict, dist: Dist, *, best_is_last: bool) -> d
         if best_is_last:
             import shutil
 
-            shutil.copyfile(Path(out) / "last.safetensors", Path(out) / "best.safetensors")
+            with atomic_path(Path(out) / "best.safetensors") as tmp:
+                shutil.copyfile(Path(out) / WEIGHTS, tmp)
     teardown(dist)
     return summary
 
@@ -177,18 +179,99 @@ class Logger:
             self.file.close()
 
 
+WEIGHTS, STATE = "last.safetensors", "last.state.pt"
+PREVIOUS = ("last.prev.safetensors", "last.prev.state.pt")  # the pair before the save in progress
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_state(out: Path, optimizer: torch.optim.Optimizer, step: int, epoch: int, best: float, extra: dict | None = None) -> None:
-    """The optimiser and counters beside ``last.safetensors`` (atomic)."""
-    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best": best, **(extra or {})}
-    with atomic_path(out / "last.state.pt") as tmp:
+    """The optimiser and counters for the ``last.safetensors`` just written (atomic).
+
+    The state records the weights' SHA-256, so a resume can tell whether the two files belong
+    together; the finished pair is then kept as ``last.prev.*`` (hard links, no copy), so a kill
+    between the next save's two writes still leaves one consistent pair for ``load_state``."""
+    out = Path(out)
+    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best": best, **(extra or {}),
+             "weights_sha256": file_sha256(out / WEIGHTS)}
+    with atomic_path(out / STATE) as tmp:
         torch.save(state, tmp)
+    for name, keep in zip((WEIGHTS, STATE), PREVIOUS):
+        with atomic_path(out / keep) as tmp:
+            os.unlink(tmp)
+            try:
+                os.link(out / name, tmp)
+            except OSError:  # a file system without hard links: the same pair, copied
+                import shutil
+
+                shutil.copyfile(out / name, tmp)
+
+
+def _read_state(path: Path) -> dict:
+    from ..nn.checkpoint import CheckpointError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, or a pickle that needs code (refused by weights_only)
+        raise CheckpointError(path, f"cannot read the training state ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or not {"optimizer", "step", "epoch", "best"} <= set(state):
+        raise CheckpointError(path, "not an x2recon training state (needs optimizer, step, epoch, best)")
+    return state
 
 
 def load_state(out: Path) -> dict | None:
-    p = out / "last.state.pt"
-    if not p.is_file():
+    """The training state to resume ``out`` from, with ``state["weights"]`` = the weights file that
+    belongs to it (``last.safetensors``, or ``last.prev.safetensors`` with a warning when a run was
+    killed between writing the weights and the state).  None: the folder holds no training state.
+    A folder with weights but no matching state is a ``CheckpointError`` saying how to start over."""
+    from ..nn.checkpoint import CheckpointError
+
+    out = Path(out)
+    pairs = [(out / WEIGHTS, out / STATE), (out / PREVIOUS[0], out / PREVIOUS[1])]
+    if not any(p.exists() for pair in pairs for p in pair):
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    problems = []
+    for weights, path in pairs:
+        if not (weights.is_file() and path.is_file()):
+            problems.append(f"{weights.name} + {path.name}: {'incomplete pair' if weights.exists() or path.exists() else 'absent'}")
+            continue
+        state = _read_state(path)
+        if "weights_sha256" not in state:
+            warnings.warn(f"{path}: written by an older x2recon without the weights' checksum; cannot check that "
+                          f"it belongs to {weights.name}", stacklevel=2)
+        elif state["weights_sha256"] != file_sha256(weights):
+            problems.append(f"{weights.name} is not the file {path.name} (step {state['step']}) was saved with")
+            continue
+        if weights.name != WEIGHTS:
+            warnings.warn(f"{out}: {'; '.join(problems)} (a run stopped while saving); resuming from the previous "
+                          f"consistent pair {weights.name} + {path.name}, step {state['step']}", stacklevel=2)
+        state["weights"] = weights
+        return state
+    raise CheckpointError(out, "no weights + training state pair that belong together to resume from ("
+                          + "; ".join(problems) + "); start over with --resume never or another --out")
+
+
+def start_run(out: Path, resume: str, main: bool) -> dict | None:
+    """Open run folder ``out``: the main process removes what killed atomic writes left and, with
+    ``resume == "never"``, the previous run's training state (its weights are overwritten at the first
+    save).  Returns ``load_state(out)`` to resume from, or None for a fresh run."""
+    from ..io.atomic import remove_partial_writes
+
+    out = Path(out)
+    if main:
+        remove_partial_writes(out)
+        if resume == "never":
+            for name in (STATE, *PREVIOUS):
+                (out / name).unlink(missing_ok=True)
+    return None if resume == "never" else load_state(out)
 
 
 class StopFlag:

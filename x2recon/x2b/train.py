@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..nn.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from .network import X2BConfig, build_model
-from ..train.common import (Logger, StopFlag, TrainSettings, autocast, load_state, save_state, setup,
+from ..train.common import (Logger, StopFlag, TrainSettings, autocast, save_state, setup, start_run,
                      finish_run, train_loader, wrap_for_training)
 
 
@@ -77,16 +77,15 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
     }
 
     model = build_model(model_cfg, pretrained_path=pretrained)
-    state = None
-    if settings.resume != "never" and (out / "last.safetensors").is_file():
-        old = read_config(out / "last.safetensors")
+    state = start_run(out, settings.resume, dist.main)  # None: a fresh run
+    if state is not None:
+        old = read_config(state["weights"])
         diff = config_differences(old["model"], model_cfg.to_dict())
         if diff:
-            raise CheckpointError(out / "last.safetensors",
+            raise CheckpointError(state["weights"],
                                   "cannot resume: the run folder holds another architecture (" + "; ".join(diff) +
                                   "); use another --out or --resume never")
-        load_weights(out / "last.safetensors", model)
-        state = load_state(out)
+        load_weights(state["weights"], model)
     elif settings.resume not in ("auto", "never"):
         load_weights(settings.resume, model)  # fine-tune from a checkpoint: weights only
     model.to(device)

@@ -403,3 +403,38 @@ def test_real_ct_radiograph_spine_brighter_than_lungs(chest_half, tmp_path):
     assert small.display.shape == (32, 32) and small.mapping["resized_from"] == [128, 128]
     write_drr(small, tmp_path, "PA_32")
     assert read_drr(tmp_path, "PA_32").geometry == g.resized(32)
+
+
+# --------------------------------------------------------------------------- metadata names the path taken
+RENDERER_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from x2recon.drr.render import render_drr
+    from x2recon.geometry import ProjectionGeometry
+    from x2recon.io.volume import Volume
+    ct = Volume(np.full((12, 10, 8), 300, np.int16), (4.0, 4.0, 4.0), (-14.0, -18.0, -22.0), np.eye(3))
+    g = ProjectionGeometry.from_view("AP", (0.0, 0.0, 0.0), size=(16, 16))
+    a = render_drr(ct, g, device="cpu", backend="torch")
+    b = render_drr(ct, g, device="cpu", backend="triton")
+    print(a.mapping["renderer"], b.mapping["renderer"], float(np.abs(a.line_integral - b.line_integral).max()))
+    """
+)
+
+
+def test_drr_metadata_names_the_renderer_that_ran(monkeypatch):
+    """``renderer`` is the path that traced the rays: torch on CPU (also under 'auto'), Triton when it ran
+    (interpreter on CPU here), and torch on CUDA when triton does not import (was: 'triton' by device)."""
+    ct = Volume(np.full((12, 10, 8), 300, np.int16), (4.0, 4.0, 4.0), (-14.0, -18.0, -22.0), np.eye(3))
+    g = ProjectionGeometry.from_view("AP", (0.0, 0.0, 0.0), size=(16, 16))
+    assert render_drr(ct, g, device="cpu").mapping["renderer"] == "siddon-exact/torch"
+    if torch.cuda.is_available():
+        from x2recon.drr import siddon
+
+        monkeypatch.setattr(siddon, "triton_available", lambda: False)
+        assert render_drr(ct, g, device="cuda").mapping["renderer"] == "siddon-exact/torch"
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", RENDERER_SCRIPT], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch_name, triton_name, diff = r.stdout.split()
+    assert (torch_name, triton_name) == ("siddon-exact/torch", "siddon-exact/triton") and float(diff) < 1e-3

@@ -85,16 +85,19 @@ def render_drr(
     mu_water: float = MU_WATER,
     mu_air: float = MU_AIR,
     percentile: float = 99.9,
+    backend: str = "auto",
 ) -> DRRImage:
     """Exact Siddon DRR of a CT in HU for one geometry, on CUDA (Triton kernel) or CPU (torch).
 
     HU → μ with the water/air references (``attenuation.py``), line integrals through the volume's
     own affine (oblique directions are exact), then the display map (``display.py``).
     ``progress(fraction, message)`` and ``cancel() -> bool`` are polled while tracing on CPU.
+    ``backend``: ``"auto"`` (Triton on CUDA when triton imports, else torch), ``"torch"`` or ``"triton"``;
+    the metadata's ``renderer`` names the path that actually traced the rays.
     """
     import torch
 
-    from .siddon import line_integrals
+    from .siddon import line_integrals, triton_available
 
     if not isinstance(ct, Volume):
         raise TypeError(f"render_drr needs an x2recon Volume, got {type(ct).__name__}")
@@ -105,14 +108,16 @@ def render_drr(
     hu = torch.from_numpy(np.ascontiguousarray(ct.array)).to(dev)  # transfer int16, convert there
     mu = hu_to_mu(hu.float(), mu_water=mu_water, mu_air=mu_air)
     del hu
-    li = line_integrals(mu, ct.affine, geometry, progress=progress, cancel=cancel).cpu().numpy()
+    if backend == "auto":  # decided here, so the metadata names the path taken (CUDA without triton: torch)
+        backend = "triton" if mu.is_cuda and triton_available() else "torch"
+    li = line_integrals(mu, ct.affine, geometry, progress=progress, cancel=cancel, backend=backend).cpu().numpy()
     seconds = time.perf_counter() - t0
     disp, mapping = to_display(li, percentile=percentile, clahe=clahe, clahe_clip=clahe_clip)
     mapping.update(
         line_integral="sum of mu [1/mm] x length [mm] (dimensionless), float32 in <stem>_mu.npy",
         mu_water_per_mm=mu_water,
         mu_air_per_mm=mu_air,
-        renderer="siddon-exact/" + ("triton" if dev.startswith("cuda") else "torch"),
+        renderer=f"siddon-exact/{backend}",
         device=dev,
         render_seconds=round(seconds, 3),
         bits=16,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import X2ReconInputError
+from .io.image import MAX_PIXELS
 
 #: Default chest radiography set-up (PA chest: 180 cm source–image distance, 43 cm × 43 cm detector
 #: rendered at 512²).  The isocentre (patient midline) sits 200 mm in front of the detector: more
@@ -86,6 +87,8 @@ class ProjectionGeometry:
             raise ValueError(f"ProjectionGeometry: pixel spacing must be two positive numbers, got {self.spacing!r}")
         if len(sz) != 2 or min(sz) <= 0:
             raise ValueError(f"ProjectionGeometry: size must be (width, height) > 0, got {self.size!r}")
+        if sz[0] * sz[1] > MAX_PIXELS:  # before any detector-sized array is allocated
+            raise ValueError(f"ProjectionGeometry: a {sz[0]}×{sz[1]} detector is over the {MAX_PIXELS:,}-pixel limit")
         object.__setattr__(self, "spacing", sp)
         object.__setattr__(self, "size", sz)
         if self.kind not in ("cone", "parallel"):

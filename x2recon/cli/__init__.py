@@ -40,21 +40,84 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").add_parsers(sub)
+    _one_help_style(sub)
     return p
 
 
+def _one_help_style(sub) -> None:
+    """Every (sub)command parser formats its help alike (``common.HelpFormatter``), and one without a
+    description shows its one-line help as the description."""
+    from .common import HelpFormatter
+
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, parser in sub.choices.items():
+        parser.formatter_class = HelpFormatter
+        if not parser.description and helps.get(name):
+            parser.description = helps[name][:1].upper() + helps[name][1:] + "."
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _one_help_style(action)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  Expected failures — bad input (``X2ReconInputError``, ``CheckpointError``), a
+    file that cannot be read or written (``OSError``), a ``ValueError`` that x2recon raised itself to
+    reject a value — print ``x2recon <command>: error: ...`` and return 2; anything else (a bug) keeps
+    its traceback."""
     parser = build_parser()
     a = parser.parse_args(argv)
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
     try:
-        return a.func(a)
-    except (X2ReconInputError, ValueError) as e:
-        print(f"x2recon {a.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = a.func(a)
+        sys.stdout.flush()  # a closed pipe (x2recon info ... | head -1) fails here, not at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # as if killed by SIGPIPE, which is what a reader that stops early means
     except (KeyboardInterrupt, CancelledError):
         print(f"x2recon {a.command}: cancelled; run the same command again to resume", file=sys.stderr)
         return 130
+    except (X2ReconInputError, OSError) as e:
+        return _error(a, e)
+    except ValueError as e:
+        if not _raised_by_x2recon(e):
+            raise
+        return _error(a, e)
 
+
+def _error(a, e: BaseException) -> int:
+    if isinstance(e, OSError) and not isinstance(e, X2ReconInputError):
+        where = f"{e.filename}: " if e.filename else ""
+        text = where + (e.strerror or str(e))
+    else:
+        text = str(e)
+    print(f"x2recon {a.command}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _raised_by_x2recon(e: BaseException) -> bool:
+    """True when the innermost frame of ``e``'s traceback is x2recon's own code — a deliberate
+    ``raise ValueError(...)`` about a value — not numpy, torch or another library failing inside."""
+    from pathlib import Path
+
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    package = Path(__file__).resolve().parents[1]
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not report the broken pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests): nothing to flush
+        pass

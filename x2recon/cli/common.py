@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def floats(s: str) -> list[float]:
     """``"1,2.5"`` → ``[1.0, 2.5]`` (empty string → ``[]``)."""
@@ -41,3 +43,166 @@ class ProgressLines:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+# ------------------------------------------------------------------ option types (argparse ``type=``)
+# Each raises ``argparse.ArgumentTypeError``, so argparse names the option: "argument --steps: ...".
+
+
+def _number(kind, s: str):
+    import argparse
+
+    try:
+        v = kind(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {s!r}") \
+            from None
+    if kind is float and v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _check(ok: bool, s: str, what: str):
+    import argparse
+
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+
+
+def positive_int(s: str) -> int:
+    """A whole number ≥ 1."""
+    v = _number(int, s)
+    _check(v >= 1, s, "a whole number ≥ 1")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    """A whole number ≥ 0 (0 usually means "off" or "automatic")."""
+    v = _number(int, s)
+    _check(v >= 0, s, "a whole number ≥ 0")
+    return v
+
+
+def positive_float(s: str) -> float:
+    """A finite number > 0."""
+    v = _number(float, s)
+    _check(v > 0, s, "a number > 0")
+    return v
+
+
+def non_negative_float(s: str) -> float:
+    """A finite number ≥ 0."""
+    v = _number(float, s)
+    _check(v >= 0, s, "a number ≥ 0")
+    return v
+
+
+def probability(s: str) -> float:
+    """A number in [0, 1] (thresholds, fractions, confidences)."""
+    v = _number(float, s)
+    _check(0 <= v <= 1, s, "a number in [0, 1]")
+    return v
+
+
+def probability_below_one(s: str) -> float:
+    """A number in [0, 1) (an outlier probability)."""
+    v = _number(float, s)
+    _check(0 <= v < 1, s, "a number in [0, 1)")
+    return v
+
+
+def mise_resolution(s: str) -> int:
+    """A MISE grid: 32·2^k (32, 64, 128, 256, 512, ...)."""
+    v = _number(int, s)
+    _check(v >= 32 and (v // 32) & (v // 32 - 1) == 0 and v % 32 == 0, s, "32·2^k (32, 64, 128, 256, 512)")
+    return v
+
+
+def device(s: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; CUDA only where torch sees a GPU (checked when asked for)."""
+    import argparse
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {s!r}")
+    if s.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s}: torch sees no CUDA GPU here (use cpu or auto)")
+        if ":" in s and int(s.split(":")[1]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s}: torch sees {torch.cuda.device_count()} GPU(s)")
+    return s
+
+
+def _probe_writable(folder, path) -> None:
+    """Create (and drop) an unnamed file in ``folder``: the one test of "can we write here" that also
+    holds for root, read-only mounts and full ACLs."""
+    import argparse
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def _existing_ancestor(p, shown):
+    """The nearest folder of ``p`` (itself included) that exists; a file or broken link on the way is an error."""
+    import argparse
+
+    q = p
+    while not q.exists():
+        if q.is_symlink():
+            raise argparse.ArgumentTypeError(f"{shown}: {q} is a broken link")
+        q = q.parent
+    if not q.is_dir():
+        raise argparse.ArgumentTypeError(f"{shown}: {q} is a file, not a folder")
+    return q
+
+
+def output_file(s: str):
+    """A file to write: not a folder, inside a folder that exists (or can be made) and is writable."""
+    import argparse
+    from pathlib import Path
+
+    p = Path(s).expanduser()
+    if not s.strip():
+        raise argparse.ArgumentTypeError("needs a file name")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p}: is a folder; give a file name")
+    _probe_writable(_existing_ancestor(p.parent, p), p)
+    return s
+
+
+def output_dir(s: str):
+    """A folder to write into: not a file, and it or the folder it will be made in is writable."""
+    import argparse
+    from pathlib import Path
+
+    p = Path(s).expanduser()
+    if not s.strip():
+        raise argparse.ArgumentTypeError("needs a folder name")
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p}: is a file, not a folder")
+    _probe_writable(_existing_ancestor(p, p), p)
+    return s
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every ``x2recon`` parser's help: "(default: X)" added once — not when the help already says its
+    default or there is none to show (None, False, "") — and descriptions wrapped per line, so line
+    breaks written into a description stay."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         if line.strip() else "" for line in text.splitlines())

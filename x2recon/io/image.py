@@ -10,6 +10,16 @@ from ..errors import X2ReconInputError
 from .atomic import atomic_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: the largest image x2recon reads or renders: 2^28 pixels (16384²; 512 MiB as 16-bit, 1 GiB as float32).
+#: Radiographs are at most ~4300² (43 cm at 0.1 mm); anything larger is checked before it is decoded.
+MAX_PIXELS = 1 << 28
+
+
+def check_pixel_count(width: int, height: int, what: str, path=None) -> None:
+    """An ``X2ReconInputError`` for a ``width``×``height`` image over ``MAX_PIXELS``, before anything is allocated."""
+    if int(width) * int(height) > MAX_PIXELS:
+        raise X2ReconInputError(path, f"{what} is {int(width)}×{int(height)} pixels; x2recon reads and renders at "
+                                      f"most {MAX_PIXELS:,} pixels (16384²)")
 
 
 def write_png16(img: np.ndarray, path: str | Path) -> Path:
@@ -33,7 +43,14 @@ def read_grey_2d(path: str | Path, kind: str = "image"):
     import SimpleITK as sitk
 
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only: refuse huge images before decoding them
+        size = reader.GetSize()
+        check_pixel_count(size[0], size[1] if len(size) > 1 else 1, f"the {kind}", path)
+        if len(size) > 2 and size[2] > 1:
+            raise X2ReconInputError(path, f"expected one 2D {kind}, got a volume with {size[2]} slices")
+        img = reader.Execute()
     except RuntimeError as e:
         raise X2ReconInputError(path, f"cannot read the {kind} ({str(e).strip().splitlines()[-1][:160]})") from None
     if img.GetNumberOfComponentsPerPixel() != 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import device, mise_resolution, output_dir
+
 
 def cmd_demo(a) -> int:
     from ..demo import run_demo
@@ -24,9 +26,9 @@ def cmd_demo(a) -> int:
 def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="build a case from the sample data, reconstruct its bones, score and render them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--out", default="x2recon-demo", help="output folder")
+    d.add_argument("--out", default="x2recon-demo", type=output_dir, help="output folder")
     d.add_argument("--model", help="checkpoint (default: the bundled demo model)")
     d.add_argument("--data", help="sample data folder (default: ../shared/data or $X2RECON_SHARED_DATA)")
-    d.add_argument("--resolution", type=int, default=256)
-    d.add_argument("--device", default="auto")
+    d.add_argument("--resolution", type=mise_resolution, default=256)
+    d.add_argument("--device", default="auto", type=device)
     d.set_defaults(func=cmd_demo)

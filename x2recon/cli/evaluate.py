@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import views
+from .common import device, mise_resolution, output_dir, output_file, positive_int, views
 from .x2br import need_x2br_inputs
 
 
@@ -39,21 +39,26 @@ def cmd_evaluate(a) -> int:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="score a model on a dataset split (the papers' tables)",
+                       description="Reconstruct every case of a dataset split with a model and score it against "
+                                   "the case's ground truth: a per-case CSV and the papers' tables (X2B/X2B2: IoU, "
+                                   "Chamfer-L1, F-score, normal consistency, maxe/maye/maze in mm; SPIDER: PSNR, "
+                                   "SSIM, Dice, HD95, CD).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
     p.add_argument("--split", default="test", help="train, val, test or all")
     p.add_argument("--views", default="", help="X2B: views to reconstruct from (default: the model's training views)")
-    p.add_argument("--resolution", type=int, default=128, help="MISE grid for the evaluation meshes")
-    p.add_argument("--points", type=int, default=100_000, help="surface/volume samples per metric")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="per-case CSV (default: beside the model)")
-    p.add_argument("--meshes", help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
+    p.add_argument("--resolution", type=mise_resolution, default=128,
+                   help="MISE grid of the evaluation meshes, cells per side (32·2^k)")
+    p.add_argument("--points", type=positive_int, default=100_000, help="surface/volume samples per metric")
+    p.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", type=output_file, help="per-case CSV (default: beside the model)")
+    p.add_argument("--meshes", type=output_dir, help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
     p.add_argument("--refine", choices=["none", "template"], default="none",
                    help="template: also score X2BR (X2B + detection + template registration) — Tables 1–3")
     p.add_argument("--detector", help="X2BR: detector weights (x2recon train detector), or 'ground-truth' for each "
                                       "case's own boxes (scores the registration alone, Table 3)")
     p.add_argument("--templates", help="X2BR: template library (x2recon template build)")
     p.add_argument("--registration", default="gbcpd,cpd", help="X2BR: registration methods to score (Table 3)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import ProgressLines
+from .common import (ProgressLines, non_negative_float, non_negative_int, output_file, positive_float, positive_int,
+                     probability_below_one)
 
 #: CLI flag → keyword of ``x2recon.registration.register`` (Hirose's names).
 _PARAMS = {"w": "w", "lambda_": "lam", "beta": "beta", "gamma": "gamma", "kappa": "kappa", "tau": "tau",
@@ -32,19 +33,20 @@ def cmd_register(a) -> int:
     import numpy as np
     from scipy.spatial import cKDTree
 
+    from ..errors import X2ReconInputError
     from ..io.mesh import MESH_SUFFIXES, write_mesh
     from ..registration import register
     from ..registration.inputs import POINT_SUFFIXES, load_points
 
     out = Path(a.out)
     if out.suffix.lower() not in MESH_SUFFIXES + POINT_SUFFIXES:
-        raise ValueError(f"--out {out}: use a mesh ({', '.join(MESH_SUFFIXES)}) or points "
-                         f"({', '.join(POINT_SUFFIXES)}) file")
+        raise X2ReconInputError(f"--out {out}", f"use a mesh ({', '.join(MESH_SUFFIXES)}) or points "
+                                                f"({', '.join(POINT_SUFFIXES)}) file")
     src = load_points(a.source, "source")
     tgt = load_points(a.target, "target")
     if src.faces is None and out.suffix.lower() in MESH_SUFFIXES:
-        raise ValueError(f"{a.source}: the source is a point set (no triangles), so the result is points: "
-                         f"give --out a {'/'.join(POINT_SUFFIXES)} file")
+        raise X2ReconInputError(a.source, f"the source is a point set (no triangles), so the result is points: "
+                                          f"give --out a {'/'.join(POINT_SUFFIXES)} file")
     params = {key: getattr(a, flag) for flag, key in _PARAMS.items() if getattr(a, flag) is not None}
     prog = ProgressLines(a.progress_lines, a.quiet, "register")
     try:
@@ -64,6 +66,11 @@ def cmd_register(a) -> int:
     return 0
 
 
+def _positive_or_inf(s: str) -> float:
+    """κ: a number > 0, or ``inf`` (no prior on the mixing coefficients)."""
+    return float("inf") if s.strip().lower() in ("inf", "infinity") else positive_float(s)
+
+
 def add_parsers(sub) -> None:
     from ..registration.methods import METHODS  # light: the package imports torch only when a method runs
 
@@ -79,26 +86,26 @@ def add_parsers(sub) -> None:
     p.add_argument("source", help="mesh (.stl .ply .obj .off .vtk) or points (.npy .txt .xyz .csv) to move")
     p.add_argument("target", help="mesh or points to move onto")
     p.add_argument("--method", default="gbcpd", choices=list(METHODS), help="(default: %(default)s)")
-    p.add_argument("--out", required=True, help="registered source: mesh file (source faces kept) or points file")
+    p.add_argument("--out", required=True, type=output_file, help="registered source: mesh file (source faces kept) or points file")
     g = p.add_argument_group("parameters (default: the method's own)")
-    g.add_argument("--w", type=float, help="outlier probability ω in [0,1) [-w] (default 0)")
-    g.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float,
+    g.add_argument("--w", type=probability_below_one, help="outlier probability ω in [0,1) [-w] (default 0)")
+    g.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=positive_float,
                    help="λ: stiffness of the deformation [-l] (default 2)")
-    g.add_argument("--beta", type=float, help="β: kernel width, normalised units [-b] (default 2)")
-    g.add_argument("--gamma", type=float, help="γ: initial σ scale [-g] (BCPD/GBCPD, default 1)")
-    g.add_argument("--kappa", type=float, help="κ: mixing-coefficient prior [-k] (BCPD/GBCPD, default inf)")
-    g.add_argument("--tau", type=float, help="τ: weight of the geodesic term [-G geodesic,τ] (GBCPD, default 1)")
-    g.add_argument("--nystrom", type=int, metavar="K", help="rank K of the kernel (Nyström) [-K]; 0: full "
+    g.add_argument("--beta", type=positive_float, help="β: kernel width, normalised units [-b] (default 2)")
+    g.add_argument("--gamma", type=positive_float, help="γ: initial σ scale [-g] (BCPD/GBCPD, default 1)")
+    g.add_argument("--kappa", type=_positive_or_inf, help="κ: mixing-coefficient prior [-k] (BCPD/GBCPD, default inf)")
+    g.add_argument("--tau", type=non_negative_float, help="τ: weight of the geodesic term [-G geodesic,τ] (GBCPD, default 1)")
+    g.add_argument("--nystrom", type=non_negative_int, metavar="K", help="rank K of the kernel (Nyström) [-K]; 0: full "
                    "(default: full up to 2000 points, else 300)")
-    g.add_argument("--downsample", type=int, metavar="N", help="'++': register N points of each set and "
+    g.add_argument("--downsample", type=positive_int, metavar="N", help="'++': register N points of each set and "
                    "interpolate the displacement [-D B,N,0.08] (BCPD/GBCPD)")
-    g.add_argument("--max-iter", type=int, help="maximum iterations [-n] (BCPD 500, CPD 150)")
-    g.add_argument("--min-iter", type=int, help="minimum iterations [-N] (BCPD/GBCPD, default 30)")
-    g.add_argument("--tol", type=float, help="convergence tolerance [-c] (BCPD: σ change 1e-4; CPD: relative "
+    g.add_argument("--max-iter", type=positive_int, help="maximum iterations [-n] (BCPD 500, CPD 150)")
+    g.add_argument("--min-iter", type=non_negative_int, help="minimum iterations [-N] (BCPD/GBCPD, default 30)")
+    g.add_argument("--tol", type=positive_float, help="convergence tolerance [-c] (BCPD: σ change 1e-4; CPD: relative "
                    "likelihood change 1e-5)")
     g.add_argument("--normalize", choices=["e", "x", "y", "n"], help="[-u] each set / by target / by source / none "
                    "(BCPD/GBCPD, default e)")
-    g.add_argument("--seed", type=int, help="random seed of the Nyström landmarks and downsampling [-r]")
+    g.add_argument("--seed", type=non_negative_int, help="random seed of the Nyström landmarks and downsampling [-r]")
     g = p.add_argument_group("running")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     g.add_argument("--dtype", choices=["float32", "float64"], help="default: float64 on CPU, float32 on CUDA")

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import ProgressLines
+from .common import (ProgressLines, non_negative_int, output_dir, output_file, positive_int, probability)
 
 
 def _progress(lines: bool, quiet: bool, desc: str):
@@ -83,19 +83,19 @@ def add_detector_train_parser(tsub) -> None:
                                     "from their segmentations. Writes RUN/detector.safetensors and RUN/summary.json "
                                     "(mAP50, mAP50-95 on the test split, else val). Resumes an unfinished RUN.")
     p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--out", required=True, type=output_dir, help="run folder (detector.safetensors, summary.json)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model yaml ({', '.join(YOLOV9_MODELS)}) or your own .pt")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--imgsz", type=int, default=512, help="network input size (the DRRs are 512²)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, 0, 0,1 …")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
+    p.add_argument("--imgsz", type=positive_int, default=512, help="network input size, pixels (the DRRs are 512²)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per batch")
+    p.add_argument("--device", default="auto", type=detector_device, help="auto, cpu, cuda, or GPU indices: 0, 0,1 …")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
     p.add_argument("--views", default="", help="views to train on (default: every view in the dataset)")
     p.add_argument("--classes", default="dataset", choices=CLASS_MODES,
                    help="dataset: the builder's labels (cervical, thoracic, lumbar, ribs); structures: one class per "
                         "vertebra and rib (TotalSegmentator names)")
-    p.add_argument("--patience", type=int, default=100, help="epochs without improvement before stopping early")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=positive_int, default=100, help="epochs without improvement before stopping early")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (data order, augmentation)")
     p.add_argument("--resume", default="auto", help="auto (continue --out), never, or a last.pt to resume")
     p.add_argument("--config-dir", help="ultralytics config folder (default: ~/.cache/x2recon/ultralytics)")
     p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
@@ -105,10 +105,12 @@ def add_detector_train_parser(tsub) -> None:
 
 # ------------------------------------------------------------------------------ template build
 def cmd_template_build(a) -> int:
+    from ..errors import X2ReconInputError
     from ..x2br.template.library import build_library
 
     if a.data is None and a.skel is None:
-        raise ValueError("give --data (a dataset with meshes) and/or --skel (a folder of SKEL bone meshes)")
+        raise X2ReconInputError("--data/--skel", "give --data (a dataset with meshes) and/or --skel (a folder of "
+                                                 "SKEL bone meshes)")
     prog = _progress(a.progress_lines, a.quiet, "templates")
     try:
         lib = build_library(a.data, a.out, structures=a.structures, reference=a.reference, progress=prog,
@@ -142,15 +144,16 @@ def add_template_parser(sub) -> None:
                                     "with library.json. --skel adds SKEL bone meshes you exported yourself (SKEL is "
                                     "licensed and never shipped; its thorax is one part, skel_thorax).")
     p.add_argument("--data", help="dataset folder with per-case meshes (x2recon build-dataset)")
-    p.add_argument("--out", required=True, help="library folder")
+    p.add_argument("--out", required=True, type=output_dir, help="library folder (library.json + one mesh per structure)")
     p.add_argument("--structures", help="names and/or groups, comma-separated (default: every structure with meshes)")
     p.add_argument("--reference", default="median", help="median, or a case id to take every template from")
     p.add_argument("--split", default="train", help="cases to draw from: train (default; all cases if no splits) or all")
     p.add_argument("--skel", help="folder of SKEL per-bone meshes (thorax.obj, lumbar_body.obj, …)")
     p.add_argument("--skel-axes", default="smpl", choices=["smpl", "lps"], help="frame of the SKEL files")
-    p.add_argument("--skel-units", default="auto", choices=["auto", "m", "mm"])
-    p.add_argument("--progress-lines", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--skel-units", default="auto", choices=["auto", "m", "mm"],
+                   help="length unit of the SKEL files (auto: metres when the whole skeleton spans under 5 units)")
+    p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_template_build)
 
 
@@ -181,15 +184,24 @@ def add_detect_parser(sub) -> None:
                                    "centres at integers), written as JSON.")
     p.add_argument("xray", help="the X-ray")
     p.add_argument("--detector", required=True, help="RUN/detector.safetensors (or an ultralytics .pt of your own)")
-    p.add_argument("--out", help="boxes JSON (default: <xray stem>_boxes.json beside the X-ray)")
-    p.add_argument("--conf", type=float, default=0.25, help="confidence threshold")
-    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
-    p.add_argument("--imgsz", type=int, default=0, help="network input size (0: the training size)")
+    p.add_argument("--out", type=output_file, help="boxes JSON (default: <xray stem>_boxes.json beside the X-ray)")
+    p.add_argument("--conf", type=probability, default=0.25, help="confidence threshold, 0–1")
+    p.add_argument("--iou", type=probability, default=0.7, help="NMS IoU threshold, 0–1")
+    p.add_argument("--imgsz", type=non_negative_int, default=0, help="network input size, pixels (0: the training size)")
     p.add_argument("--view", default="AP", help="view when the X-ray has no geometry file")
     p.add_argument("--geometry", help="geometry JSON of the X-ray")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=detector_device, help="cpu, cuda, auto, or a GPU index (0)")
     p.add_argument("--config-dir", help="ultralytics config folder (default: ~/.cache/x2recon/ultralytics)")
     p.set_defaults(func=cmd_detect)
+
+
+def detector_device(s: str) -> str:
+    """ultralytics' device strings: auto, cpu, cuda[:N], or GPU indices ``0`` / ``0,1``."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|\d+(,\d+)*", s):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or GPU indices such as 0 or 0,1; got {s!r}")
+    return s
 
 
 def add_parsers(sub) -> None:

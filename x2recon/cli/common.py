@@ -206,3 +206,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
         return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
                          if line.strip() else "" for line in text.splitlines())
+
+
+def resume(s: str) -> str:
+    """``--resume``: ``auto``, ``never``, or an x2recon checkpoint to start from (checked now, not after
+    the dataset has loaded)."""
+    if s in ("auto", "never"):
+        return s
+    from ..nn.checkpoint import CheckpointError, read_config
+
+    try:
+        read_config(s)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(f"auto, never, or a checkpoint: {e}") from None
+    return s

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import floats as _floats
+from .common import output_dir, output_file
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     from ..dataset.config import BuildConfig
@@ -145,7 +146,7 @@ def add_parsers(sub) -> None:
     )
     b.add_argument("--ct", nargs="+", required=True, help="CT files, folders (case folders with ct.nii.gz, CT files, "
                    "a DICOM series) or .txt lists (one CT per line, optional TAB labelmap)")
-    b.add_argument("--out", required=True, help="dataset folder")
+    b.add_argument("--out", required=True, type=output_dir, help="dataset folder")
     b.add_argument("--workers", type=int, default=1, help="cases built in parallel on this machine")
     b.add_argument("--shard", help="K/N: build only the K-th of N shards (SLURM job arrays); run 'x2recon manifest' after")
     b.add_argument("--dask", metavar="ADDRESS", help="run the cases on a Dask cluster (scheduler address)")
@@ -159,7 +160,7 @@ def add_parsers(sub) -> None:
     d = sub.add_parser("drr", help="render one DRR from a CT", description="Render a DRR (exact Siddon ray tracing) "
                        "of a CT as a 16-bit PNG with its geometry JSON and raw line integrals.")
     d.add_argument("--ct", required=True)
-    d.add_argument("--out", required=True, help="output PNG path")
+    d.add_argument("--out", required=True, type=output_file, help="output PNG path")
     d.add_argument("--view", default="AP", help="AP, PA, LAT or an angle in degrees (default: %(default)s)")
     d.add_argument("--geometry", help="a geometry JSON to use instead of --view")
     d.add_argument("--isocenter", help="x,y,z LPS mm (default: CT centre)")

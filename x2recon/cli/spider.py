@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (device, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
+from .common import (device, resume, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
                      positive_int, probability)
 from .common import ProgressLines, ints, views
 
@@ -100,7 +100,7 @@ def add_spider_train_parser(tsub) -> None:
     g.add_argument("--val-split", default="val", help="'' to skip validation")
     g.add_argument("--val-every", type=positive_int, default=10, help="epochs between validations")
     g.add_argument("--save-every", type=non_negative_int, default=500, help="steps between checkpoints (0: at epoch ends only)")
-    g.add_argument("--resume", default="auto", help="auto (continue --out), never, or a checkpoint to start from")
+    g.add_argument("--resume", default="auto", type=resume, help="auto (continue --out), never, or a checkpoint to start from")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_spider)
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (device, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
+from .common import (device, resume, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
                      positive_float, positive_int, probability)
 from .common import ProgressLines, views
 from .x2br import need_x2br_inputs, write_x2br
@@ -77,7 +77,7 @@ def add_x2b_train_parsers(tsub) -> None:
         g.add_argument("--val-split", default="val", help="'' to skip validation")
         g.add_argument("--val-every", type=positive_int, default=1, help="epochs between validations")
         g.add_argument("--save-every", type=non_negative_int, default=500, help="steps between checkpoints (0: at epoch ends only)")
-        g.add_argument("--resume", default="auto", help="auto (continue --out), never, or a checkpoint to start from")
+        g.add_argument("--resume", default="auto", type=resume, help="auto (continue --out), never, or a checkpoint to start from")
         g.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_train)
 
@@ -89,12 +89,12 @@ def cmd_reconstruct(a) -> int:
     from ..io.xray import read_xray
 
     dev = resolve_device(a.device)
-    model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
-    xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry)]
+    xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry)]  # inputs first: cheap, before the model loads
     if a.lateral:
         xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry))
     if a.refine == "template":
         need_x2br_inputs(a)
+    model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
     prog = ProgressLines(a.progress_lines, a.quiet)
     x2br = None
     try:

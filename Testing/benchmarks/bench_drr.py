@@ -32,7 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest.shared_data_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
 
+import _record  # noqa: E402
 from x2recon.drr.siddon import line_integrals  # noqa: E402
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
 
@@ -116,6 +118,39 @@ def timed(fn, device: str, repeats: int):
     return out, statistics.median(walls), statistics.median(cpus)
 
 
+def batch_views(vol, aff, centre, pixels: int, n_views: int, dev: str, repeats: int) -> list[dict]:
+    """``n_views`` DRRs of one volume (angles spread over 360°): ours one view after another vs DiffDRR's
+    Siddon given all views as one batch.  Errors of DiffDRR against ours (no analytic reference here)."""
+    geoms = [ProjectionGeometry.from_view(f"{360.0 * k / n_views:.3f}", centre + [1.7, -2.3, 3.1], sdd=SDD, sod=SOD,
+                                          size=(pixels, pixels), detector_mm=DETECTOR_MM) for k in range(n_views)]
+    ours, t_ours, _ = timed(lambda: torch.stack([line_integrals(vol, aff, g) for g in geoms]), dev, repeats)
+    name = f"DRR batch: {n_views} views of one {vol.shape[0]}³ volume → {pixels}²"
+    try:
+        from diffdrr.renderers import Siddon
+    except ImportError:
+        return [_record.figure(name, t_ours, "s", device=dev, peer="DiffDRR Siddon (batched): not installed",
+                               target="≥ 50× (issue 15, H100)")]
+    ainv = np.linalg.inv(aff)
+    to_index = lambda p: p.reshape(-1, 3) @ ainv[:3, :3].T + ainv[:3, 3]  # noqa: E731
+    src, tgt, length = [], [], []
+    for g in geoms:
+        o, d, L = g.rays()
+        src.append(to_index(o))
+        tgt.append(to_index(o + d * L[..., None]))
+        length.append(L.reshape(1, -1))
+    src = torch.tensor(np.stack(src), dtype=torch.float32, device=dev)
+    tgt = torch.tensor(np.stack(tgt), dtype=torch.float32, device=dev)
+    length = torch.tensor(np.stack(length), dtype=torch.float32, device=dev)
+    with torch.no_grad():
+        theirs, t_peer, _ = timed(lambda: Siddon(voxel_shift=0.5)(vol.permute(2, 1, 0), src, tgt, length), dev, repeats)
+    err = float((theirs.reshape(ours.shape) - ours).abs().max() / ours.max())
+    print(f"{name}: ours {t_ours:.4f} s (one view after another), DiffDRR Siddon batched {t_peer:.4f} s "
+          f"→ {t_peer / t_ours:.1f}×; max difference {err:.1e} of the max")
+    return [_record.figure(name, t_ours, "s", device=dev, peer="DiffDRR Siddon (batched)", peer_value=t_peer,
+                           target="≥ 50× (issue 15, H100)", peak_gib=_record.peak_gib(dev),
+                           notes=f"DiffDRR vs ours max difference {err:.1e} of the max")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="phantom voxels per edge (default 512)")
@@ -129,6 +164,9 @@ def main() -> int:
     ap.add_argument("--no-diffdrr", action="store_true")
     ap.add_argument("--max-diffdrr-gb", type=float, default=None,
                     help="skip DiffDRR when its estimated memory exceeds this (default: 60 %% of device/host memory)")
+    ap.add_argument("--batch-views", type=int, default=0,
+                    help="also time this many views of the volume, DiffDRR given them as one batch (issue 15: 64)")
+    _record.add_json_arg(ap)
     a = ap.parse_args()
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     pixels = a.pixels or a.size
@@ -207,6 +245,20 @@ def main() -> int:
         e = np.abs(sid_rows[0][1] - ours).max() / ours.max()
         print(f"ours vs DiffDRR Siddon: {ratio:.1f}× faster (target ≥ {TARGET_RATIO:g}× on an H100); "
               f"images agree to {e:.1e} of the max")
+    name = f"DRR {a.size}³ → {pixels}², exact Siddon ({a.volume})"
+    err = lambda img: float(np.abs(img.astype(np.float64) - base).max() / base.max())  # noqa: E731
+    records = []
+    for peer in ("DiffDRR Siddon", f"DiffDRR Trilinear ({a.trilinear_points} pts)"):
+        match = [r for r in rows if r[0] == peer]
+        records.append(_record.figure(
+            name, t_ours, "s", device=dev, peer=peer if match else f"{peer}: not run (diffdrr missing or too big)",
+            peer_value=match[0][2] if match else None, target="≥ 50× DiffDRR Siddon (issue 15, H100)",
+            peak_gib=_record.peak_gib(dev),
+            notes=f"max error vs {'analytic' if ref is not None else 'ours'}: ours {err(ours):.1e}"
+                  + (f", peer {err(match[0][1]):.1e}" if match else "")))
+    if a.batch_views and not a.no_diffdrr:
+        records += batch_views(vol, aff, centre, pixels, a.batch_views, dev, a.repeats)
+    _record.write(a.json, records)
     return 0
 
 

@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
+
+import _record  # noqa: E402
 
 from x2recon.spider.hash_encoding import (  # noqa: E402
     HashEncoding,
@@ -65,6 +68,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--input-grad", action="store_true", help="also back-propagate to the points")
     ap.add_argument("--no-compile", action="store_true")
+    _record.add_json_arg(ap)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -142,6 +146,15 @@ def main():
     for name, t, err in rows:
         e = "" if err is None else f"{err:.2e}"
         print(f"{name:34s} {t:9.4f} {a.points / t:12.3e} {base / t:7.2f} {e:>17s}")
+    name = f"hash encoding {a.points} pts, {cfg.n_levels} levels, fwd+bwd"
+    records = []
+    for peer in ("torch.compile(plain formula)", "tinycudann (default precision)"):
+        match = [r for r in rows if r[0] == peer]
+        records.append(_record.figure(
+            name, a.points / base, "points/s", device=dev, better="higher",
+            peer=peer if match else f"{peer}: not run", peer_value=a.points / match[0][1] if match else None,
+            target="≥ 1e9 points/s (issue 15, H100)", peak_gib=_record.peak_gib(dev), notes=rows[0][0]))
+    _record.write(a.json, records)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,12 @@ import argparse
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
+import _record  # noqa: E402
 from x2recon.mesh.extract import flying_edges
 from x2recon.mesh.mise import mise
 
@@ -26,6 +30,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--resolution0", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
+    _record.add_json_arg(ap)
     a = ap.parse_args()
     res = a.resolution0 * 2**a.steps
     t = time.perf_counter()
@@ -39,6 +44,9 @@ def main() -> int:
     t_dense = time.perf_counter() - t
     print(f"final grid {res}³: MISE {m.evaluations:,} evaluations in {t_mise:.2f} s; dense {(res + 1) ** 3:,} in {t_dense:.2f} s")
     print(f"evaluations ratio dense/MISE = {(res + 1) ** 3 / m.evaluations:.1f}×; same vertex count: {len(v) == len(m.mesh.vertices)}")
+    _record.write(a.json, [_record.figure(
+        f"MISE {res}³ (analytic occupancy)", t_mise, "s", device="cpu", peer="dense grid + flying edges",
+        peer_value=t_dense, notes=f"{m.evaluations:,} vs {(res + 1) ** 3:,} evaluations")])
     return 0
 
 

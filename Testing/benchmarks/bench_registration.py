@@ -161,6 +161,10 @@ def main() -> int:
     g.add_argument("--max-iter", type=int, default=500)
     g.add_argument("--min-iter", type=int, default=30)
     g.add_argument("--normalize", default="e")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _record
+
+    _record.add_json_arg(ap)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -230,6 +234,19 @@ def main() -> int:
             else:
                 print(f"{name:<14} {peer:<30} {sec:>9.2f} {it:>6} {m['to_target']:>10.3f} {m['gt_mean']:>8.3f} "
                       f"{m['gt_max']:>8.2f}")
+    records = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == name and r[1].startswith("ours") and r[4] is not None]
+        peer = [r for r in rows if r[0] == name and r[1] == "bcpd exact P"]
+        for r in mine:
+            dev = "cuda" if " cuda " in r[1] else "cpu"
+            records.append(_record.figure(
+                f"{name} {len(mesh.vertices)} × {len(target)}", r[2], "s", device=dev,
+                peer="Hirose's bcpd (exact P)" if peer else "Hirose's bcpd: not run (--bcpd-src/--bcpd-bin)",
+                peer_value=peer[0][2] if peer else None, target="error ≤ bcpd's, ≥ 50× faster (issue 15)",
+                notes=f"GT mean error ours {r[4]['gt_mean']:.3f} mm"
+                      + (f", bcpd {peer[0][4]['gt_mean']:.3f} mm" if peer else "")))
+    _record.write(a.json, records)
     return 0
 
 

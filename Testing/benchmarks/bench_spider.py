@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
+
+import _record  # noqa: E402
 
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
 from x2recon.spider.network import SpiderConfig, build_spider, spider_loss  # noqa: E402
@@ -73,6 +76,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=1 << 21)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    _record.add_json_arg(ap)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -155,6 +159,17 @@ def main():
         print(f"  {key}: max |ΔHU| vs {kernels[0]}/fp32 {dhu:.2f}, labels agree {agree * 100:.4f} %")
     if dev.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+    prec = "fp16" if dev.type == "cuda" else "fp32"
+    t_inf = results[(kernels[0], prec)][0]
+    peer = results.get(("torch", prec))
+    _record.write(a.json, [
+        _record.figure(f"SPIDER {n}³ inference ({prec})", t_inf, "s", device=dev,
+                       peer="same network, torch hash path" if peer else None, peer_value=peer[0] if peer else None,
+                       target="≤ 20 ms at 256³ (issue 15, H100)", peak_gib=_record.peak_gib(dev)),
+        _record.figure(f"SPIDER training step, batch {a.batch} × {a.points} points", 1 / train_rows[0][1], "it/s",
+                       device=dev, better="higher",
+                       peer="same network, torch hash path" if len(train_rows) > 1 else None,
+                       peer_value=1 / train_rows[1][1] if len(train_rows) > 1 else None)])
 
 
 if __name__ == "__main__":

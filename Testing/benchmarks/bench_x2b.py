@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest.shared_data_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
+import _record  # noqa: E402
 
 
 def _sync(device):
@@ -112,6 +114,12 @@ def bench_train(a) -> None:
         e2e = r["samples_per_s_steady"] or r["samples_per_s"]
         print(f"x2recon train end to end:  {e2e:8.1f} img/s  = {e2e / ceiling:.0%} of the ceiling "
               f"(data loading with {a.workers} workers, {r['steps']} steps)")
+    what = f"X2B training, {a.backbone} {S}², batch {B}, {'bf16' if device.type == 'cuda' else 'fp32'}"
+    _record.write(a.json, [
+        _record.figure(what + ", end to end with data loading", e2e, "img/s", device=device, better="higher",
+                       peer="encoder alone fwd+bwd (ceiling)", peer_value=ceiling, peak_gib=_record.peak_gib(device),
+                       target="≥ 80 % of the encoder ceiling (ratio ≥ 0.8)",
+                       notes=f"X2B step on random tensors {B / t_full:.1f} img/s; compile={a.compile}")])
 
 
 def bench_latency(a) -> None:
@@ -147,6 +155,10 @@ def bench_latency(a) -> None:
     print(f"X-ray → mesh: best {min(times):.2f} s, median {sorted(times)[len(times) // 2]:.2f} s over {a.repeats}; "
           f"{rec.evaluations:,} evaluations vs dense {rec.dense_evaluations:,} "
           f"({rec.dense_evaluations / rec.evaluations:.1f}× fewer), {len(rec.mesh.faces):,} triangles")
+    _record.write(a.json, [_record.figure(
+        f"X-ray → mesh, {a.resolution}³ MISE, {cfg['model']['backbone']}", sorted(times)[len(times) // 2], "s",
+        device=device, peak_gib=_record.peak_gib(device), target="≤ 0.3 s H100; ≤ 5 s on 2 CPU cores (issue 15)",
+        notes=f"{rec.evaluations:,} network evaluations (dense {rec.dense_evaluations:,})")])
 
 
 def main() -> None:
@@ -166,6 +178,7 @@ def main() -> None:
     t.add_argument("--compile", action="store_true")
     t.add_argument("--data", help="dataset folder (default: built from the sample CT)")
     t.add_argument("--split", default="all")
+    _record.add_json_arg(t)
     t.set_defaults(func=bench_train)
     lat = sub.add_parser("latency")
     lat.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +186,7 @@ def main() -> None:
     lat.add_argument("--data", help="dataset folder to take the X-ray from (default: a demo-like case)")
     lat.add_argument("--resolution", type=int, default=256)
     lat.add_argument("--repeats", type=int, default=3)
+    _record.add_json_arg(lat)
     lat.set_defaults(func=bench_latency)
     a = p.parse_args()
     a.func(a)

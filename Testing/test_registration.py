@@ -432,3 +432,60 @@ def test_cli_register_end_to_end(tmp_path, capsys):
     assert "missing.ply" in capsys.readouterr().err
     assert main(["register", str(src), str(tgt), "--method", "cpd-rigid", "--beta", "3", "--out", str(out)]) == 2
     assert "beta" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ point-cloud inputs
+def _vtk_vertices(points, path):
+    """A legacy VTK polydata holding only points and one vertex cell per point (no polygons)."""
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonCore import vtkPoints
+    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
+    from vtkmodules.vtkIOLegacy import vtkPolyDataWriter
+
+    pd, pts, verts = vtkPolyData(), vtkPoints(), vtkCellArray()
+    pts.SetData(ns.numpy_to_vtk(np.ascontiguousarray(points, np.float64), deep=1))
+    for i in range(len(points)):
+        verts.InsertNextCell(1)
+        verts.InsertCellPoint(i)
+    pd.SetPoints(pts)
+    pd.SetVerts(verts)
+    w = vtkPolyDataWriter()
+    w.SetInputData(pd)
+    w.SetFileName(str(path))
+    assert w.Write()
+
+
+def test_point_cloud_files_as_targets_and_sources(tmp_path, capsys):
+    """PLY (written by trimesh) and VTK point clouds without faces are registration inputs: targets for
+    every method, sources for CPD/BCPD; GBCPD with a point-cloud source is a clear error naming the file."""
+    from x2recon.cli import main
+    from x2recon.io.mesh import read_mesh, read_points, write_mesh
+
+    m = bumpy(2)
+    src = tmp_path / "template.ply"
+    write_mesh(m, src)
+    moved = smooth_warp(m.vertices) + [2.0, 1.0, 0.0]
+    rng = np.random.default_rng(0)
+    cloud = moved[rng.permutation(len(moved))]
+    ply, vtk = tmp_path / "target_cloud.ply", tmp_path / "target_cloud.vtk"
+    trimesh.PointCloud(cloud).export(ply)
+    _vtk_vertices(cloud, vtk)
+    for path in (ply, vtk):
+        pts, faces = read_points(path)
+        assert faces is None and np.allclose(np.sort(pts, 0), np.sort(cloud, 0), atol=1e-5)
+        with pytest.raises(X2ReconInputError, match="no triangles"):  # where a mesh is needed it still says so
+            read_mesh(path)
+        out = tmp_path / f"reg_{path.suffix[1:]}.ply"
+        assert main(["register", str(src), str(path), "--method", "gbcpd", "--lambda", "5", "--nystrom", "80",
+                     "--out", str(out), "--quiet"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["distance_to_target_mean"] < 0.03
+        assert np.linalg.norm(read_mesh(out).vertices - moved, axis=1).mean() < 0.03
+    # a point-cloud source: BCPD takes it (points out), GBCPD refuses it and says what to do
+    assert main(["register", str(ply), str(vtk), "--method", "bcpd", "--out", str(tmp_path / "moved.npy"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert np.load(tmp_path / "moved.npy").shape == cloud.shape
+    assert main(["register", str(ply), str(vtk), "--method", "gbcpd", "--out", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "target_cloud.ply" in err and "--method bcpd" in err and "mesh" in err

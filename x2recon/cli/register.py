@@ -34,6 +34,7 @@ def cmd_register(a) -> int:
     from scipy.spatial import cKDTree
 
     from ..errors import X2ReconInputError
+    from ..errors import X2ReconInputError
     from ..io.mesh import MESH_SUFFIXES, write_mesh
     from ..registration import register
     from ..registration.inputs import POINT_SUFFIXES, load_points
@@ -43,6 +44,10 @@ def cmd_register(a) -> int:
         raise X2ReconInputError(f"--out {out}", f"use a mesh ({', '.join(MESH_SUFFIXES)}) or points "
                                                 f"({', '.join(POINT_SUFFIXES)}) file")
     src = load_points(a.source, "source")
+    if a.method == "gbcpd" and src.faces is None:
+        raise X2ReconInputError(a.source, "the source is a point cloud (no faces), and GBCPD's geodesic kernel "
+                                          "walks along the source mesh's triangles: give the source as a mesh, "
+                                          "or use --method bcpd or cpd, which take point clouds")
     tgt = load_points(a.target, "target")
     if src.faces is None and out.suffix.lower() in MESH_SUFFIXES:
         raise X2ReconInputError(a.source, f"the source is a point set (no triangles), so the result is points: "

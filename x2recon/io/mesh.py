@@ -88,8 +88,10 @@ def _read_vtk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     tri.SetInputConnection(r.GetOutputPort())
     tri.Update()
     pd = tri.GetOutput()
-    if pd.GetNumberOfPoints() == 0 or pd.GetPolys().GetNumberOfCells() == 0:
-        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    if pd.GetNumberOfPoints() == 0 or pd.GetPolys().GetNumberOfCells() == 0:  # no surface: its points, if any
+        pts = r.GetOutput().GetPoints()
+        v = ns.vtk_to_numpy(pts.GetData()).astype(np.float64) if pts is not None else np.zeros((0, 3))
+        return v.reshape(-1, 3), np.zeros((0, 3), np.int64)
     v = ns.vtk_to_numpy(pd.GetPoints().GetData()).astype(np.float64)
     f = ns.vtk_to_numpy(pd.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
     return v, f
@@ -109,13 +111,8 @@ def write_mesh(mesh: trimesh.Trimesh, path: str | Path) -> None:
                 f.write(_encode(mesh, suffix))
 
 
-def read_mesh(path: str | Path) -> trimesh.Trimesh:
-    """Read a triangle mesh in LPS mm; fails naming the file if it is missing, unreadable or empty.
-
-    Vertices are merged only for STL (a triangle soup); indexed formats keep their vertices, so
-    separate shells that touch (a merged bone mesh) stay separate.
-    """
-    path = Path(path)
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(vertices, faces (F, 3), first 1 KiB) of a mesh or point-cloud file; X2ReconInputError naming it."""
     if not path.is_file():
         raise X2ReconInputError(path, "mesh file not found")
     try:
@@ -127,18 +124,51 @@ def read_mesh(path: str | Path) -> trimesh.Trimesh:
             head = fh.read(1024)
         if suffix == ".vtk":
             v, f = _read_vtk(path)
-            m = trimesh.Trimesh(v, f, process=False)
         else:
             m = trimesh.load(str(path), file_type=suffix[1:], force="mesh", process=False)
+            v, f = np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64).reshape(-1, 3)
+            if len(f) == 0 and suffix != ".stl":  # force="mesh" empties a vertex-only PLY/OBJ: read its points
+                pc = trimesh.load(str(path), file_type=suffix[1:], process=False)
+                v = np.asarray(getattr(pc, "vertices", v), np.float64).reshape(-1, 3)
     except Exception as e:  # trimesh and VTK raise many kinds for corrupt files
         raise X2ReconInputError(path, f"cannot read as a mesh ({type(e).__name__}: {e})") from None
-    if not isinstance(m, trimesh.Trimesh) or len(m.faces) == 0:
-        raise X2ReconInputError(path, "mesh is empty (no triangles)")
-    if not np.all(np.isfinite(m.vertices)):
+    if not np.all(np.isfinite(v)):
         raise X2ReconInputError(path, "mesh has non-finite vertex coordinates")
-    if suffix == ".stl":
-        m.merge_vertices()
     space = _SPACE.search(head)
     if space and space.group(1).upper() == b"RAS":
-        m = trimesh.Trimesh(np.asarray(m.vertices) * [-1.0, -1.0, 1.0], m.faces, process=False)  # RAS → LPS
+        v = v * [-1.0, -1.0, 1.0]  # RAS → LPS
+    return v, f, head
+
+
+def read_mesh(path: str | Path) -> trimesh.Trimesh:
+    """Read a triangle mesh in LPS mm; fails naming the file if it is missing, unreadable or empty.
+
+    Vertices are merged only for STL (a triangle soup); indexed formats keep their vertices, so
+    separate shells that touch (a merged bone mesh) stay separate.
+    """
+    path = Path(path)
+    v, f, _ = _load(path)
+    if len(f) == 0:
+        raise X2ReconInputError(path, "mesh is empty (no triangles)" + (
+            f"; it holds {len(v)} points (a point cloud), and a triangle mesh is needed here" if len(v) else ""))
+    m = trimesh.Trimesh(v, f, process=False)
+    if path.suffix.lower() == ".stl":
+        m.merge_vertices()
     return m
+
+
+def read_points(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vertices (LPS mm) and triangles of a mesh file, or the points of a point cloud without faces
+    (PLY/OBJ/OFF vertices only, VTK polydata of vertices): ``(points (N, 3), faces (F, 3) or None)``.
+    For inputs that may be either, such as registration targets; no points at all is an error."""
+    path = Path(path)
+    v, f, _ = _load(path)
+    if len(v) == 0:
+        raise X2ReconInputError(path, "file is empty (no points)")
+    if len(f) == 0:
+        return v, None
+    if path.suffix.lower() == ".stl":
+        m = trimesh.Trimesh(v, f, process=False)
+        m.merge_vertices()
+        v, f = np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+    return v, f

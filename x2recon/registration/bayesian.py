@@ -45,6 +45,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import X2ReconInputError
 from .estep import EStepper, estep
 from .geodesic import geodesic_kernel
 from .inputs import load_pair
@@ -177,6 +178,11 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
         raise ValueError(f"tau must be in [0, 1], got {tau}")
     t0 = time.perf_counter()
     src, tgt = load_pair(source, target, source_faces)
+    if kernel == "geodesic" and "n" in transform and src.faces is None:
+        raise X2ReconInputError(src.name if src.name != "source" else None,
+                                "GBCPD's geodesic kernel walks along the source mesh's triangles, and the source "
+                                "is a point cloud (no faces): give the source as a mesh, or use --method bcpd or cpd "
+                                "(Euclidean Gaussian kernel), which take point clouds")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     mon = Monitor(progress, cancel)

@@ -1,7 +1,7 @@
 """Registration inputs: numpy arrays, trimesh meshes/point clouds or files → checked point sets.
 
-Mesh files go through ``x2recon.io.mesh.read_mesh`` (LPS mm, clear errors); point files may be
-``.npy`` or text (``.txt``/``.xyz``/``.csv``: one point a line, as Hirose's ``bcpd`` reads them).
+Mesh files go through ``x2recon.io.mesh.read_points`` (LPS mm, clear errors; a PLY/OBJ/OFF/VTK
+file without faces is a point cloud); point files may also be ``.npy`` or text (``.txt``/``.xyz``/``.csv``: one point a line, as Hirose's ``bcpd`` reads them).
 Every problem is an ``X2ReconInputError`` that names the file (or "source"/"target").
 """
 
@@ -25,12 +25,11 @@ class PointSet:
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    from ..io.mesh import MESH_SUFFIXES, read_mesh
+    from ..io.mesh import MESH_SUFFIXES, read_points
 
     suffix = path.suffix.lower()
-    if suffix in MESH_SUFFIXES:
-        m = read_mesh(path)
-        return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+    if suffix in MESH_SUFFIXES:  # a mesh, or a point cloud (PLY/OBJ/OFF/VTK without faces: faces None)
+        return read_points(path)
     if not path.is_file():
         raise X2ReconInputError(path, "file not found")
     if suffix not in POINT_SUFFIXES:

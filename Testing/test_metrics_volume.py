@@ -195,6 +195,12 @@ def test_volume_metrics_per_structure_groups_and_empty_labels():
     assert np.isnan(m.psnr) and set(m.to_dict()) >= {"dice", "hd95", "chamfer", "missing"}
     # labels=None: every id present in either map, keyed by id
     assert set(volume_metrics(None, None, pred, gt, SPACING).dice) == {1, 2, 3, 4}
+    # with a penalty a structure in only one map scores it (a miss stays in the mean); one in neither stays NaN
+    p = volume_metrics(None, None, pred, gt, SPACING, labels={"a": 1, "b": 2, "c": 3, "d": 4, "e": 5},
+                       empty_penalty=500.0)
+    assert p.hd95["c"] == p.chamfer["c"] == p.hd95["d"] == p.chamfer["d"] == 500.0
+    assert np.isnan(p.hd95["e"]) and p.missing == m.missing and p.hd95["a"] == m.hd95["a"]
+    assert p.mean_hd95 == pytest.approx(np.mean([m.hd95["a"], 0.0, 500.0, 500.0]))
 
 
 def test_volume_objects_use_their_spacing_in_array_order():

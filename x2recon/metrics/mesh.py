@@ -37,23 +37,35 @@ def _nearest(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def chamfer_l1(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
     """``(chamfer_l1, accuracy, completeness)`` between two point samples."""
-    acc = float(_nearest(pred, gt)[0].mean())
-    comp = float(_nearest(gt, pred)[0].mean())
+    return chamfer_from_distances(_nearest(pred, gt)[0], _nearest(gt, pred)[0])
+
+
+def chamfer_from_distances(d_pg: np.ndarray, d_gp: np.ndarray) -> tuple[float, float, float]:
+    """Chamfer-L1 from the nearest-neighbour distances pred → gt (accuracy) and gt → pred (completeness)."""
+    acc, comp = float(np.mean(d_pg)), float(np.mean(d_gp))
     return 0.5 * (acc + comp), acc, comp
 
 
 def normal_consistency(pred: np.ndarray, pred_n: np.ndarray, gt: np.ndarray, gt_n: np.ndarray) -> float:
-    _, i = _nearest(pred, gt)
-    a = np.abs(np.einsum("ij,ij->i", pred_n, gt_n[i])).mean()
-    _, j = _nearest(gt, pred)
-    b = np.abs(np.einsum("ij,ij->i", gt_n, pred_n[j])).mean()
+    return normal_consistency_of_pairs(pred_n, gt_n, _nearest(pred, gt)[1], _nearest(gt, pred)[1])
+
+
+def normal_consistency_of_pairs(pred_n: np.ndarray, gt_n: np.ndarray, i_pg: np.ndarray, i_gp: np.ndarray) -> float:
+    """ONet's normal consistency from the nearest-neighbour indices pred → gt (``i_pg``) and gt → pred."""
+    a = np.abs(np.einsum("ij,ij->i", pred_n, gt_n[i_pg])).mean()
+    b = np.abs(np.einsum("ij,ij->i", gt_n, pred_n[i_gp])).mean()
     return float(0.5 * (a + b))
 
 
 def fscore(pred: np.ndarray, gt: np.ndarray, tau: float) -> tuple[float, float, float]:
     """``(F, precision, recall)`` at distance threshold ``tau``."""
-    precision = float((_nearest(pred, gt)[0] < tau).mean())
-    recall = float((_nearest(gt, pred)[0] < tau).mean())
+    return fscore_from_distances(_nearest(pred, gt)[0], _nearest(gt, pred)[0], tau)
+
+
+def fscore_from_distances(d_pg: np.ndarray, d_gp: np.ndarray, tau: float) -> tuple[float, float, float]:
+    """``(F, precision, recall)`` from the nearest-neighbour distances pred → gt and gt → pred."""
+    precision = float((np.asarray(d_pg) < tau).mean())
+    recall = float((np.asarray(d_gp) < tau).mean())
     f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
     return f, precision, recall
 

@@ -23,9 +23,13 @@ the standard ones, chosen explicitly:
   ``metrics.mesh`` (ONet's Chamfer-L1); the sum convention is twice this.
 
 Empty structures never raise: Dice is NaN when the structure is in neither volume (nothing to score)
-and 0 when it is in only one; HD95 and CD are NaN when either is empty (no surface to measure to).
-Averages are means over the structures with a finite value; ``VolumeMetrics.missing`` says which
-structures were absent and where, so a NaN never hides.  The paper's tables print SSIM and Dice ×100.
+and 0 when it is in only one.  HD95 and CD of a structure in only one volume (a miss: the model
+predicts nothing where the ground truth has it; or a false positive) have no surface to measure to:
+they are NaN by default, or ``empty_penalty`` mm when one is given — the SPIDER evaluation passes the
+reconstruction box's diagonal, the largest distance two points of the box can have, so a miss counts
+as the worst boundary error instead of dropping out of the mean.  Averages are means over the
+structures with a finite value; ``VolumeMetrics.missing`` says which structures were absent and
+where, so a miss never hides.  The paper's tables print SSIM and Dice ×100.
 
 Spacing is given per array axis, in the array's axis order: for a ``Volume`` (array ``[z, y, x]``,
 spacing ``(sx, sy, sz)``) pass ``vol.spacing[::-1]``.
@@ -197,7 +201,7 @@ def _unwrap(volumes, spacing):
 
 def volume_metrics(pred_ct, gt_ct, pred_labels, gt_labels, spacing: Sequence[float] | None = None, labels=None,
                    *, hu_window: tuple[float, float] | None = HU_WINDOW, data_range: float | None = None,
-                   hd_mode: str = "pooled") -> VolumeMetrics:
+                   hd_mode: str = "pooled", empty_penalty: float | None = None) -> VolumeMetrics:
     """All of SPIDER's metrics for one case: CT (PSNR, SSIM) and per-structure Dice, HD95, CD.
 
     Inputs are arrays on one grid (``spacing`` per array axis) or ``Volume``s (then ``spacing``
@@ -206,7 +210,8 @@ def volume_metrics(pred_ct, gt_ct, pred_labels, gt_labels, spacing: Sequence[flo
     as one structure, as the paper's "Kidney" or "Vertebrae").  ``hu_window``: both CTs are clipped
     to it and its width is the data range; ``hu_window=None`` leaves them as they are and takes
     ``data_range`` (default: the reference's max − min).  Either pair of inputs may be None to skip
-    those metrics (their values are NaN)."""
+    those metrics (their values are NaN).  ``empty_penalty`` (mm): HD95 and CD of a structure in
+    only one of the two labelmaps (see the module doc); None leaves them NaN."""
     (pred_ct, gt_ct, pred_labels, gt_labels), spacing = _unwrap((pred_ct, gt_ct, pred_labels, gt_labels), spacing)
     out = VolumeMetrics(psnr=np.nan, ssim=np.nan)
     if pred_ct is not None and gt_ct is not None:
@@ -233,8 +238,10 @@ def volume_metrics(pred_ct, gt_ct, pred_labels, gt_labels, spacing: Sequence[flo
                 out.hd95[key] = _hd95(d1, d2, hd_mode)
                 out.chamfer[key] = float(0.5 * (d1.mean() + d2.mean()))
             else:
-                out.hd95[key] = out.chamfer[key] = np.nan
-                out.missing[key] = "both" if not (has_p or has_g) else ("pred" if has_g else "gt")
+                one_sided = has_p or has_g
+                out.hd95[key] = out.chamfer[key] = np.nan if empty_penalty is None or not one_sided \
+                    else float(empty_penalty)
+                out.missing[key] = "both" if not one_sided else ("pred" if has_g else "gt")
         out.mean_dice = _nanmean(out.dice.values())
         out.mean_hd95 = _nanmean(out.hd95.values())
         out.mean_chamfer = _nanmean(out.chamfer.values())

@@ -53,8 +53,10 @@ X2BR_ATTRIBUTE = "x2recon.x2br.refine"
 
 def metric_rows(tau: float = 0.02) -> list[tuple[str, str]]:
     """``(key, label)`` of the metrics table's rows, in the papers' order; units in the labels.
-    Chamfer-L1, accuracy/completeness and F-score are in box units (distances ÷ the reconstruction
-    box edge, as the papers normalise); per-axis errors after ICP and surface distances in mm."""
+    Chamfer-L1, accuracy/completeness and F-score are in box units: distances ÷ the reconstruction
+    box edge (the world frame scaled by one fixed length — not the papers' per-case normalisation of
+    each ground truth into the unit box, which ``x2recon compare --protocol paper`` and ``x2recon
+    evaluate`` report); per-axis errors after ICP and surface distances in mm."""
     t = f"{tau:g}"
     return [
         ("iou", "IoU"),
@@ -387,8 +389,9 @@ class X2BoneReconLogic:
         row per metric, units in the labels), and show the distance from each of the model's vertices
         to the reference surface on the model (point array ``"Distance (mm)"``, colour map, legend).
 
-        ``box_size``: the reconstruction box edge in mm that normalises Chamfer-L1 and F-score
-        (default: from the model's geometry attribute, else the chest default 384 mm);
+        ``box_size``: the reconstruction box edge in mm that Chamfer-L1 and F-score distances are
+        divided by (box units, not the papers' per-case unit box; default: from the model's geometry
+        attribute, else the chest default 384 mm);
         ``max_distance``: top of the colour range in mm (default: the 95th percentile of the distances).
         """
         from x2recon.metrics.mesh import mesh_metrics, vertex_distances
@@ -412,7 +415,7 @@ class X2BoneReconLogic:
         text = model_node.GetAttribute(GEOMETRY_ATTRIBUTE)
         if text:
             return ProjectionGeometry.from_json(text).box_size
-        log.info("X2BoneRecon: %s has no geometry; normalising by the default %g mm box",
+        log.info("X2BoneRecon: %s has no geometry; box units use the default %g mm box",
                  model_node.GetName(), CHEST_DEFAULTS["box_size"])
         return float(CHEST_DEFAULTS["box_size"])
 

@@ -8,8 +8,11 @@ without ``.partial`` is always complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 import traceback
@@ -83,6 +86,54 @@ def variant_seed(config: BuildConfig, base_id: str, variant: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
+def realism_seed(config: BuildConfig, case_id: str, view: str) -> int:
+    """Seed of one DRR's radiograph-like variation: the build seed, the case and the view."""
+    h = hashlib.sha256(f"{config.seed}:{case_id}:{view}:realism".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+#: OSError numbers after which no later case can be written either (the run stops, resumable).
+FATAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+def safe_case_id(name: str) -> str:
+    """A case id from any name: letters, digits and ``_ . + -`` only, no leading/trailing dots.
+
+    ``..``, ``.``, path separators and the ``.partial`` suffix can never reach a path, so a case
+    folder is always exactly ``cases/<id>``.
+    """
+    cid = _ID_UNSAFE.sub("_", str(name)).strip("._-")
+    if cid.endswith(".partial"):
+        cid = cid[: -len(".partial")] + "_partial"
+    return cid or "case"
+
+
+def case_paths(out_dir: Path, case_id: str) -> tuple[Path, Path]:
+    """``(out_dir/<id>, out_dir/<id>.partial)``; refuses an unsafe id or a symlinked case folder."""
+    if case_id != safe_case_id(case_id):
+        raise X2ReconInputError(None, f"case id {case_id!r} is not a plain name (letters, digits, _ . + -); "
+                                f"use e.g. {safe_case_id(case_id)!r}")
+    root = out_dir.resolve()
+    paths = (out_dir / case_id, out_dir / f"{case_id}.partial")
+    for p in paths:
+        if p.is_symlink():
+            raise X2ReconInputError(p, "case folder is a symbolic link; x2recon writes and deletes only real "
+                                    "folders inside the dataset: replace the link by a folder or remove it")
+        if p.resolve().parent != root:
+            raise X2ReconInputError(p, f"case folder resolves outside {root}")
+    return paths
+
+
+def remove_case_dir(path: Path, out_dir: Path) -> None:
+    """``rmtree`` a case folder, asserting first that it is a real folder directly inside ``out_dir``."""
+    path = Path(path)
+    if path.is_symlink() or path.resolve().parent != Path(out_dir).resolve() or path.name in ("", ".", ".."):
+        raise X2ReconInputError(path, f"refusing to delete: not a case folder inside {out_dir}")
+    shutil.rmtree(path)
+
+
 class _Stages:
     """Bookkeeping of finished stages in ``stages.json`` inside the partial folder."""
 
@@ -140,15 +191,38 @@ def _fingerprint(inp: CaseInput, config: BuildConfig) -> dict:
 
 
 def is_complete(case_dir: Path, inp: CaseInput, config: BuildConfig) -> bool:
-    """A finished case with the same inputs and settings (meta.json is written last)."""
-    meta = case_dir / "meta.json"
-    if not meta.exists():
+    """A finished case with the same inputs and settings whose files are all intact.
+
+    meta.json is written last; every file it lists must still exist with its recorded
+    checksum (a concurrent writer or a user may have removed or changed one), else the case
+    is rebuilt.
+    """
+    d = read_meta(case_dir)
+    if d is None or d.get("fingerprint") != _fingerprint(inp, config):
         return False
+    return verify_files(case_dir, d.get("files")) is None
+
+
+def read_meta(case_dir: Path) -> dict | None:
+    """A case folder's meta.json as a dict, or None when it is missing or unreadable."""
     try:
-        d = json.loads(meta.read_text())
-    except json.JSONDecodeError:
-        return False
-    return d.get("fingerprint") == _fingerprint(inp, config)
+        d = json.loads((case_dir / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def verify_files(case_dir: Path, files) -> str | None:
+    """None when every ``{relative path: sha256}`` file is present and intact, else what is wrong."""
+    if not isinstance(files, dict) or not files:
+        return "meta.json lists no files"
+    for rel, digest in files.items():
+        p = case_dir / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if sha256_file(p) != digest:
+            return f"{rel} does not match its checksum"
+    return None
 
 
 def _check_extent(ct: Volume) -> None:
@@ -186,7 +260,9 @@ def build_case(
     """Build one case into ``out_dir/<case_id>/``; never raises for bad input (status "failed").
 
     ``inp`` is a :class:`CaseInput`, a CT path, or a CT :class:`Volume` (then ``labels`` may be
-    a labelmap Volume too; the Slicer module passes nodes converted this way).
+    a labelmap Volume too; the Slicer module passes nodes converted this way).  Raises
+    :class:`X2ReconInputError` for what no other case could survive either: an unsafe case id,
+    a case folder that is a symlink, a full or read-only disk.
     """
     config = config or BuildConfig()
     t0 = time.time()
@@ -197,11 +273,9 @@ def build_case(
         inp = CaseInput(case_id or "case", ct=str(inp.path or ""), labels=None if lab_vol is not None or labels is None else str(labels))
     elif not isinstance(inp, CaseInput):
         p = Path(inp)
-        cid = case_id or (p.parent.name if p.name.startswith("ct.") else p.name.split(".")[0])
+        cid = case_id or safe_case_id(p.parent.name if p.name.startswith("ct.") else p.name.split(".")[0])
         inp = CaseInput(cid, str(p), None if labels is None else str(labels))
-    out_dir = Path(out_dir)
-    final = out_dir / inp.case_id
-    work = out_dir / f"{inp.case_id}.partial"
+    final, work = case_paths(Path(out_dir), inp.case_id)
     report = progress or (lambda f, m: None)
 
     def check_cancel():
@@ -217,197 +291,244 @@ def build_case(
         raise
     except X2ReconInputError as e:
         return CaseResult(inp.case_id, final, "failed", str(e), {}, time.time() - t0)
+    except OSError as e:
+        if _is_fatal(e, Path(out_dir)):  # no later case can be written either: stop the run, resumable
+            raise X2ReconInputError(e.filename or out_dir, f"cannot write: {e.strerror}; fix it and run "
+                                    "the same command again to resume") from None
+        return CaseResult(inp.case_id, final, "failed", _where(e), {}, time.time() - t0)
     except Exception as e:  # an unexpected failure is still reported per case, with where it happened
-        tb = traceback.extract_tb(e.__traceback__)[-1]
-        reason = f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})"
-        return CaseResult(inp.case_id, final, "failed", reason, {}, time.time() - t0)
+        return CaseResult(inp.case_id, final, "failed", _where(e), {}, time.time() - t0)
     if final.exists():
-        shutil.rmtree(final)
+        remove_case_dir(final, Path(out_dir))
     work.rename(final)
     report(1.0, "done")
     return CaseResult(inp.case_id, final, "done", None, meta, time.time() - t0)
 
 
-def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_cancel) -> dict:
-    from ..drr.boxes import class_names, structure_boxes, write_yolo_labels
-    from ..drr.render import render_drr, write_drr
-    from ..io.mesh import read_mesh, write_mesh
-    from ..mesh.extract import labelmap_to_meshes, merge_meshes, to_box_coords
-    from .augment import random_deformation
-    from .occupancy import sample_occupancy, save_points
-    from .segmentation import segment
-    from .spider_targets import resample_to_box
+def _is_fatal(e: OSError, out_dir: Path) -> bool:
+    """A full disk, or a dataset folder that cannot be written (not an unreadable input)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if e.errno not in FATAL_ERRNOS or not e.filename:
+        return False
+    return Path(os.path.abspath(e.filename)).is_relative_to(out_dir.resolve())
 
+
+def _where(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})"
+
+
+@dataclass
+class _Case:
+    """What the stages of one case share while it is built."""
+
+    inp: CaseInput
+    cfg: BuildConfig
+    work: Path
+    stages: "_Stages"
+    report: Progress
+    check_cancel: Callable[[], None]
+    ct: Volume | None = None
+    seg: Volume | None = None
+    names: dict = field(default_factory=dict)
+    iso: np.ndarray | None = None
+    t_stage: dict = field(default_factory=dict)
+
+    def geometry(self, view: str):
+        return self.cfg.geometry(view, self.iso)
+
+
+def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_cancel) -> dict:
+    """Run the stages in ``work``: each is skipped when its recorded outputs are intact."""
     work.mkdir(parents=True, exist_ok=True)
+    for leftover in work.rglob(".*.part*"):  # temporary files of writes a kill interrupted
+        leftover.unlink()
     if ct_vol is None:
         fp = _fingerprint(inp, config)
     else:  # volumes from memory (Slicer nodes): identify them by content
         digest = lambda v: None if v is None else hashlib.sha256(np.ascontiguousarray(v.array).data).hexdigest()
         fp = {"ct_sha256": digest(ct_vol), "labels_sha256": digest(lab_vol), "config": config.digest(),
               "variant": inp.variant, "version": __version__}
-    stages = _Stages(work, fp)
     cfg = config
     if inp.label_convention:
         cfg = BuildConfig.from_dict({**config.to_dict(), "label_convention": inp.label_convention})
-    t_stage: dict[str, float] = {}
+    c = _Case(inp, cfg, work, _Stages(work, fp), report, check_cancel)
+    for stage in (_stage_segment, _stage_meshes, _stage_occupancy, _stage_drr, _stage_spider):
+        t = time.time()
+        stage(c, ct_vol, lab_vol)
+        c.t_stage[stage.__name__.removeprefix("_stage_")] = time.time() - t
+    c.check_cancel()
+    return _write_meta(c, fp)
 
-    # ---- 1. load, segment (and deform for variants)
-    report(0.0, "reading CT")
-    seg_path = work / "segmentation.nii.gz"
-    seg_done = stages.finished("segment")  # checks the stored checksums once
-    if seg_done:
-        seg = read_labelmap(seg_path)
-        info = stages.info("segment")
-        names = {int(k): v for k, v in info["names"].items()}
-    t = time.time()
-    ct = ct_vol if ct_vol is not None else read_ct(inp.ct)
+
+def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
+    """1. read the CT (deformed for a variant) and segment it; the stored segmentation is used after."""
+    from .augment import random_deformation
+    from .segmentation import segment
+
+    c.report(0.0, "reading CT")
+    seg_path = c.work / "segmentation.nii.gz"
+    ct = ct_vol if ct_vol is not None else read_ct(c.inp.ct)
     _check_extent(ct)
-    if lab_vol is None and inp.labels:
-        lab_input = Path(inp.labels)
-    else:
-        lab_input = lab_vol
-    deformation = None
-    ct0 = ct
-    if inp.variant > 0:
-        deformation = random_deformation(variant_seed(cfg, inp.base_id, inp.variant), ct)
+    deformation, ct0 = None, ct
+    if c.inp.variant > 0:  # seeded by the case, never by process state: the same bytes in any run
+        deformation = random_deformation(variant_seed(c.cfg, c.inp.base_id, c.inp.variant), ct)
         ct = deformation.apply(ct, kind="ct")
-    if not seg_done:
-        check_cancel()
-        report(0.03, "segmenting")
-        seg, names, source = segment(ct0, lab_input, cfg)
+    c.ct = ct
+    if not c.stages.finished("segment"):
+        c.check_cancel()
+        c.report(0.03, "segmenting")
+        lab_input = Path(c.inp.labels) if lab_vol is None and c.inp.labels else lab_vol
+        seg, names, source = segment(ct0, lab_input, c.cfg)
         if deformation is not None:
             seg = deformation.apply(seg, kind="labels")
             present = set(np.unique(seg.array).tolist()) - {0}
             names = {k: v for k, v in names.items() if k in present}
-        iso = isocenter_of(seg, ct, cfg)
+        iso = isocenter_of(seg, ct, c.cfg)
         write_volume(seg, seg_path)
-        stages.mark(
-            "segment",
-            [seg_path],
-            {
-                "names": {str(k): v for k, v in names.items()},
-                "source": source,
-                "isocenter": iso.tolist(),
-                "missing": [s for s in cfg.structures if s not in names.values()],
-                "deformation": None if deformation is None else deformation.to_dict(),
-            },
-        )
-    info = stages.info("segment")
-    iso = np.array(info["isocenter"])
-    ref_geom = cfg.geometry("AP", iso)
-    t_stage["segment"] = time.time() - t
+        c.stages.mark("segment", [seg_path], {
+            "names": {str(k): v for k, v in names.items()},
+            "source": source,
+            "isocenter": iso.tolist(),
+            "missing": [s for s in c.cfg.structures if s not in names.values()],
+            "deformation": None if deformation is None else deformation.to_dict(),
+        })
+    # always the stored segmentation: a resumed run continues from exactly what a fresh run has
+    c.seg = read_labelmap(seg_path)
+    info = c.stages.info("segment")
+    c.names = {int(k): v for k, v in info["names"].items()}
+    c.iso = np.array(info["isocenter"])
 
-    # ---- 2. meshes
-    t = time.time()
-    mesh_dir = work / "meshes"
-    if not stages.finished("meshes"):
-        check_cancel()
-        report(0.1, "extracting meshes")
-        meshes, skipped = labelmap_to_meshes(seg, names, smoothing_iterations=cfg.smoothing_iterations)
-        if not meshes:
-            raise X2ReconInputError(inp.ct, "no structure is large enough for a mesh")
-        files = []
-        for name, m in meshes.items():
-            write_mesh(m, mesh_dir / f"{name}.ply")
-            files.append(mesh_dir / f"{name}.ply")
-        merged = merge_meshes(meshes)
-        write_mesh(merged, mesh_dir / "bones.ply")
-        write_mesh(to_box_coords(merged, ref_geom), mesh_dir / "bones_box.ply")
-        files += [mesh_dir / "bones.ply", mesh_dir / "bones_box.ply"]
-        stages.mark(
-            "meshes",
-            files,
-            {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": float(merged.volume)},
-        )
-    # always the stored mesh (float32 on disk): a resumed run samples exactly what a fresh run does
-    merged = read_mesh(mesh_dir / "bones.ply")
-    t_stage["meshes"] = time.time() - t
 
-    # ---- 3. occupancy samples
-    t = time.time()
-    pts_path = work / "points.npz"
-    if not stages.finished("occupancy"):
-        check_cancel()
-        report(0.25, "sampling occupancy")
-        pts, occ = sample_occupancy(
-            merged, ref_geom, n=cfg.n_points, near_surface_fraction=cfg.near_surface_fraction,
-            sigma=cfg.near_surface_sigma, seed=cfg.seed + inp.variant,
-        )
-        save_points(pts_path, pts, occ, box_size=ref_geom.box_size, isocenter=iso)
-        stages.mark("occupancy", [pts_path], {"inside_fraction": float(occ.mean())})
-    t_stage["occupancy"] = time.time() - t
+def _stage_meshes(c: _Case, *_) -> None:
+    """2. one watertight mesh per structure, the merged bones (LPS mm and normalised box)."""
+    from ..io.mesh import write_mesh
+    from ..mesh.extract import labelmap_to_meshes, merge_meshes, to_box_coords
+    from .box_coverage import outside_box_fractions
 
-    # ---- 4. DRRs and box labels per view
-    t = time.time()
-    img_dir, lbl_dir = work / "images", work / "labels"
-    classes = class_names("groups", cfg.structures)
-    views = cfg.view_names()
+    if c.stages.finished("meshes"):
+        return
+    c.check_cancel()
+    c.report(0.1, "extracting meshes")
+    mesh_dir = c.work / "meshes"
+    meshes, skipped = labelmap_to_meshes(c.seg, c.names, smoothing_iterations=c.cfg.smoothing_iterations)
+    if not meshes:
+        raise X2ReconInputError(c.inp.ct, "no structure is large enough for a mesh")
+    files = []
+    for name, m in meshes.items():
+        write_mesh(m, mesh_dir / f"{name}.ply")
+        files.append(mesh_dir / f"{name}.ply")
+    merged = merge_meshes(meshes)
+    write_mesh(merged, mesh_dir / "bones.ply")
+    write_mesh(to_box_coords(merged, c.geometry("AP")), mesh_dir / "bones_box.ply")
+    files += [mesh_dir / "bones.ply", mesh_dir / "bones_box.ply"]
+    c.stages.mark("meshes", files, {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": float(merged.volume),
+                                    "outside_box_fraction": outside_box_fractions(meshes, c.geometry("AP"), c.inp.case_id)})
+
+
+def _stage_occupancy(c: _Case, *_) -> None:
+    """3. occupancy samples of the stored (float32) merged mesh, as a resumed run sees it."""
+    from ..io.mesh import read_mesh
+    from .occupancy import sample_occupancy, save_points
+
+    pts_path = c.work / "points.npz"
+    if c.stages.finished("occupancy"):
+        return
+    c.check_cancel()
+    c.report(0.25, "sampling occupancy")
+    merged = read_mesh(c.work / "meshes" / "bones.ply")
+    ref = c.geometry("AP")
+    pts, occ = sample_occupancy(
+        merged, ref, n=c.cfg.n_points, near_surface_fraction=c.cfg.near_surface_fraction,
+        sigma=c.cfg.near_surface_sigma, seed=c.cfg.seed + c.inp.variant,
+    )
+    save_points(pts_path, pts, occ, box_size=ref.box_size, isocenter=c.iso)
+    c.stages.mark("occupancy", [pts_path], {"inside_fraction": float(occ.mean())})
+
+
+def _stage_drr(c: _Case, *_) -> None:
+    """4. per view: the DRR (full size and the X2B input size) and its box labels."""
+    from ..drr.boxes import class_names, structure_boxes, write_yolo_labels
+    from ..drr.render import render_drr, write_drr
+
+    img_dir, lbl_dir = c.work / "images", c.work / "labels"
+    classes = class_names("groups", c.cfg.structures)
+    views = c.cfg.view_names()
     for i, view in enumerate(views):
         stage = f"drr_{view}"
-        if stages.finished(stage):
+        if c.stages.finished(stage):
             continue
-        check_cancel()
-        report(0.35 + 0.5 * i / len(views), f"rendering DRR {view}")
-        geom = cfg.geometry(view, iso)
-        img = render_drr(ct, geom, device=cfg.device, clahe=cfg.clahe, clahe_clip=cfg.clahe_clip)
+        c.check_cancel()
+        c.report(0.35 + 0.5 * i / len(views), f"rendering DRR {view}")
+        geom, realism = c.geometry(view), None
+        if c.cfg.xray_realism:  # radiograph-like: the camera moves (labels follow), then the image varies
+            from ..drr.realism import perturb_geometry, sample_params
+
+            realism = sample_params(realism_seed(c.cfg, c.inp.case_id, view), geom.size)
+            geom = perturb_geometry(geom, realism)
+        img = render_drr(c.ct, geom, device=c.cfg.device, clahe=c.cfg.clahe, clahe_clip=c.cfg.clahe_clip)
+        if realism is not None:
+            from ..drr.realism import realistic_drr
+
+            img = realistic_drr(img, realism, clahe=c.cfg.clahe, clahe_clip=c.cfg.clahe_clip)
         files = write_drr(img, img_dir, view)
-        small = img.resized(cfg.x2b_size)
-        files += write_drr(small, img_dir, f"{view}_{cfg.x2b_size}")
-        boxes = structure_boxes(seg, names, geom)
+        files += write_drr(img.resized(c.cfg.x2b_size), img_dir, f"{view}_{c.cfg.x2b_size}")
+        boxes = structure_boxes(c.seg, c.names, geom)
         write_yolo_labels(boxes, classes, geom, lbl_dir / f"{view}.txt")
         box_json = lbl_dir / f"{view}.json"
-        atomic_write_text(
-            box_json,
-            json.dumps([b.to_dict() for b in boxes], indent=1),
-        )
-        stages.mark(stage, [Path(f) for f in files] + [lbl_dir / f"{view}.txt", box_json], {"mapping": img.mapping})
-    t_stage["drr"] = time.time() - t
+        atomic_write_text(box_json, json.dumps([b.to_dict() for b in boxes], indent=1))
+        c.stages.mark(stage, [Path(f) for f in files] + [lbl_dir / f"{view}.txt", box_json], {"mapping": img.mapping})
 
-    # ---- 5. SPIDER targets
-    t = time.time()
-    sp_dir = work / "spider"
-    if not stages.finished("spider"):
-        check_cancel()
-        report(0.9, "resampling SPIDER targets")
-        ct_box, seg_box = resample_to_box(ct, seg, iso, cfg.box_size, cfg.spider_grid)
-        write_volume(ct_box, sp_dir / "ct.nii.gz")
-        write_volume(seg_box, sp_dir / "labels.nii.gz")
-        stages.mark("spider", [sp_dir / "ct.nii.gz", sp_dir / "labels.nii.gz"])
-    t_stage["spider"] = time.time() - t
 
-    # ---- 6. meta.json (last: marks the case complete)
-    check_cancel()
+def _stage_spider(c: _Case, *_) -> None:
+    """5. CT and labels resampled into the reconstruction box (SPIDER's targets)."""
+    from .spider_targets import resample_to_box
+
+    sp_dir = c.work / "spider"
+    if c.stages.finished("spider"):
+        return
+    c.check_cancel()
+    c.report(0.9, "resampling SPIDER targets")
+    ct_box, seg_box = resample_to_box(c.ct, c.seg, c.iso, c.cfg.box_size, c.cfg.spider_grid)
+    write_volume(ct_box, sp_dir / "ct.nii.gz")
+    write_volume(seg_box, sp_dir / "labels.nii.gz")
+    c.stages.mark("spider", [sp_dir / "ct.nii.gz", sp_dir / "labels.nii.gz"])
+
+
+def _write_meta(c: _Case, fp: dict) -> dict:
+    """6. ``meta.json`` (last: marks the case complete) with every file's checksum."""
+    from ..drr.boxes import class_names
+
     files = {}
-    for rec in stages.done.values():
+    for rec in c.stages.done.values():
         files.update(rec["files"])
+    info = c.stages.info("segment")
+    views = c.cfg.view_names()
     meta = {
         "format": META_FORMAT,
-        "case_id": inp.case_id,
-        "base_id": inp.base_id,
-        "variant": inp.variant,
-        "inputs": {"ct": inp.ct, "labels": inp.labels},
+        "case_id": c.inp.case_id,
+        "base_id": c.inp.base_id,
+        "variant": c.inp.variant,
+        "inputs": {"ct": c.inp.ct, "labels": c.inp.labels},
         "fingerprint": fp,
-        "config": cfg.to_dict(),
-        "segmentation": {
-            "source": info["source"],
-            "names": info["names"],
-            "missing": info["missing"],
-        },
+        "config": c.cfg.to_dict(),
+        "segmentation": {"source": info["source"], "names": info["names"], "missing": info["missing"]},
         "deformation": info["deformation"],
-        "isocenter": iso.tolist(),
-        "box_size": cfg.box_size,
+        "isocenter": c.iso.tolist(),
+        "box_size": c.cfg.box_size,
         "views": views,
-        "classes": classes,
-        "meshes": stages.info("meshes"),
-        "occupancy": stages.info("occupancy"),
-        "drr_mapping": {v: stages.info(f"drr_{v}")["mapping"] for v in views},
+        "classes": class_names("groups", c.cfg.structures),
+        "meshes": c.stages.info("meshes"),
+        "occupancy": c.stages.info("occupancy"),
+        "drr_mapping": {v: c.stages.info(f"drr_{v}")["mapping"] for v in views},
         "files": files,
         "versions": versions(),
-        "seconds": t_stage,
+        "seconds": c.t_stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write_text(work / "meta.json", json.dumps(meta, indent=1, default=_json_default))
-    (work / "stages.json").unlink()
+    atomic_write_text(c.work / "meta.json", json.dumps(meta, indent=1, default=_json_default))
+    (c.work / "stages.json").unlink()
     return meta
 
 

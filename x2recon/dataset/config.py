@@ -9,6 +9,15 @@ from dataclasses import asdict, dataclass, field, fields
 from ..geometry import CHEST_DEFAULTS, ProjectionGeometry
 from ..structures import DEFAULT_STRUCTURES, resolve_structures
 
+#: What the X2BR paper states about its dataset, set by ``build-dataset --preset paper``: ribs, vertebrae and
+#: costal cartilages without scapulae (§4.1), 512² DRRs with CLAHE (§4.1) and 224² network inputs (§3.1),
+#: 100 000 occupancy points sampled uniformly as Occupancy Networks do (§3.3, §4.3), no augmentation (none is
+#: mentioned).  Our default differs in ``near_surface_fraction`` (0.5); the README lists why.
+PAPER_BUILD = {"structures": list(DEFAULT_STRUCTURES), "drr_size": 512, "x2b_size": 224, "clahe": True,
+               "n_points": 100_000, "near_surface_fraction": 0.0, "variants": 0,
+               "xray_realism": False}
+PRESETS = ("ours", "paper")
+
 
 @dataclass
 class BuildConfig:
@@ -30,6 +39,7 @@ class BuildConfig:
     isocenter: str = "structures"  # "structures" (centre of the selected bones) | "ct"
     clahe: bool = True
     clahe_clip: float = 0.01
+    xray_realism: bool = False  # radiograph-like variation per DRR (drr/realism.py); off: clean DRRs (paper)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     # meshes and occupancy
     smoothing_iterations: int = 0
@@ -41,6 +51,8 @@ class BuildConfig:
     # augmentation
     variants: int = 0
     seed: int = 0
+    # "ours" | "paper": the preset the settings started from (a label; the values above are what count)
+    preset: str = "ours"
 
     def __post_init__(self):
         self.structures = resolve_structures(self.structures)
@@ -52,6 +64,8 @@ class BuildConfig:
             raise ValueError(f"beam must be 'cone' or 'parallel', got {self.beam!r}")
         if self.n_points <= 0 or not 0 <= self.near_surface_fraction <= 1:
             raise ValueError("n_points must be > 0 and near_surface_fraction in [0, 1]")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.variants < 0:
             raise ValueError("variants must be >= 0")
         for v in self.views:
@@ -77,6 +91,14 @@ class BuildConfig:
             box_size=self.box_size,
         )
 
+    @classmethod
+    def from_preset(cls, preset: str = "ours", **explicit) -> "BuildConfig":
+        """The defaults (``ours``) or the paper's stated values (``paper``), then the ``explicit`` settings."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        base = PAPER_BUILD if preset == "paper" else {}
+        return cls(**{**base, **explicit, "preset": preset})
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -89,5 +111,8 @@ class BuildConfig:
         return cls(**d)
 
     def digest(self) -> str:
-        """Short hash of the settings: a case built with other settings is rebuilt."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Short hash of the settings: a case built with other settings is rebuilt.  The preset's name is
+        left out: the same values under another name are the same data.  ``xray_realism`` counts only when
+        on, so datasets built before it existed keep their digest."""
+        d = {k: v for k, v in self.to_dict().items() if k != "preset" and not (k == "xray_realism" and not v)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,15 +2,13 @@
 
 A network predicts occupancy only inside the imaging geometry's box, and its training samples come only
 from there; a bone that sticks out is cut silently.  A case records, per structure, the fraction of
-its volume outside the box (``meta.json`` → ``outside_box_fraction``), the build warns above 1 %, and
+its volume outside the box (``meta.json`` → ``meshes.outside_box_fraction``), the build warns above 1 %, and
 the evaluation scores against the ground truth cut to the same box (``metrics.protocol.Solid.clipped``).
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-
 import numpy as np
 import trimesh
 
@@ -50,7 +48,7 @@ def _to_trimesh(polydata) -> trimesh.Trimesh:
 
 def clip_solid(mesh: trimesh.Trimesh, lo, hi) -> trimesh.Trimesh:
     """The closed ``mesh`` ∩ the box ``lo``–``hi``, closed again by caps on the box's faces (VTK's
-    ``vtkClipClosedSurface``)."""
+    ``vtkClipClosedSurface``), as reconstructions are capped where bone leaves the box."""
     from vtkmodules.vtkFiltersGeneral import vtkClipClosedSurface
 
     from ..io.mesh import to_polydata
@@ -59,24 +57,6 @@ def clip_solid(mesh: trimesh.Trimesh, lo, hi) -> trimesh.Trimesh:
     clip.SetInputData(to_polydata(mesh))
     clip.SetClippingPlanes(_box_planes(lo, hi))
     clip.SetGenerateFaces(1)
-    clip.Update()
-    return _to_trimesh(clip.GetOutput())
-
-
-def clip_surface(mesh: trimesh.Trimesh, lo, hi) -> trimesh.Trimesh:
-    """The part of ``mesh``'s surface inside the box ``lo``–``hi``, triangles cut exactly at the box
-    (open there, like a reconstruction that meets the box wall)."""
-    from vtkmodules.vtkFiltersCore import vtkClipPolyData
-    from vtkmodules.vtkCommonDataModel import vtkPlanes
-
-    from ..io.mesh import to_polydata
-
-    planes = vtkPlanes()  # vtkPlanes' implicit function is < 0 inside the convex region (outward normals)
-    planes.SetBounds(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]), float(lo[2]), float(hi[2]))
-    clip = vtkClipPolyData()
-    clip.SetInputData(to_polydata(mesh))
-    clip.SetClipFunction(planes)
-    clip.InsideOutOn()  # keep where the function is ≤ 0
     clip.Update()
     return _to_trimesh(clip.GetOutput())
 
@@ -94,13 +74,11 @@ def outside_fraction(mesh: trimesh.Trimesh, lo, hi) -> float:
     return float(np.clip(1.0 - kept / total, 0.0, 1.0))
 
 
-def outside_box_fractions(mesh_dir: str | Path, structures, geometry, warn_case: str | None = None) -> dict:
-    """``{structure: fraction of its volume outside geometry's box}`` from ``mesh_dir/<structure>.ply``;
+def outside_box_fractions(meshes: dict, geometry, warn_case: str | None = None) -> dict:
+    """``{structure: fraction of its volume outside geometry's box}`` for ``meshes`` (name → closed mesh);
     warns (``UserWarning``, naming ``warn_case``) for each structure above :data:`WARN_FRACTION`."""
-    from ..io.mesh import read_mesh
-
     lo, hi = geometry.box_bounds()
-    out = {s: outside_fraction(read_mesh(Path(mesh_dir) / f"{s}.ply"), lo, hi) for s in structures}
+    out = {s: outside_fraction(m, lo, hi) for s, m in meshes.items()}
     big = {s: f for s, f in out.items() if f > WARN_FRACTION}
     if big:
         listed = ", ".join(f"{s} {100 * f:.1f} %" for s, f in sorted(big.items(), key=lambda x: -x[1]))

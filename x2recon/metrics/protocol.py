@@ -20,9 +20,9 @@ same surface samples serve both protocols (uniform by area stays uniform under a
 case's paper Chamfer-L1 is its world Chamfer-L1 divided by the ground truth's longest edge, and normal
 consistency is the same number in both.
 
-A ground truth may be *cut to a box* (:meth:`Solid.clipped`): its surface is clipped to the box
-(open where the box cuts it, as a reconstruction is) and its solid is the mesh ∩ box, so a
-structure partly outside the reconstruction box is scored on what the network could predict.
+A ground truth may be *cut to a box* (:meth:`Solid.clipped`): its solid is the mesh ∩ box and its
+surface that solid's, capped on the box's faces as a reconstruction is capped where bone leaves the
+box, so a structure partly outside the reconstruction box is scored on what the network could predict.
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ class Solid:
     @classmethod
     def clipped(cls, mesh: trimesh.Trimesh, lo, hi) -> "Solid":
         """``mesh`` cut to the axis-aligned box ``lo``–``hi`` (the mesh itself when it lies inside)."""
-        from ..dataset.box_coverage import clip_surface
+        from ..dataset.box_coverage import clip_solid
 
         lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
         if np.all(mesh.bounds[0] >= lo) and np.all(mesh.bounds[1] <= hi):
             return cls.whole(mesh)
-        return cls(mesh, clip_surface(mesh, lo, hi), lo, hi)
+        return cls(mesh, clip_solid(mesh, lo, hi), lo, hi)
 
     @property
     def is_clipped(self) -> bool:

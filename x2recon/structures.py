@@ -13,6 +13,10 @@ from importlib import resources
 #: The paper's default bone set (X2BR §4.1): ribs, vertebrae and costal cartilages; no scapulae.
 DEFAULT_STRUCTURES = ("ribs", "vertebrae", "costal_cartilages")
 
+#: All bone of a CT as one structure, defined from HU (``dataset/skeleton.py``) on labelled and unlabelled
+#: CTs alike.  Not a TotalSegmentator class, so it cannot be combined with named structures.
+SKELETON = "skeleton"
+
 
 @lru_cache(maxsize=None)
 def totalseg_v2() -> dict[int, str]:
@@ -72,12 +76,19 @@ def group_of(name: str) -> str:
 def resolve_structures(spec) -> list[str]:
     """Expand a structure spec (names and/or group names, list or comma string) to names.
 
+    ``skeleton`` (all bone from HU) stands alone.
+
     Raises ``ValueError`` naming any unknown entry.
     """
     if spec is None:
         spec = DEFAULT_STRUCTURES
     if isinstance(spec, str):
         spec = [s for s in (x.strip() for x in spec.split(",")) if s]
+    if SKELETON in spec:
+        if len(spec) != 1:
+            raise ValueError(f"'{SKELETON}' (all bone from HU) is one structure on its own; it cannot be "
+                             f"combined with {[x for x in spec if x != SKELETON]}")
+        return [SKELETON]
     known = set(totalseg_v2().values())
     g = groups()
     out: list[str] = []

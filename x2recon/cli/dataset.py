@@ -117,7 +117,9 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    "threshold: HU fallback that names no anatomy (default: %(default)s)")
     g.add_argument("--structures", type=_structures, default=argparse.SUPPRESS,
                    help=preset_help(pre, "structures", "TotalSegmentator names and/or groups (ribs, vertebrae, "
-                   "cervical, thoracic, lumbar, scapulae, sternum, costal_cartilages, ...)"))
+                   "cervical, thoracic, lumbar, scapulae, sternum, costal_cartilages, ...), or skeleton: all bone as one "
+                   "structure from HU (no table, contrast vessels or spinal canal; the same on labelled and "
+                   "unlabelled CTs, needs no labels)"))
     g.add_argument("--label-convention", default=d.label_convention, choices=["totalseg", "verse"],
                    help="label ids of the given labelmaps: TotalSegmentator v2 or VerSe vertebra numbers")
     g.add_argument("--threshold-hu", type=float, default=d.threshold_hu,

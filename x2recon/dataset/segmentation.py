@@ -1,4 +1,5 @@
-"""Bone segmentation input: labelmaps, per-structure masks, TotalSegmentator, or an HU fallback.
+"""Bone segmentation input: labelmaps, per-structure masks, TotalSegmentator, or an HU fallback;
+``--structures skeleton`` is all bone from HU (``skeleton.py``) whatever labels exist.
 
 Every source ends in the same form: ``seg`` on the CT grid with values ``1..K`` indexing
 ``names`` (TotalSegmentator names of the selected structures), 0 elsewhere.
@@ -13,7 +14,7 @@ import numpy as np
 
 from ..errors import X2ReconInputError
 from ..io.volume import VOLUME_SUFFIXES, Volume, read_labelmap
-from ..structures import LABEL_CONVENTIONS
+from ..structures import LABEL_CONVENTIONS, SKELETON
 
 #: Name of the single structure the HU-threshold fallback produces (not a TotalSegmentator class).
 THRESHOLD_NAME = "bone_threshold"
@@ -122,6 +123,16 @@ def segment(ct: Volume, labels, config) -> tuple[Volume, dict[int, str], str]:
     """
     mode = config.segmentation
     wanted = list(config.structures)
+    if wanted == [SKELETON]:  # one HU definition for labelled and unlabelled CTs: labels are not used
+        if mode not in ("auto", "threshold"):
+            raise X2ReconInputError(ct.path, f"--structures skeleton is defined from HU; --segmentation {mode} "
+                                             "does not apply (use auto)")
+        from .skeleton import skeleton_from_ct
+
+        seg_arr, names, source = skeleton_from_ct(ct)
+        if not names:
+            raise X2ReconInputError(ct.path, "no bone found (no voxel passes the skeleton rules; is this a CT in HU?)")
+        return ct.with_array(seg_arr), names, source
     if mode == "auto":
         if labels is not None:
             mode = "labels"

@@ -65,21 +65,34 @@ def main(argv: list[str] | None = None) -> int:
     reject a value — print ``x2recon <command>: error: ...`` and return 2; anything else (a bug) keeps
     its traceback."""
     parser = build_parser()
-    a = parser.parse_args(argv)
-    if not getattr(a, "func", None):
-        parser.print_help()
-        return 2
+    try:
+        try:
+            a = parser.parse_args(argv)
+        except SystemExit:  # --help, --version, usage errors: flush here so a closed pipe is caught below
+            sys.stdout.flush()
+            raise
+        if not getattr(a, "func", None):
+            parser.print_help()
+            sys.stdout.flush()
+            return 2
+        return _run(a)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # as if killed by SIGPIPE, which is what a reader that stops early means
+
+
+def _run(a) -> int:
+    """The command, with the expected failures turned into one-line errors (see ``main``)."""
     try:
         code = a.func(a)
         sys.stdout.flush()  # a closed pipe (x2recon info ... | head -1) fails here, not at exit
         return code
     except BrokenPipeError:
-        _silence_stdout()
-        return 141  # as if killed by SIGPIPE, which is what a reader that stops early means
+        raise
     except (KeyboardInterrupt, CancelledError):
         print(f"x2recon {a.command}: cancelled; run the same command again to resume", file=sys.stderr)
         return 130
-    except (X2ReconInputError, OSError) as e:
+    except (X2ReconInputError, OSError) as e:  # BrokenPipeError (an OSError) is re-raised above
         return _error(a, e)
     except ValueError as e:
         if not _raised_by_x2recon(e):

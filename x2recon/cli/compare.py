@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import non_negative_int, positive_float, positive_int
+
 
 def cmd_compare(a) -> int:
     from ..errors import X2ReconInputError
@@ -40,9 +42,10 @@ def add_parsers(sub) -> None:
                     "(after ICP) are in mm in both. Meshes: STL, PLY, OBJ, OFF or VTK in the same frame.")
     p.add_argument("pred", help="the reconstruction's mesh file")
     p.add_argument("gt", help="the ground-truth mesh file (closed)")
-    p.add_argument("--protocol", choices=["paper", "world"], default="paper")
-    p.add_argument("--points", type=int, default=100_000, help="surface samples per mesh and IoU points")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    p.add_argument("--tau", type=float, help="F-score threshold (default: 0.02 in paper units; 7.68 mm in world, "
+    p.add_argument("--protocol", choices=["paper", "world"], default="paper",
+                   help="paper: the ground truth normalised to a unit longest edge; world: millimetres")
+    p.add_argument("--points", type=positive_int, default=100_000, help="surface samples per mesh and IoU points")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the samples")
+    p.add_argument("--tau", type=positive_float, help="F-score threshold (default: 0.02 in paper units; 7.68 mm in world, "
                                              "0.02 of the default 384 mm box as 'evaluate' uses)")
     p.set_defaults(func=cmd_compare)

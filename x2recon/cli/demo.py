@@ -29,6 +29,6 @@ def add_parsers(sub) -> None:
     d.add_argument("--out", default="x2recon-demo", type=output_dir, help="output folder")
     d.add_argument("--model", help="checkpoint (default: the bundled demo model)")
     d.add_argument("--data", help="sample data folder (default: ../shared/data or $X2RECON_SHARED_DATA)")
-    d.add_argument("--resolution", type=mise_resolution, default=256)
-    d.add_argument("--device", default="auto", type=device)
+    d.add_argument("--resolution", type=mise_resolution, default=256, help="final MISE grid, cells per side (32·2^k)")
+    d.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
     d.set_defaults(func=cmd_demo)

@@ -44,7 +44,7 @@ def add_parsers(sub) -> None:
                                    "Chamfer-L1, F-score, normal consistency, maxe/maye/maze in mm; SPIDER: PSNR, "
                                    "SSIM, Dice, HD95, CD).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
     p.add_argument("--split", default="test", help="train, val, test or all")
     p.add_argument("--views", default="", help="X2B: views to reconstruct from (default: the model's training views)")

@@ -14,5 +14,5 @@ def cmd_info(a) -> int:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's config (architecture, geometry, training, versions)")
-    p.add_argument("model")
+    p.add_argument("model", help="checkpoint (.safetensors)")
     p.set_defaults(func=cmd_info)

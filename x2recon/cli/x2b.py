@@ -18,11 +18,11 @@ def cmd_train(a) -> int:
     from ..train.common import TrainSettings
     from ..x2b.train import train_x2b
 
-    views = views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
+    view_list = views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
     cfg = X2BConfig(kind=a.network, backbone=a.backbone, image_size=a.image_size, latent_dim=a.latent_dim,
                     hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features, fourier=a.fourier,
                     local_stages=[int(x) for x in a.local_stages.split(",") if x.strip()],
-                    attention_heads=a.heads, views=views, drop_path_rate=a.drop_path)
+                    attention_heads=a.heads, views=view_list, drop_path_rate=a.drop_path)
     settings = TrainSettings(out=a.out, epochs=a.epochs, max_steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                              workers=a.workers, seed=a.seed, device=a.device, amp=a.amp, compile=a.compile,
                              val_every=a.val_every, save_every=a.save_every, resume=a.resume, progress=not a.quiet,
@@ -46,7 +46,7 @@ def add_x2b_train_parsers(tsub) -> None:
         g = p.add_argument_group("architecture")
         g.add_argument("--backbone", default="convnext_base", help="timm model name (paper: convnext_base)")
         g.add_argument("--pretrained", help="local backbone weights file (nothing is downloaded)")
-        g.add_argument("--image-size", type=positive_int, default=224)
+        g.add_argument("--image-size", type=positive_int, default=224, help="network input size, pixels per side")
         g.add_argument("--latent-dim", type=non_negative_int, default=0, help="0: the backbone's descriptor size (paper)")
         g.add_argument("--hidden", type=positive_int, default=256, help="decoder width, neurons")
         g.add_argument("--blocks", type=positive_int, default=5, help="decoder residual blocks")
@@ -62,9 +62,9 @@ def add_x2b_train_parsers(tsub) -> None:
         g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training split")
         g.add_argument("--steps", type=non_negative_int, default=0, help="stop after this many steps (0: epochs decide)")
         g.add_argument("--batch-size", type=positive_int, default=32, help="global batch (split over torchrun processes)")
-        g.add_argument("--lr", type=positive_float, default=1e-4)
+        g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
         g.add_argument("--points", type=positive_int, default=2048, help="occupancy samples per item")
-        g.add_argument("--no-augment", action="store_true")
+        g.add_argument("--no-augment", action="store_true", help="no image augmentation")
         g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (initialisation, sampling)")
         g = p.add_argument_group("running")
         g.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")

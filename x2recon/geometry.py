@@ -45,6 +45,10 @@ CHEST_DEFAULTS: dict[str, Any] = dict(
     kind="cone",
 )
 
+#: Largest detector side (pixels) and the source's least distance from the detector plane (mm).
+MAX_SIDE = 16384
+MIN_SOURCE_DISTANCE_MM = 1.0
+
 NAMED_VIEWS = {"AP": (0.0, False), "LAT": (90.0, False), "PA": (180.0, True)}
 
 GEOMETRY_FORMAT = "x2recon.ProjectionGeometry/1"
@@ -78,15 +82,17 @@ class ProjectionGeometry:
         object.__setattr__(self, "isocenter", _vec(self.isocenter, "isocenter"))
         u, v = _vec(self.u, "u"), _vec(self.v, "v")
         if abs(np.linalg.norm(u) - 1) > 1e-6 or abs(np.linalg.norm(v) - 1) > 1e-6 or abs(u @ v) > 1e-6:
-            raise ValueError("ProjectionGeometry: u and v must be orthonormal detector directions")
+            raise ValueError(f"ProjectionGeometry: u and v must be orthonormal detector directions "
+                             f"(|u| = {np.linalg.norm(u):.6g}, |v| = {np.linalg.norm(v):.6g}, u·v = {u @ v:.6g})")
         object.__setattr__(self, "u", u)
         object.__setattr__(self, "v", v)
         sp = tuple(float(s) for s in self.spacing)
-        sz = tuple(int(s) for s in self.size)
-        if len(sp) != 2 or min(sp) <= 0:
+        if len(sp) != 2 or not all(math.isfinite(s) and s > 0 for s in sp):
             raise ValueError(f"ProjectionGeometry: pixel spacing must be two positive numbers, got {self.spacing!r}")
-        if len(sz) != 2 or min(sz) <= 0:
-            raise ValueError(f"ProjectionGeometry: size must be (width, height) > 0, got {self.size!r}")
+        if len(self.size) != 2 or not all(float(s) == int(s) and 1 <= int(s) <= MAX_SIDE for s in self.size):
+            raise ValueError(f"ProjectionGeometry: size must be (width, height), whole numbers of pixels in "
+                             f"1…{MAX_SIDE}, got {self.size!r}")
+        sz = tuple(int(s) for s in self.size)
         if sz[0] * sz[1] > MAX_PIXELS:  # before any detector-sized array is allocated
             raise ValueError(f"ProjectionGeometry: a {sz[0]}×{sz[1]} detector is over the {MAX_PIXELS:,}-pixel limit")
         object.__setattr__(self, "spacing", sp)
@@ -96,10 +102,23 @@ class ProjectionGeometry:
         if float(self.box_size) <= 0:
             raise ValueError("ProjectionGeometry: box_size must be positive")
         object.__setattr__(self, "box_size", float(self.box_size))
-        if abs(self.normal @ np.cross(self.u, self.v)) < 1e-6:
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """The source off the detector plane (≥ 1 mm), the beam not parallel to it, and the
+        isocentre (the patient) between source and detector — not behind either."""
+        d = self.detector_center - self.source
+        height = abs(d @ np.cross(self.u, self.v))  # the source's distance from the detector plane
+        if height < MIN_SOURCE_DISTANCE_MM:
+            raise ValueError(f"ProjectionGeometry: the source lies on the detector plane ({height:.3g} mm from "
+                             f"it); it must be at least {MIN_SOURCE_DISTANCE_MM:g} mm in front of the detector")
+        if height < 1e-6 * np.linalg.norm(d):
             raise ValueError("ProjectionGeometry: the beam must not be parallel to the detector")
-        if (self.detector_center - self.source) @ self.normal <= 0:
-            raise ValueError("ProjectionGeometry: the detector must lie in front of the source")
+        depth = (self.isocenter - self.source) @ self.plane_normal
+        if not 0 < depth < height:
+            raise ValueError(f"ProjectionGeometry: the isocentre must lie between the source and the detector "
+                             f"({depth:.1f} mm from the source along the beam, detector at {height:.1f} mm): "
+                             "the source or the detector is on the wrong side of the patient")
 
     # ------------------------------------------------------------------ construction
     @classmethod

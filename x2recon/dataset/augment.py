@@ -221,7 +221,6 @@ class Deformation:
         linear interpolation reproduces exactly), then each slice is a lerp of two planes.
         """
         import torch
-        import torch.nn.functional as F
 
         nodes, disp = coarse
         nk, nj, ni = shape_kji
@@ -233,8 +232,8 @@ class Deformation:
         lo = np.clip(np.floor(t).astype(int), 0, max(mk - 2, 0))
         c0, c1 = int(lo.min()), min(int(lo.max()) + 1, mk - 1)
         planes = disp[:, c0 : c1 + 1].permute(1, 0, 2, 3)  # (planes, 3, nodes_j, nodes_i)
-        if tuple(planes.shape[2:]) != (nj, ni):
-            planes = F.interpolate(planes, size=(nj, ni), mode="bilinear", align_corners=True)
+        if tuple(planes.shape[2:]) != (nj, ni):  # bilinear, align_corners=True
+            planes = _upsample_linear(_upsample_linear(planes, 2, nj), 3, ni)
         planes = (planes.permute(0, 2, 3, 1) * s).contiguous()  # (planes, nj, ni, 3), scaled
         planes[..., 0] += torch.arange(ni, dtype=torch.float32) * s[0] - shift
         planes[..., 1] += (torch.arange(nj, dtype=torch.float32) * s[1] - shift)[:, None]
@@ -371,6 +370,28 @@ class Deformation:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"invalid deformation record: {e}") from None
+
+
+def _upsample_linear(t, dim: int, n_out: int):
+    """Linear resampling of ``t`` along ``dim`` to ``n_out`` samples, end points kept (as
+    ``align_corners=True``).  Only element-wise ops: the result is the same bytes whatever
+    torch's thread count (``F.interpolate``'s CPU kernel rounds differently with more threads,
+    which made a variant depend on what the process had run before)."""
+    import torch
+
+    n_in = t.shape[dim]
+    if n_in == n_out:
+        return t
+    if n_in == 1:
+        return t.expand(*[n_out if d == dim else -1 for d in range(t.dim())]).contiguous()
+    pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 2)
+    shape = [1] * t.dim()
+    shape[dim] = n_out
+    w = torch.from_numpy((pos - lo).astype(np.float32)).reshape(shape)
+    a = t.index_select(dim, torch.from_numpy(lo))
+    b = t.index_select(dim, torch.from_numpy(lo + 1))
+    return a + (b - a) * w
 
 
 def random_deformation(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -18,8 +20,9 @@ from typing import Callable, Iterable
 from ..errors import CancelledError, X2ReconInputError
 from ..io.atomic import atomic_write_text
 from ..io.volume import VOLUME_SUFFIXES
-from .case import CaseInput, CaseResult, build_case, versions
+from .case import CaseInput, CaseResult, build_case, read_meta, safe_case_id, sha256_file, verify_files, versions
 from .config import BuildConfig
+from .lock import dataset_lock
 
 MANIFEST_FORMAT = "x2recon.manifest/1"
 CT_NAMES = tuple(f"ct{s}" for s in VOLUME_SUFFIXES)
@@ -47,16 +50,28 @@ def _is_volume(p: Path) -> bool:
     return p.is_file() and p.name.endswith(VOLUME_SUFFIXES)
 
 
+def _norm(p: Path) -> Path:
+    """Absolute path with ``.``/``..`` removed lexically (names only; symlinks are not followed)."""
+    return Path(os.path.normpath(os.path.abspath(p)))
+
+
+def _anchor(ct: Path) -> tuple[Path, str]:
+    """The path whose name is the case id (``<folder>/ct.nii.gz`` → the folder) and that name."""
+    n = _norm(ct)
+    if n.name in CT_NAMES:
+        return n.parent, n.parent.name
+    if ct.is_dir():
+        return n, n.name
+    cid = n.name
+    for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if cid.endswith(s):
+            return n, cid[: -len(s)]
+    return n, cid
+
+
 def _case_from_ct(ct: Path, labels: Path | None = None) -> CaseInput:
     """A case id from the file (``<folder>/ct.nii.gz`` → folder name) and labels found beside it."""
-    if ct.name in CT_NAMES or ct.is_dir():
-        cid = ct.parent.name if ct.is_file() else ct.name
-    else:
-        cid = ct.name
-        for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-            if cid.endswith(s):
-                cid = cid[: -len(s)]
-                break
+    cid = safe_case_id(_anchor(ct)[1])
     conv = None
     if labels is None and ct.is_file() and ct.name in CT_NAMES:
         for name, c in LABEL_NAMES.items():
@@ -68,6 +83,39 @@ def _case_from_ct(ct: Path, labels: Path | None = None) -> CaseInput:
     elif labels is not None and "verse" in labels.name:
         conv = "verse"
     return CaseInput(cid, str(ct), None if labels is None else str(labels), conv)
+
+
+def unique_ids(cases: list[CaseInput]) -> None:
+    """Make case ids unique, deterministically: a CT whose id another CT also derives is named
+    by as many of its parent folders as it takes (``siteA/x/ct.nii.gz``, ``siteB/x/ct.nii.gz`` →
+    ``siteA_x``, ``siteB_x``).  The same CT given twice is refused."""
+    seen: dict[Path, str] = {}
+    for c in cases:
+        key = _norm(Path(c.ct))
+        if key in seen:
+            raise X2ReconInputError(c.ct, "CT given twice (also as " + seen[key] + "); give each CT once")
+        seen[key] = c.ct
+    groups: dict[str, list[CaseInput]] = {}
+    for c in cases:
+        groups.setdefault(c.case_id, []).append(c)
+    for cid, group in groups.items():
+        if len(group) < 2:
+            continue
+        anchors = [_anchor(Path(c.ct))[0] for c in group]
+        for depth in range(1, max(len(a.parts) for a in anchors)):
+            names = [safe_case_id("_".join(a.parts[-1 - depth : -1] + (cid,))) for a in anchors]
+            if len(set(names)) == len(names):
+                break
+        else:  # e.g. x.nii.gz and x.nii beside each other
+            raise X2ReconInputError(group[1].ct, f"derives the same case id {cid!r} as {group[0].ct}; "
+                                    "rename one, or put each CT in its own folder")
+        for c, n in zip(group, names):
+            c.case_id = n
+    ids = [c.case_id for c in cases]
+    clash = sorted({i for i in ids if ids.count(i) > 1})
+    if clash:  # a disambiguated name equals another CT's own id
+        raise X2ReconInputError(None, f"case ids {clash} are derived from more than one CT; rename the CT files "
+                                "or folders so that each gives its own id")
 
 
 def discover(cts: Iterable[str | Path], labels: Iterable[str | Path] | None = None) -> list[CaseInput]:
@@ -82,13 +130,16 @@ def discover(cts: Iterable[str | Path], labels: Iterable[str | Path] | None = No
         p = Path(item)
         if not p.exists():
             raise X2ReconInputError(p, "CT input not found")
+        if not (p.is_file() or p.is_dir()) or (p.is_file() and not stat.S_ISREG(p.stat().st_mode)):
+            raise X2ReconInputError(p, "not a regular file or folder (a device, FIFO or socket); "
+                                    "give CT files, folders or .txt lists")
         if p.is_file() and p.suffix == ".txt":
             for line in p.read_text().splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
                 parts = line.split("\t")
-                ctp = (p.parent / parts[0]).resolve() if not Path(parts[0]).is_absolute() else Path(parts[0])
+                ctp = Path(parts[0]) if Path(parts[0]).is_absolute() else _norm(p.parent / parts[0])
                 lp = None
                 if len(parts) > 1 and parts[1].strip():
                     lp = Path(parts[1].strip())
@@ -115,13 +166,7 @@ def discover(cts: Iterable[str | Path], labels: Iterable[str | Path] | None = No
     if labels and len(labels) != len(found):
         raise X2ReconInputError(None, f"{len(labels)} labelmaps given for {len(found)} CTs: give one per CT, in order")
     cases = [_case_from_ct(c, Path(lab) if labels else lp) for (c, lp), lab in zip(found, labels or [None] * len(found))]
-    ids = [c.case_id for c in cases]
-    dup = {i for i in ids if ids.count(i) > 1}
-    if dup:
-        # make ids unique by the parent folder name
-        for c in cases:
-            if c.case_id in dup:
-                c.case_id = f"{Path(c.ct).parent.name}_{c.case_id}"
+    unique_ids(cases)
     return cases
 
 
@@ -182,11 +227,13 @@ def _write_status(out: Path, inp: CaseInput, res: CaseResult) -> None:
     }
     meta = res.case_dir / "meta.json"
     if rec["status"] == "done" and meta.exists():
-        from .case import sha256_file
-
         rec["meta_sha256"] = sha256_file(meta)
         rec["files"] = len(res.meta.get("files", {}))
-    atomic_write_text(out / "status" / f"{res.case_id}.json", json.dumps(rec, indent=1))
+    try:
+        atomic_write_text(out / "status" / f"{res.case_id}.json", json.dumps(rec, indent=1))
+    except OSError as e:
+        raise X2ReconInputError(out / "status", f"cannot write the case's status ({e.strerror}); fix it and "
+                                "run the same command again to resume") from None
 
 
 def build_dataset(
@@ -200,20 +247,47 @@ def build_dataset(
     progress: bool = True,
     cancel: Callable[[], bool] | None = None,
     on_case: Callable[[CaseResult, int, int], None] | None = None,
+    wait: bool = False,
 ) -> Summary:
-    """Build every case (after variants and sharding) into ``out``; resumable and idempotent."""
-    from tqdm.auto import tqdm
+    """Build every case (after variants and sharding) into ``out``; resumable and idempotent.
 
+    Holds the dataset's writer lock (:mod:`.lock`) throughout: a second writer refuses at once,
+    or with ``wait`` waits for the first.
+    """
     config = config or BuildConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(out)
     if isinstance(shard, str):
         shard = parse_shard(shard)
     cases = select_shard(expand_variants(inputs, config.variants), shard)
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        clash = sorted({i for i in ids if ids.count(i) > 1})
+        raise X2ReconInputError(None, f"case ids {clash} occur more than once (a CT's id equals another's "
+                                "variant id?); rename the CT files or folders")
+    with dataset_lock(out, shard=shard, wait=wait):
+        return _build_locked(cases, out, config, workers, dask, progress, cancel, on_case)
+
+
+def prepare_out(out: str | Path) -> Path:
+    """The dataset folder, created if needed; a clear error when it is a file or not writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise X2ReconInputError(out, "--out exists and is not a folder")
+    try:
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out / "cases"):  # the one test that also holds for root
+            pass
+    except OSError as e:
+        raise X2ReconInputError(out, f"cannot write the dataset folder ({e.strerror})") from None
+    return out
+
+
+def _build_locked(cases, out: Path, config, workers, dask, progress, cancel, on_case) -> Summary:
+    from tqdm.auto import tqdm
+
     summary = Summary()
     t0 = time.time()
     bar = tqdm(total=len(cases), desc="cases", unit="case", disable=not progress, position=0)
-
     finished = [0]
 
     def record(inp: CaseInput, res: CaseResult):
@@ -228,32 +302,70 @@ def build_dataset(
         if on_case:
             on_case(res, finished[0], len(cases))
 
+    ok = False
     try:
         if dask:
             _run_dask(cases, out, config, dask, record)
         elif workers > 1:
             _run_pool(cases, out, config, workers, record, cancel)
         else:
-            for inp in cases:
-                if cancel and cancel():
-                    raise CancelledError("cancelled")
-                case_bar = tqdm(total=100, desc=inp.case_id, leave=False, disable=not progress, position=1,
-                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-
-                def prog(f, msg, _b=case_bar):
-                    _b.n = int(100 * f)
-                    _b.set_postfix_str(msg)
-                    _b.refresh()
-
-                res = build_case(inp, out / "cases", config=config, progress=prog, cancel=cancel)
-                case_bar.close()
-                _write_status(out, inp, res)
-                record(inp, res)
+            _run_serial(cases, out, config, record, progress, cancel)
+        ok = True
     finally:
         bar.close()
         summary.seconds = time.time() - t0
-        write_manifest(out, config)
+        try:
+            write_manifest(out, config, _locked=True)
+        except OSError as e:
+            if ok:  # after a failure, that failure is the one to report
+                raise X2ReconInputError(out, f"cannot write the manifest ({e.strerror}); run "
+                                        "'x2recon manifest' once fixed") from None
     return summary
+
+
+def _run_serial(cases, out: Path, config, record, progress, cancel) -> None:
+    from tqdm.auto import tqdm
+
+    for inp in cases:
+        if cancel and cancel():
+            raise CancelledError("cancelled")
+        case_bar = tqdm(total=100, desc=inp.case_id, leave=False, disable=not progress, position=1,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+        def prog(f, msg, _b=case_bar):
+            _b.n = int(100 * f)
+            _b.set_postfix_str(msg)
+            _b.refresh()
+
+        res = build_case(inp, out / "cases", config=config, progress=prog, cancel=cancel)
+        case_bar.close()
+        _write_status(out, inp, res)
+        record(inp, res)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool-worker initializer: the kernel kills this worker when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``), so a killed build leaves no orphan writing into the dataset; where
+    prctl is missing, a thread polls the parent instead."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _run_pool(cases, out, config, workers, record, cancel):
@@ -261,7 +373,8 @@ def _run_pool(cases, out, config, workers, record, cancel):
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as ex:
         pending = {ex.submit(_run_one, c, str(out), config.to_dict(), threads): c for c in cases}
         try:
             while pending:
@@ -294,18 +407,38 @@ def _run_dask(cases, out, config, address, record):
 # --------------------------------------------------------------------------- manifest
 
 
-def write_manifest(out: str | Path, config: BuildConfig | None = None) -> dict:
-    """Aggregate ``status/*.json`` into ``manifest.json``, ``splits/`` and the YOLO ``dataset.yaml``."""
+def write_manifest(out: str | Path, config: BuildConfig | None = None, *, wait: bool = False,
+                   _locked: bool = False) -> dict:
+    """Aggregate ``status/*.json`` into ``manifest.json``, ``splits/`` and the YOLO ``dataset.yaml``.
+
+    Refuses a missing folder or one that is not a dataset (creates nothing then).  A dataset
+    without ``status/`` (e.g. copied without it) gets its status records rebuilt from the cases'
+    ``meta.json``; an unreadable status record is reported in ``manifest["problems"]`` and skipped.
+    Takes the dataset's writer lock unless the caller (a build) holds it.
+    """
     out = Path(out)
+    if not out.is_dir():
+        raise X2ReconInputError(out, "dataset folder not found" if not out.exists() else "not a folder")
+    if not any((out / n).exists() for n in ("status", "cases", "manifest.json")):
+        raise X2ReconInputError(out, "not an x2recon dataset (no status/, cases/ or manifest.json)")
+    if not _locked:
+        with dataset_lock(out, wait=wait, what="manifest"):
+            return write_manifest(out, config, _locked=True)
+    problems: list[str] = []
+    if not (out / "status").is_dir() and (out / "cases").is_dir() and any((out / "cases").iterdir()):
+        problems += _status_from_cases(out)
     recs = []
     for p in sorted((out / "status").glob("*.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        rec, why = _read_status(p)
+        if rec is None:
+            problems.append(f"{p}: {why}; skipped (rebuild that case or delete the file)")
             continue
-        # a status says done only while its case folder is complete
-        if rec["status"] == "done" and not (out / "cases" / rec["case_id"] / "meta.json").exists():
-            rec["status"], rec["reason"] = "failed", "case folder missing or incomplete"
+        # a status says done only while its case folder is complete and intact
+        if rec["status"] == "done":
+            meta = read_meta(out / "cases" / rec["case_id"])
+            bad = "meta.json missing or unreadable" if meta is None else verify_files(out / "cases" / rec["case_id"], meta.get("files"))
+            if bad:
+                rec["status"], rec["reason"] = "failed", f"case folder incomplete: {bad}"
         recs.append(rec)
     done = [r for r in recs if r["status"] == "done"]
     splits = make_splits(done)
@@ -326,6 +459,7 @@ def write_manifest(out: str | Path, config: BuildConfig | None = None) -> dict:
     manifest = {
         "format": MANIFEST_FORMAT,
         "cases": recs,
+        "problems": problems,
         "counts": {s: sum(r["status"] == s for r in recs) for s in ("done", "failed")},
         "splits": {k: len(v) for k, v in splits.items()},
         "classes": classes,
@@ -336,6 +470,44 @@ def write_manifest(out: str | Path, config: BuildConfig | None = None) -> dict:
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
+
+
+_STATUS_KEYS = {"case_id": str, "base_id": str, "variant": int, "status": str}
+
+
+def _read_status(p: Path) -> tuple[dict | None, str]:
+    """A status record, or (None, what is wrong with it)."""
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable status record ({type(e).__name__})"
+    if not isinstance(rec, dict):
+        return None, "status record is not a JSON object"
+    for key, typ in _STATUS_KEYS.items():
+        if not isinstance(rec.get(key), typ):
+            return None, f"status record lacks {key!r}"
+    if rec["case_id"] != safe_case_id(rec["case_id"]) or rec["status"] not in ("done", "failed"):
+        return None, "status record has an invalid case_id or status"
+    return rec, ""
+
+
+def _status_from_cases(out: Path) -> list[str]:
+    """Rebuild ``status/`` from the finished case folders' meta.json (a dataset copied without it)."""
+    problems = []
+    for case in sorted(p for p in (out / "cases").glob("*") if p.is_dir() and not p.name.endswith(".partial")):
+        meta = read_meta(case)
+        if meta is None or meta.get("case_id") != case.name:
+            problems.append(f"{case}: no readable meta.json; not in the manifest")
+            continue
+        bad = verify_files(case, meta.get("files"))
+        rec = {"case_id": case.name, "base_id": meta.get("base_id", case.name), "variant": int(meta.get("variant", 0)),
+               "ct": meta.get("inputs", {}).get("ct"), "labels": meta.get("inputs", {}).get("labels"),
+               "status": "failed" if bad else "done", "reason": bad, "seconds": None,
+               "meta_sha256": sha256_file(case / "meta.json"), "files": len(meta.get("files") or {}),
+               "rebuilt_from": "meta.json"}
+        atomic_write_text(out / "status" / f"{case.name}.json", json.dumps(rec, indent=1))
+    problems.append(f"{out / 'status'} was missing: rebuilt from the case folders' meta.json")
+    return problems
 
 
 def make_splits(done: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, list[str]]:

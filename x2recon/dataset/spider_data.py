@@ -72,7 +72,7 @@ class _TargetCache:
         ct_path, lab_path = folder / "spider" / "ct.nii.gz", folder / "spider" / "labels.nii.gz"
         if not ct_path.is_file():
             raise X2ReconInputError(ct_path, "missing: the case has no SPIDER targets (rebuild the dataset)")
-        ct = read_ct(ct_path).array.astype(np.int16)
+        ct = read_ct(ct_path, spacing_range=None).array.astype(np.int16)  # the box grid: any spacing
         lab = read_labelmap(lab_path).array
         if lab.shape != ct.shape:
             raise X2ReconInputError(lab_path, f"labels {lab.shape} and CT {ct.shape} are on different grids")

@@ -1,0 +1,69 @@
+"""One writer per dataset: an advisory ``flock`` on ``<dataset>/.lock`` held while building.
+
+A whole build (or ``x2recon manifest``) holds the lock exclusively.  A sharded build (``--shard
+K/N``) holds it shared, plus ``.lock.shard-K-of-N`` exclusively: shards on many machines still
+write into one folder together, while a second copy of the same shard, an unsharded build or a
+manifest rewrite refuses (or waits with ``wait=True``).  The lock file names its holder (pid,
+host, time), so the refusal says who to wait for.  The kernel drops the lock when the holder
+dies, so a killed build never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..errors import X2ReconInputError
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process (unknown pid)"
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise X2ReconInputError(path.parent, f"cannot write the dataset folder ({e.strerror})") from None
+
+
+def _acquire(path: Path, exclusive: bool, wait: bool, what: str) -> int:
+    fd = _open(path)
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            os.close(fd)
+            raise X2ReconInputError(
+                path.parent, f"dataset is in use by {_holder(path)}; wait for it to finish, or pass --wait "
+                "to wait for it") from None
+        fcntl.flock(fd, mode)
+    # informational: who holds it (with shared holders, the latest of them)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"x2recon {what}, pid {os.getpid()} on {socket.gethostname()} since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def dataset_lock(out: str | Path, *, shard: tuple[int, int] | None = None, wait: bool = False, what: str = "build"):
+    """Hold ``out``'s writer lock (see module docstring) for the ``with`` block."""
+    out = Path(out)
+    fds = []
+    try:
+        fds.append(_acquire(out / ".lock", shard is None, wait, what))
+        if shard is not None:
+            fds.append(_acquire(out / f".lock.shard-{shard[0]}-of-{shard[1]}", True, wait, what))
+        yield
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)  # closing the descriptor releases its flock

@@ -8,6 +8,7 @@ Subcommands (``x2recon <command> --help`` explains each):
   reconstruct     X-ray(s) → bone mesh (MISE) with a trained model
   spider          frontal + lateral X-rays → CT volume and labelmap (SPIDER)
   evaluate        a model on a dataset split: per-case CSV and the papers' tables
+  compare         two mesh files: IoU, Chamfer-L1, F-score, NC, maxe/maye/maze (paper or world protocol)
   info            a checkpoint's config
   demo            the whole pipeline on the bundled sample data with the bundled demo model
   register        move a source mesh onto a target: CPD, BCPD, GBCPD/GBCPD++ (template refinement)
@@ -24,7 +25,7 @@ from .. import __version__
 from ..errors import CancelledError, X2ReconInputError
 
 #: command modules, each with ``add_parsers(sub)``; order = order in ``x2recon --help``
-COMMAND_MODULES = ("dataset", "train", "x2b", "spider", "evaluate", "info", "demo", "register", "x2br")
+COMMAND_MODULES = ("dataset", "train", "x2b", "spider", "evaluate", "compare", "info", "demo", "register", "x2br")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,7 +114,8 @@ def probability_below_one(s: str) -> float:
 def mise_resolution(s: str) -> int:
     """A MISE grid: 32·2^k (32, 64, 128, 256, 512, ...)."""
     v = _number(int, s)
-    _check(v >= 32 and (v // 32) & (v // 32 - 1) == 0 and v % 32 == 0, s, "32·2^k (32, 64, 128, 256, 512)")
+    if not (v >= 32 and (v // 32) & (v // 32 - 1) == 0 and v % 32 == 0):
+        raise argparse.ArgumentTypeError(f"the MISE resolution must be 32·2^k (32, 64, 128, 256, 512), got {s!r}")
     return v
 
 
@@ -196,8 +197,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     breaks written into a description stay."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, "", argparse.SUPPRESS):
+        text, d = action.help or "", action.default
+        if "default" in text.lower() or d is None or d is False or d is argparse.SUPPRESS or d == "":
             return text
         return super()._get_help_string(action)
 

@@ -218,6 +218,18 @@ def test_killing_a_parallel_build_leaves_no_worker_writing(tmp_path, chest_half)
                 os.kill(p, signal.SIGKILL)
 
 
+def test_input_errors_cross_the_worker_process_boundary():
+    """A worker's X2ReconInputError (a full disk, say) reaches the parent as itself: before, its
+    two-argument constructor made unpickling fail and the pool reported a different error."""
+    import pickle
+
+    from x2recon.nn.checkpoint import CheckpointError
+
+    for e in (X2ReconInputError("/ds/cases", "cannot write"), X2ReconInputError(None, "x"), CheckpointError("/c", "d")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.path == e.path
+
+
 # ------------------------------------------------------------------ 4 and 10. the same bytes, whatever happened
 def test_deformation_does_not_depend_on_torch_threads(chest_half):
     import torch

@@ -17,6 +17,10 @@ class X2ReconInputError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):
+        # picklable with its two arguments: a --workers process or a Dask worker raises it to the parent
+        return type(self), (self.path, self.problem)
+
 
 class CancelledError(RuntimeError):
     """A long operation was cancelled by the user (progress callback returned False)."""

@@ -91,7 +91,7 @@ def _run(a) -> int:
     except BrokenPipeError:
         raise
     except (KeyboardInterrupt, CancelledError):
-        print(f"x2recon {a.command}: cancelled; run the same command again to resume", file=sys.stderr)
+        print(f"x2recon {_command(a)}: cancelled; run the same command again to resume", file=sys.stderr)
         return 130
     except (X2ReconInputError, OSError) as e:  # BrokenPipeError (an OSError) is re-raised above
         return _error(a, e)
@@ -107,8 +107,13 @@ def _error(a, e: BaseException) -> int:
         text = where + (e.strerror or str(e))
     else:
         text = str(e)
-    print(f"x2recon {a.command}: error: {text}", file=sys.stderr)
+    print(f"x2recon {_command(a)}: error: {text}", file=sys.stderr)
     return 2
+
+
+def _command(a) -> str:
+    """The command as typed, with its sub-command ("train x2b", "template build"), as argparse names it."""
+    return " ".join(str(p) for p in (a.command, getattr(a, "network", None), getattr(a, "template_command", None)) if p)
 
 
 def _raised_by_x2recon(e: BaseException) -> bool:

@@ -7,10 +7,37 @@ import json
 import sys
 from pathlib import Path
 
+from ..resources import model_arg
 from .common import (device, resume, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
                      positive_float, positive_int, probability)
-from .common import ProgressLines, views
+from .common import ProgressLines, add_preset_option, apply_preset, default_workers, preset_help, views
 from .x2br import need_x2br_inputs, write_x2br
+
+#: ``train x2b|x2b2`` options a preset sets.  Paper (X2BR §3.1, §3.3, §3.4, §4.3): ConvNeXt-B (1024-d latent)
+#: on 224² DRRs, no pixel-aligned or Fourier features (ONet's raw coordinates), Adam lr 1e-4 (PyTorch's
+#: betas/ε, no weight decay), 2 048 points per sample, τ = 0.2, no augmentation (none is mentioned).
+#: Batch size and epochs are not stated.
+TRAIN_PRESETS = {
+    "backbone": {"ours": "convnext_base", "paper": "convnext_base"},
+    "image_size": {"ours": 224, "paper": 224},
+    "latent_dim": {"ours": 0, "paper": 0},
+    "local_features": {"ours": False, "paper": False},
+    "fourier": {"ours": 0, "paper": 0},
+    "lr": {"ours": 1e-4, "paper": 1e-4},
+    "points": {"ours": 2048, "paper": 2048},
+    "threshold": {"ours": 0.2, "paper": 0.2},
+    "augment": {"ours": True, "paper": False},
+}
+
+
+def _warn_dataset_sampling(data, preset: str) -> None:
+    """The occupancy samples are the dataset's: say so when ``--preset paper`` trains on near-surface ones."""
+    from ..dataset.torch_data import dataset_build_config
+
+    frac = float(dataset_build_config(Path(data)).get("near_surface_fraction", 0.0))
+    if preset == "paper" and frac > 0:
+        print(f"warning: {data} was built with {frac:.0%} near-surface occupancy samples; the paper samples "
+              "uniformly (x2recon build-dataset --preset paper)", file=sys.stderr)
 
 
 def cmd_train(a) -> int:
@@ -18,17 +45,19 @@ def cmd_train(a) -> int:
     from ..train.common import TrainSettings
     from ..x2b.train import train_x2b
 
+    apply_preset(a, TRAIN_PRESETS)
+    _warn_dataset_sampling(a.data, a.preset)
     view_list = views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
     cfg = X2BConfig(kind=a.network, backbone=a.backbone, image_size=a.image_size, latent_dim=a.latent_dim,
                     hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features, fourier=a.fourier,
                     local_stages=[int(x) for x in a.local_stages.split(",") if x.strip()],
-                    attention_heads=a.heads, views=view_list, drop_path_rate=a.drop_path)
+                    attention_heads=a.heads, views=view_list, drop_path_rate=a.drop_path, threshold=a.threshold)
     settings = TrainSettings(out=a.out, epochs=a.epochs, max_steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                              workers=a.workers, seed=a.seed, device=a.device, amp=a.amp, compile=a.compile,
                              val_every=a.val_every, save_every=a.save_every, resume=a.resume, progress=not a.quiet,
                              threads=a.threads)
     summary = train_x2b(a.data, settings, cfg, n_points=a.points, pretrained=a.pretrained, train_split=a.train_split,
-                        val_split=a.val_split, augment=not a.no_augment)
+                        val_split=a.val_split, augment=a.augment, preset=a.preset)
     if summary.get("stopped"):
         print(f"stopped at step {summary['steps']}; run the same command again to resume", file=sys.stderr)
         return 130
@@ -43,17 +72,23 @@ def add_x2b_train_parsers(tsub) -> None:
         p = tsub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
         p.add_argument("--out", required=True, type=output_dir, help="run folder: checkpoints, log.jsonl, tensorboard/")
+        add_preset_option(p, "the X2BR paper states (§3.1–3.4, §4.3: ConvNeXt-B at 224², no local or Fourier "
+                          "features, Adam 1e-4, 2 048 points, τ 0.2, no augmentation)")
+        pre, keep = TRAIN_PRESETS, argparse.SUPPRESS
         g = p.add_argument_group("architecture")
-        g.add_argument("--backbone", default="convnext_base", help="timm model name (paper: convnext_base)")
+        g.add_argument("--backbone", default=keep, help=preset_help(pre, "backbone", "timm model name"))
         g.add_argument("--pretrained", help="local backbone weights file (nothing is downloaded)")
-        g.add_argument("--image-size", type=positive_int, default=224, help="network input size, pixels per side")
-        g.add_argument("--latent-dim", type=non_negative_int, default=0, help="0: the backbone's descriptor size (paper)")
+        g.add_argument("--image-size", type=positive_int, default=keep, help=preset_help(pre, "image_size"))
+        g.add_argument("--latent-dim", type=non_negative_int, default=keep,
+                       help=preset_help(pre, "latent_dim", "0: the backbone's descriptor size"))
         g.add_argument("--hidden", type=positive_int, default=256, help="decoder width, neurons")
         g.add_argument("--blocks", type=positive_int, default=5, help="decoder residual blocks")
-        g.add_argument("--local-features", action="store_true",
-                       help="add pixel-aligned features sampled at each point's projection (beyond the paper)")
+        g.add_argument("--local-features", action=argparse.BooleanOptionalAction, default=keep,
+                       help=preset_help(pre, "local_features", "pixel-aligned features sampled at each point's "
+                                        "projection (beyond the paper)"))
         g.add_argument("--local-stages", default="1,2", help="encoder stages the pixel-aligned features come from")
-        g.add_argument("--fourier", type=non_negative_int, default=0, help="octaves of sin/cos point features (0: raw coordinates, paper)")
+        g.add_argument("--fourier", type=non_negative_int, default=keep,
+                       help=preset_help(pre, "fourier", "octaves of sin/cos point features (0: raw coordinates)"))
         g.add_argument("--heads", type=positive_int, default=8, help="X2B2 cross-attention heads")
         g.add_argument("--drop-path", type=probability, default=0.0, help="stochastic depth rate of the backbone, 0–1")
         g.add_argument("--views", default="", help="views to train on (X2B: default every rendered view; "
@@ -62,16 +97,23 @@ def add_x2b_train_parsers(tsub) -> None:
         g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training split")
         g.add_argument("--steps", type=non_negative_int, default=0, help="stop after this many steps (0: epochs decide)")
         g.add_argument("--batch-size", type=positive_int, default=32, help="global batch (split over torchrun processes)")
-        g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
-        g.add_argument("--points", type=positive_int, default=2048, help="occupancy samples per item")
-        g.add_argument("--no-augment", action="store_true", help="no image augmentation")
+        g.add_argument("--lr", type=positive_float, default=keep, help=preset_help(pre, "lr", "Adam learning rate"))
+        g.add_argument("--points", type=positive_int, default=keep, help=preset_help(pre, "points", "occupancy samples per item"))
+        g.add_argument("--threshold", type=float, default=keep,
+                       help=preset_help(pre, "threshold", "occupancy probability τ of the surface (validation IoU; "
+                                        "reconstruct's default)"))
+        g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=keep,
+                       help=preset_help(pre, "augment", "image augmentation (gamma, contrast, noise, in-plane shift "
+                                        "that the geometry follows)"))
         g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (initialisation, sampling)")
         g = p.add_argument_group("running")
         g.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")
         g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                        help="mixed precision (auto: bf16 on CUDA, off on CPU)")
         g.add_argument("--compile", action="store_true", help="torch.compile the network")
-        g.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes per GPU")
+        g.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                       help="data-loading processes per training process "
+                            "(default: CPU cores − 1, at most 4: %(default)s here)")
         g.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads per process (0: torch default)")
         g.add_argument("--train-split", default="train", help="split to train on (splits/<name>.txt)")
         g.add_argument("--val-split", default="val", help="'' to skip validation")
@@ -89,9 +131,13 @@ def cmd_reconstruct(a) -> int:
     from ..io.xray import read_xray
 
     dev = resolve_device(a.device)
-    xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry)]  # inputs first: cheap, before the model loads
+    xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry, pixel_spacing=a.pixel_spacing, sdd=a.sdd,
+                       sod=a.sod)]  # inputs first: cheap, before the model loads
     if a.lateral:
         xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry))
+    for path, x in zip((a.xray, a.lateral), xrays):  # what the geometry is and where it came from, never silent
+        if x.placement is not None and (x.placement.assumed or not a.quiet):
+            print(f"{Path(path).name}: {x.placement.text()}")
     if a.refine == "template":
         need_x2br_inputs(a)
     model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
@@ -101,7 +147,7 @@ def cmd_reconstruct(a) -> int:
         share = 0.6 if a.refine == "template" else 1.0
         rec = reconstruct(model, xrays, resolution=a.resolution, threshold=a.threshold, device=dev, faces=a.faces,
                           refine_steps=a.refine_steps, network_normals=a.network_normals,
-                          progress=lambda f, m: prog(share * f, m))
+                          watertight=not a.no_watertight, progress=lambda f, m: prog(share * f, m))
         if a.refine == "template":
             from ..x2br.detection import Detector
             from ..x2br.template import load_library
@@ -134,12 +180,19 @@ def add_parsers(sub) -> None:
                                    "2D NIfTI/NRRD/MHA. The mesh is written in LPS millimetres in the X-ray's geometry.")
     p.add_argument("--xray", required=True, help="the (frontal) X-ray")
     p.add_argument("--lateral", help="the lateral X-ray (X2B2 models)")
-    p.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="checkpoint (.safetensors), or 'demo': the bundled X2B demo model "
+                        "(x2recon/resources/models/x2b_demo.safetensors; trained on one patient, not clinical)")
     p.add_argument("--out", required=True, type=output_file, help="mesh file: .stl, .ply, .obj, .off or .vtk")
     p.add_argument("--view", default="AP", help="view of --xray when it has no geometry file: AP, PA, LAT or degrees")
     p.add_argument("--lateral-view", default="LAT", help="view of --lateral when it has no geometry file: LAT or degrees")
     p.add_argument("--geometry", help="geometry JSON of --xray (overrides <stem>.json)")
     p.add_argument("--lateral-geometry", help="geometry JSON of --lateral")
+    p.add_argument("--pixel-spacing", type=positive_float, help="detector pixel spacing of --xray, mm (default: "
+                   "DICOM ImagerPixelSpacing, else estimated from the lung fields; printed)")
+    p.add_argument("--sdd", type=positive_float, help="source–detector distance of --xray, mm (default: DICOM, else 1800)")
+    p.add_argument("--sod", type=positive_float, help="source–patient (isocentre) distance of --xray, mm (default: "
+                   "DICOM, else 1600)")
     p.add_argument("--resolution", type=mise_resolution, default=256, help="final MISE grid, cells per side (32·2^k)")
     p.add_argument("--threshold", type=probability, default=None, help="occupancy threshold τ (default: the model's, 0.2)")
     p.add_argument("--faces", type=non_negative_int, default=0, help="simplify to about this many triangles (pyfqmr; 0: off)")
@@ -154,6 +207,9 @@ def add_parsers(sub) -> None:
                    help="template registration (X2BR: GBCPD++; CPD is the paper's baseline)")
     p.add_argument("--conf", type=probability, default=0.25, help="detection confidence threshold, 0–1")
     p.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-watertight", action="store_true",
+                   help="keep marching cubes' raw surface (open at the box border, every speck); by default the "
+                        "mesh is closed, manifold and without pieces under 50 mm³")
     p.add_argument("--render", type=output_file, help="also write a PNG rendering of the mesh here")
     p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,13 +5,21 @@ greyscale PNGs, DICOM radiographs, and 2D NIfTI/NRRD/MHA images — each turned 
 ``image`` (H, W) float32 in [0, 1], bone bright, row 0 at the top, and a ``ProjectionGeometry``
 whose ``size`` is (W, H).  Files that are not already display images (DICOM, NIfTI, …) are mapped
 as the dataset builder maps DRRs (robust linear window, then CLAHE), so the network sees what it
-was trained on.  Without a geometry file the named view's default chest geometry is used, with the
-file's pixel spacing (and a DICOM's source distances) where it has them.
+was trained on.  DICOM CR/DX: ImagerPixelSpacing (else PixelSpacing), DistanceSourceToDetector/-Patient,
+MONOCHROME1 inverted, the VOI window (WindowCenter/WindowWidth) applied; a VOI LUT *sequence* is not
+read (SimpleITK does not expose it): the robust window then stands in.
+
+Without a geometry file the X-ray is *placed* (:func:`place_xray`), never silently given the chest
+default: its lung fields are found and the detector is scaled (when the pixel spacing is unknown) and
+shifted so that they land where the training patient's lungs lie in the training DRRs.  What was
+assumed comes back as ``XRay.placement`` (``Placement.text()`` is printed by ``x2recon reconstruct``
+and shown by the Slicer panel); ``--pixel-spacing``, ``--sdd``, ``--sod`` or ``--geometry`` override it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +30,46 @@ from .image import read_grey_2d, read_png
 
 MIN_SIZE = 32
 PNG_SUFFIXES = (".png",)
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+#: The training patient's lung fields (chest_lidc0001, TotalSegmentator lung lobes) in the patient plane,
+#: relative to its imaging isocentre (the centre of the default structures): width (left–right extent) and
+#: centre (LPS x, z) in mm.  An X-ray without geometry is scaled and shifted to put its lungs there.
+TRAINING_LUNGS = {"width_mm": 251.7, "centre_mm": (-2.8, 17.5)}
+
+
+@dataclass
+class Placement:
+    """How an X-ray was put into the model's geometry: each value and where it came from."""
+
+    method: str  # "geometry file" | "lung fields" | "centred"
+    pixel_mm: float
+    sdd: float
+    sod: float
+    shift_px: tuple[float, float] = (0.0, 0.0)
+    sources: dict = field(default_factory=dict)  # "pixel_mm" / "sdd" / "sod" / "position" → where from
+    lungs_px: tuple[int, int, int, int] | None = None  # (left, right, top, bottom) found in the image
+
+    @property
+    def assumed(self) -> bool:
+        """True when any value is an estimate or a default rather than read or given."""
+        return any(v.startswith(("assumed", "estimated")) for v in self.sources.values())
+
+    def text(self) -> str:
+        head = ("geometry: " + ("ASSUMED — " if self.assumed else "") + f"{self.method}; pixel {self.pixel_mm:.3f} mm, "
+                f"SDD {self.sdd:.0f} mm, SOD {self.sod:.0f} mm, shift ({self.shift_px[0]:+.1f}, {self.shift_px[1]:+.1f}) px")
+        lines = [head] + [f"  {k}: {v}" for k, v in self.sources.items()]
+        if self.assumed:
+            lines.append("  give the real values with --pixel-spacing MM --sdd MM --sod MM, or --geometry FILE.json")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["assumed"] = self.assumed
+        return d
 
 
 @dataclass
@@ -31,6 +77,7 @@ class XRay:
     image: np.ndarray  # (H, W) float32 in [0, 1]
     geometry: ProjectionGeometry
     source: str = "array"
+    placement: Placement | None = None  # how the geometry was obtained (None: given with the array)
 
     @property
     def view_name(self) -> str:
@@ -83,6 +130,95 @@ def default_geometry(view: str | float, width: int, height: int, *, pixel_mm: fl
     return g
 
 
+def _walk(p: np.ndarray, start: int, step: int, level: float) -> int:
+    i = start
+    while 0 <= i + step < len(p) and p[i] < level:
+        i += step
+    return i
+
+
+def lung_fields(img: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(left, right, top, bottom)`` pixel extent of the lung fields of a frontal chest image (bone
+    bright), from intensity profiles: the two dark valleys either side of the bright mediastinum in the
+    upper-middle rows, each followed outwards to half the rise to the chest wall, and the same
+    vertically over the lung columns.  None when the image does not show two lung fields."""
+    from scipy import ndimage
+
+    H, W = img.shape
+    g = ndimage.gaussian_filter(np.asarray(img, np.float64), 0.01 * min(H, W))
+    band = g[int(0.2 * H): int(0.6 * H)].mean(0)
+    inside = np.flatnonzero(band > 0.25 * band.max())  # not the air beside a DRR's body
+    if inside.size < 3:
+        return None
+    a0, a1 = int(inside.min()), int(inside.max())
+    lo, hi = max(int(0.35 * W), a0 + 1), min(int(0.65 * W), a1 - 1)
+    if hi <= lo:
+        return None
+    peak = lo + int(np.argmax(band[lo:hi]))
+    lv = a0 + int(np.argmin(band[a0:peak]))
+    rv = peak + int(np.argmin(band[peak:a1 + 1]))
+    depth = band[peak] - max(band[lv], band[rv])
+    if depth < 0.05 * (band.max() - band.min() + 1e-9):  # no mediastinum between two dark fields
+        return None
+    left = _walk(band, lv, -1, band[lv] + 0.5 * (band[:lv + 1].max() - band[lv]))
+    right = _walk(band, rv, 1, band[rv] + 0.5 * (band[rv:].max() - band[rv]))
+    half = max(int(0.05 * W), 1)
+    cols = np.r_[max(lv - half, 0): lv + half, rv - half: min(rv + half, W)]
+    prof = g[:, cols].mean(1)
+    vrow = int(0.1 * H) + int(np.argmin(prof[int(0.1 * H): int(0.8 * H)]))
+    top = _walk(prof, vrow, -1, prof[vrow] + 0.5 * (prof[:vrow + 1].max() - prof[vrow]))
+    bottom = _walk(prof, vrow, 1, prof[vrow] + 0.5 * (prof[vrow:].max() - prof[vrow]))
+    if right - left < 0.25 * W or bottom - top < 0.15 * H:
+        return None
+    return int(left), int(right), int(top), int(bottom)
+
+
+def place_xray(image: np.ndarray, view: str | float, *, pixel_mm: float | None = None, sdd: float | None = None,
+               sod: float | None = None, sources: dict | None = None) -> tuple[ProjectionGeometry, Placement]:
+    """The geometry of an X-ray that came without one, and what was assumed (see module doc).
+
+    ``pixel_mm``/``sdd``/``sod`` are known values (DICOM, CLI flags; ``sources`` says where each came
+    from); the others are estimated (pixel spacing from the lung width) or defaulted (distances).
+    A frontal view is shifted so its lung centre lands on the training patient's; a lateral view is
+    centred.
+    """
+    H, W = image.shape
+    src = dict(sources or {})
+    if sdd is None:
+        sdd, src["sdd"] = CHEST_DEFAULTS["sdd"], f"assumed: {CHEST_DEFAULTS['sdd']:.0f} mm (chest default)"
+    if sod is None:
+        sod, src["sod"] = CHEST_DEFAULTS["sod"], f"assumed: {CHEST_DEFAULTS['sod']:.0f} mm (chest default)"
+    g0 = ProjectionGeometry.from_view(view, (0.0, 0.0, 0.0), sdd=sdd, sod=sod, size=(W, H), detector_mm=W)
+    frontal = abs(g0.normal[1]) > 0.7  # beam along the anterior–posterior axis
+    lungs = lung_fields(image) if frontal else None
+    if pixel_mm is None:
+        if lungs is not None:
+            pixel_mm = TRAINING_LUNGS["width_mm"] * (sdd / sod) / (lungs[1] - lungs[0])
+            src["pixel_mm"] = (f"estimated: lung fields {lungs[1] - lungs[0]} px wide scaled to the training "
+                               f"patient's {TRAINING_LUNGS['width_mm']:.0f} mm")
+        elif W == H:
+            pixel_mm = CHEST_DEFAULTS["detector_mm"] / W
+            src["pixel_mm"] = (f"assumed: {CHEST_DEFAULTS['detector_mm']:.0f} mm detector (chest default); "
+                               + ("no lung fields found" if frontal else "lateral view"))
+        else:
+            raise ValueError(f"a {W}×{H} image without pixel spacing or a geometry file, and no lung fields to "
+                             "scale it by (the default detector is square): give --pixel-spacing or --geometry")
+    g = ProjectionGeometry.from_view(view, (0.0, 0.0, 0.0), sdd=sdd, sod=sod, size=(W, H), spacing=(pixel_mm, pixel_mm),
+                                     kind=CHEST_DEFAULTS["kind"])
+    shift = (0.0, 0.0)
+    if lungs is not None:
+        dx, dz = TRAINING_LUNGS["centre_mm"]
+        target = np.asarray(g.project(np.array([dx, 0.0, dz])), float).reshape(2)
+        here = np.array([(lungs[0] + lungs[1]) / 2, (lungs[2] + lungs[3]) / 2])
+        shift = tuple(float(x) for x in here - target)
+        g = g.pixel_shifted(*shift)
+        src["position"] = "estimated: lung-field centre put on the training patient's"
+    else:
+        src.setdefault("position", "assumed: patient centred on the detector")
+    method = "lung fields" if lungs is not None else "centred"
+    return g, Placement(method, float(pixel_mm), float(sdd), float(sod), shift, src, lungs)
+
+
 def display_map(raw: np.ndarray, *, clahe: bool = True, clahe_clip: float = 0.01) -> np.ndarray:
     """Raw detector values (bone bright) → [0, 1] display as DRRs are made: linear between the 0.5th
     and 99.5th percentiles, then CLAHE."""
@@ -132,10 +268,75 @@ def _dicom_tag(img, key: str) -> str | None:
     return img.GetMetaData(key).strip() if img.HasMetaDataKey(key) else None
 
 
+def _dicom_float(img, key: str) -> float | None:
+    t = _dicom_tag(img, key)
+    try:
+        return float(t.split("\\")[0]) if t else None
+    except ValueError:
+        return None
+
+
+def _as_unit(a: np.ndarray) -> np.ndarray:
+    """A display image as floats in [0, 1] (8/16-bit scaled)."""
+    a = np.asarray(a)
+    if a.dtype == np.uint8:
+        return a / 255.0
+    if a.dtype == np.uint16:
+        return a / 65535.0
+    return a.astype(np.float64)
+
+
+@lru_cache(maxsize=1)
+def reader_inverts_monochrome1() -> bool:
+    """Whether SimpleITK's DICOM reader already turns MONOCHROME1 into bone-bright values (ITK's GDCM
+    reader does from some version on): probed once on a tiny file, so we never invert twice."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    a = np.array([[[0, 1000]]], np.uint16)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "probe.dcm"
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(path))
+        w.Execute(sitk.GetImageFromArray(a))
+        path.write_bytes(path.read_bytes().replace(b"MONOCHROME2", b"MONOCHROME1"))
+        back = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).ravel()
+    return bool(back[0] > back[1])
+
+
+def _read_dicom(path: Path, img, a: np.ndarray) -> tuple[np.ndarray, dict, dict]:
+    """Apply a DICOM radiograph's VOI window and photometric interpretation; read its geometry tags.
+    Returns ``(raw bone-bright array, known values, where each came from)``."""
+    known, src = {}, {}
+    for key, tag, what in (("pixel_mm", "0018|1164", "ImagerPixelSpacing"), ("pixel_mm", "0028|0030", "PixelSpacing"),
+                           ("sdd", "0018|1110", "DistanceSourceToDetector"), ("sod", "0018|1111", "DistanceSourceToPatient")):
+        v = _dicom_float(img, tag)
+        if key not in known and v is not None and v > 0:
+            known[key], src[key] = v, f"DICOM {what}"
+    mono1 = _dicom_tag(img, "0028|0004") == "MONOCHROME1"
+    flipped = mono1 and reader_inverts_monochrome1()  # then v' = type max − v, the window with it
+    top = float(np.iinfo(a.dtype).max) if np.issubdtype(a.dtype, np.integer) else 0.0
+    a = a.astype(np.float64)
+    centre, width = _dicom_float(img, "0028|1050"), _dicom_float(img, "0028|1051")
+    if centre is not None and width is not None and width > 1:
+        c = top - centre if flipped else centre
+        a = np.clip(a, c - width / 2, c + width / 2)
+        src["window"] = f"DICOM VOI window centre {centre:g}, width {width:g}"
+    if mono1:
+        if not flipped:  # bone dark as stored: invert
+            a = a.max() - a
+        src["photometric"] = "MONOCHROME1 inverted" + (" (by the reader)" if flipped else "")
+    return a, known, src
+
+
 def read_xray(path: str | Path, *, view: str | float = "AP", geometry: ProjectionGeometry | str | Path | None = None,
-              clahe_clip: float = 0.01) -> XRay:
-    """Read an X-ray file (see module doc); ``geometry`` (object or JSON path) overrides the sidecar
-    and the default of ``view``."""
+              clahe_clip: float = 0.01, pixel_spacing: float | None = None, sdd: float | None = None,
+              sod: float | None = None) -> XRay:
+    """Read an X-ray file (see module doc).  The geometry is, first found first: ``geometry`` (object or
+    JSON path), else the ``<stem>.json`` sidecar unless ``pixel_spacing``/``sdd``/``sod`` are given, else
+    placed by :func:`place_xray` from those values, the file's (DICOM) values and the image."""
     path = Path(path)
     if not path.exists():
         raise X2ReconInputError(path, "X-ray file not found")
@@ -143,41 +344,44 @@ def read_xray(path: str | Path, *, view: str | float = "AP", geometry: Projectio
         raise X2ReconInputError(path, "is a folder; give one X-ray image file")
     if isinstance(geometry, (str, Path)):
         geometry = ProjectionGeometry.from_json(Path(geometry))
+    given = geometry is not None
     name = path.name.lower()
-    spacing = sdd = sod = None
+    known, src = {}, {}
     if name.endswith(PNG_SUFFIXES):
-        raw = read_png(path)
-        display = raw  # already a display image (our DRRs, exported radiographs)
+        display = read_png(path)  # already a display image (our DRRs, exported radiographs)
+    elif name.endswith(JPEG_SUFFIXES):
+        display = read_grey_2d(path, "X-ray")[1]
     else:
         with open(path, "rb") as f:
             head = f.read(132)
         is_dicom = len(head) >= 132 and head[128:132] == b"DICM"
         if not (is_dicom or name.endswith(VOLUME_SUFFIXES)):
-            raise X2ReconInputError(path, "unsupported X-ray format: give a PNG, a DICOM file, or a 2D NIfTI/NRRD/MHA image")
+            raise X2ReconInputError(path, "unsupported X-ray format: give a PNG, JPEG, DICOM file, or a 2D NIfTI/NRRD/MHA image")
         img, a = read_grey_2d(path, "X-ray")
-        sp = img.GetSpacing()
         if is_dicom:
-            ips = _dicom_tag(img, "0018|1164")  # Imager Pixel Spacing (detector plane)
-            if ips:
-                spacing = float(ips.split("\\")[0])
-            sdd = float(_dicom_tag(img, "0018|1110")) if _dicom_tag(img, "0018|1110") else None
-            sod = float(_dicom_tag(img, "0018|1111")) if _dicom_tag(img, "0018|1111") else None
-            if _dicom_tag(img, "0028|0004") == "MONOCHROME1":  # bone dark: invert
-                a = a.max() - a
-        if spacing is None and not np.allclose(sp[:2], 1.0):
-            spacing = float(sp[0])
+            a, known, src = _read_dicom(path, img, a)
+        elif not np.allclose(img.GetSpacing()[:2], 1.0):
+            known["pixel_mm"], src["pixel_mm"] = float(img.GetSpacing()[0]), "the image header's spacing"
         try:
             display = display_map(a, clahe_clip=clahe_clip)
         except ValueError as e:
             raise X2ReconInputError(path, str(e)) from None
-    H, W = display.shape
-    if geometry is None:
+    for key, value, flag in (("pixel_mm", pixel_spacing, "--pixel-spacing"), ("sdd", sdd, "--sdd"), ("sod", sod, "--sod")):
+        if value is not None:
+            known[key], src[key] = float(value), f"given ({flag})"
+    placement = None
+    if geometry is None and not any(v is not None for v in (pixel_spacing, sdd, sod)):
         side = sidecar_geometry(path)
-        if side is not None:
-            geometry = ProjectionGeometry.from_json(side)
-        else:
-            try:
-                geometry = default_geometry(view, W, H, pixel_mm=spacing, sdd=sdd, sod=sod)
-            except ValueError as e:
-                raise X2ReconInputError(path, str(e)) from None
-    return xray_from_array(display, geometry, str(path))
+        geometry = ProjectionGeometry.from_json(side) if side is not None else None
+    if geometry is not None:
+        g = geometry
+        placement = Placement("geometry file", float(g.spacing[0]), g.sdd, float(np.linalg.norm(g.source - g.isocenter)),
+                              sources={"geometry": "given (--geometry)" if given else "sidecar <stem>.json"})
+    else:
+        try:
+            geometry, placement = place_xray(_as_unit(display), view, pixel_mm=known.get("pixel_mm"),
+                                             sdd=known.get("sdd"), sod=known.get("sod"), sources=src)
+        except ValueError as e:
+            raise X2ReconInputError(path, str(e)) from None
+    out = xray_from_array(display, geometry, str(path))
+    return replace(out, placement=placement)

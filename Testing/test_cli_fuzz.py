@@ -35,6 +35,8 @@ ROWS = [
     ("drr-geometry-100000px", f"drr --ct {CT} --geometry {{huge_geom}} --out {OUT}/x.png", ["huge_geometry.json", "100000"]),
     ("drr-out-inside-file", f"drr --ct {CT} --out {{afile}}/x.png", ["--out", "a_file", "not a folder"]),
     ("drr-out-is-folder", f"drr --ct {CT} --out {{adir}}", ["--out", "a_folder", "is a folder"]),
+    ("drr-size-0", f"drr --ct {CT} --size 0 --out {OUT}/x.png", ["--size"]),
+    ("manifest-missing", "manifest {root}/no_such_dataset", ["no_such_dataset", "not found"]),
     ("manifest-file", "manifest {afile}", ["a_file"]),
     # train
     ("train-x2b-steps-negative", f"train x2b --data {{nodata}} --out {OUT}/run --steps -5", ["--steps", "-5"]),

@@ -84,22 +84,26 @@ def add_parsers(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Move SOURCE (a mesh, or points) onto TARGET and write it (the source's triangles kept). "
                     "Methods:\n" + "\n".join(f"  {k:<11} {v}" for k, v in METHODS.items()) +
-                    "\nParameters keep Hirose's names (bcpd program letters in brackets); unset ones take each "
-                    "method's defaults (BCPD/GBCPD: his; CPD: Myronenko's). Prints a JSON summary.",
+                    "\nParameters keep Hirose's names (bcpd program letters in brackets). Unset ones: CPD takes "
+                    "Myronenko's defaults; BCPD/GBCPD take ours (β 0.7, λ 50, γ 0.3, GBCPD τ 0.2: chosen by "
+                    "Testing/benchmarks/bench_registration_sweep.py on real bones, where Hirose's β = λ = 2, "
+                    "γ = 1, τ = 1 drag a rib onto its neighbour; README 'Registration'). Prints a JSON summary.",
         epilog="example: x2recon register template.ply x2b_bones.ply --method gbcpd --beta 1 --lambda 20 "
                "--downsample 5000 --out registered.ply")
-    p.add_argument("source", help="mesh (.stl .ply .obj .off .vtk) or points (.npy .txt .xyz .csv) to move")
-    p.add_argument("target", help="mesh or points to move onto")
+    p.add_argument("source", help="mesh (.stl .ply .obj .off .vtk) or points (a point cloud in those formats, or "
+                   ".npy .txt .xyz .csv; not for gbcpd) to move")
+    p.add_argument("target", help="mesh, point cloud (.ply .vtk .obj .off without faces) or points to move onto")
     p.add_argument("--method", default="gbcpd", choices=list(METHODS), help="(default: %(default)s)")
     p.add_argument("--out", required=True, type=output_file, help="registered source: mesh file (source faces kept) or points file")
-    g = p.add_argument_group("parameters (default: the method's own)")
+    g = p.add_argument_group("parameters (defaults: x2recon.registration.methods.DEFAULTS for BCPD/GBCPD, "
+                             "Myronenko's for CPD)")
     g.add_argument("--w", type=probability_below_one, help="outlier probability ω in [0,1) [-w] (default 0)")
     g.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=positive_float,
-                   help="λ: stiffness of the deformation [-l] (default 2)")
-    g.add_argument("--beta", type=positive_float, help="β: kernel width, normalised units [-b] (default 2)")
-    g.add_argument("--gamma", type=positive_float, help="γ: initial σ scale [-g] (BCPD/GBCPD, default 1)")
+                   help="λ: stiffness of the deformation [-l] (BCPD/GBCPD 50, CPD 2)")
+    g.add_argument("--beta", type=positive_float, help="β: kernel width, normalised units [-b] (BCPD/GBCPD 0.7, CPD 2)")
+    g.add_argument("--gamma", type=positive_float, help="γ: initial σ scale [-g] (BCPD/GBCPD, default 0.3)")
     g.add_argument("--kappa", type=_positive_or_inf, help="κ: mixing-coefficient prior [-k] (BCPD/GBCPD, default inf)")
-    g.add_argument("--tau", type=non_negative_float, help="τ: weight of the geodesic term [-G geodesic,τ] (GBCPD, default 1)")
+    g.add_argument("--tau", type=non_negative_float, help="τ: weight of the geodesic term [-G geodesic,τ] (GBCPD, default 0.2; 1: geodesic only)")
     g.add_argument("--nystrom", type=non_negative_int, metavar="K", help="rank K of the kernel (Nyström) [-K]; 0: full "
                    "(default: full up to 2000 points, else 300)")
     g.add_argument("--downsample", type=positive_int, metavar="N", help="'++': register N points of each set and "

@@ -30,12 +30,29 @@ PARAMETERS = {
 }
 
 
+#: Defaults of ``register`` (so of ``x2recon register`` and X2BR) where they differ from Hirose's program
+#: (β = λ = 2, γ = 1, τ = 1), which the functions ``bcpd``/``gbcpd`` keep. Chosen by the worst case over
+#: three real bone deformations (Testing/benchmarks/bench_registration_sweep.py, table in README
+#: "Registration"): neighbouring ribs pulled apart 12–18 mm, a bent T6–T9 segment, a vertebra scaled 10 %.
+#: γ 0.3 (σ starts small, so each point is drawn to its near neighbours first) is what stops a rib from
+#: being dragged onto its neighbour (Hirose's defaults: 15 mm error there; γ 0.3: < 0.1 mm); λ 50 (stiffer
+#: than 2, softer than 200) was best over the β × λ grid; τ 0.2 (a fifth geodesic) lets the separate
+#: vertebrae of a spine bend together (τ 1: 0.39 mm, τ 0.2: 0.18 mm) while ribs still stay apart; at τ 0.2,
+#: β 0.7 beat 0.5 and 1 (worst case 0.11 mm).
+DEFAULTS = {
+    "gbcpd": dict(beta=0.7, lam=50.0, gamma=0.3, tau=0.2),
+    "bcpd": dict(beta=0.7, lam=50.0, gamma=0.3),
+}
+
+
 def register(source, target, method: str = "gbcpd", **params) -> RegistrationResult:
     """Register ``source`` onto ``target`` with ``method`` (see ``METHODS``); ``params`` are the
     method's keyword arguments (Hirose's names for BCPD/GBCPD; ``nystrom`` also sets CPD's
-    ``lowrank``). A parameter the method does not have is an error, not silently ignored."""
+    ``lowrank``), unset BCPD/GBCPD ones taken from ``DEFAULTS``. A parameter the method does not have
+    is an error, not silently ignored."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    params = {**DEFAULTS.get(method, {}), **params}
     if method == "cpd" and "nystrom" in params:
         params["lowrank"] = params.pop("nystrom")
     unknown = set(params) - PARAMETERS[method]

@@ -21,17 +21,21 @@ from typing import Callable
 import numpy as np
 
 from ..errors import X2ReconInputError
+from ..registration.methods import DEFAULTS as REGISTRATION_DEFAULTS
 
-#: Registration settings for template → coarse shape, in Hirose's names.  GBCPD++: β 0.5, λ 100, γ 0.3,
-#: K 300, 4 000 points registered and interpolated (those of bench_registration, where GBCPD recovers a
-#: known warp of the chest bones to 0.5 mm).  On the tiny chest set with ground-truth boxes and the true
-#: bones as target it keeps the placed template's Chamfer-L1; smaller β/λ bent thin parts apart.
+#: Registration settings for template → coarse shape, in Hirose's names: ``x2recon register``'s defaults
+#: (``registration.methods.DEFAULTS``: β 0.7, λ 50, γ 0.3, GBCPD τ 0.2), chosen by their worst case over real
+#: bone deformations in Testing/benchmarks/bench_registration_sweep.py (neighbouring ribs pulled apart, a
+#: bent spine segment, a scaled vertebra — the motions that separate a placed template from the bones),
+#: plus what the template's size needs: a 55 k-vertex template cannot have the exact kernel, so Nyström
+#: K 300 (in the sweep, K 300 instead of the exact kernel added 0.13 mm on the spine at τ 1) and GBCPD++
+#: with 4 000 points registered and interpolated.
 #: CPD (the paper's Table 3 baseline): Myronenko & Song's defaults, on 4 000 template points, its motion
 #: field then evaluated at every vertex (``cpd_on_subset``) — full CPD on a 55 k-vertex template against
 #: 20 k points did not finish in 10 min on one CPU thread.
 DEFAULT_PARAMS = {
-    "gbcpd": dict(beta=0.5, lam=100.0, gamma=0.3, w=0.0, tau=1.0, nystrom=300, downsample=4000),
-    "bcpd": dict(beta=0.5, lam=100.0, gamma=0.3, w=0.0, nystrom=300, downsample=4000),
+    "gbcpd": dict(REGISTRATION_DEFAULTS["gbcpd"], w=0.0, nystrom=300, downsample=4000),
+    "bcpd": dict(REGISTRATION_DEFAULTS["bcpd"], w=0.0, nystrom=300, downsample=4000),
     "cpd": dict(beta=2.0, lam=2.0, w=0.0, max_iter=100, downsample=4000),
 }
 

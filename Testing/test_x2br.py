@@ -20,7 +20,7 @@ def library(tiny_x2b_dataset, tmp_path_factory):
 
 def _case(dataset, case="chest_v02", view="AP"):
     from x2recon.dataset.torch_data import load_view
-    from x2recon.x2b.evaluate import ground_truth_detections
+    from x2recon.x2br.evaluate import ground_truth_detections
     from x2recon.io.mesh import read_mesh
 
     folder = dataset / "cases" / case

@@ -24,14 +24,16 @@ def cmd_evaluate(a) -> int:
                             f"SPIDER ({cfg['model']['decoder']})"))
         print(f"per-case results: {out_csv}")
         return 0
-    refine = None
+    refiners = []
     if a.refine == "template":
+        from ..x2br.evaluate import template_refiners
+
         need_x2br_inputs(a, allow_ground_truth=True)
-        refine = {"detector": a.detector, "templates": a.templates,
-                  "methods": [m.strip() for m in a.registration.split(",") if m.strip()]}
+        refiners = template_refiners(a.detector, a.templates,
+                                     [m.strip() for m in a.registration.split(",") if m.strip()], device=a.device)
     rows = evaluate_model(a.model, a.data, split=a.split, views=views(a.views) or None, resolution=a.resolution,
                           device=a.device, n_points=a.points, out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet,
-                          refine=refine)
+                          refiners=refiners)
     print(summary_table(rows, method=cfg["network"].upper()))
     print(f"per-case results: {out_csv}")
     return 0

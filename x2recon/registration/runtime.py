@@ -9,16 +9,7 @@ from typing import Callable
 import torch
 
 from ..errors import CancelledError
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None → CUDA when torch sees a GPU, else CPU; ``cuda`` without a GPU is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested, but torch sees no CUDA GPU (use --device cpu or auto)")
-    return d
+from ..nn.device import resolve_device  # noqa: F401  (re-exported: the registrations import it from here)
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

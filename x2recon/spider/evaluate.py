@@ -2,6 +2,12 @@
 frontal + lateral DRRs and score them against the case's SPIDER targets (spider-paper Tables 1–3):
 PSNR and SSIM over the HU window of the model, Dice, HD95 and Chamfer distance (mm) per class.
 
+A class the model misses (nothing predicted where the ground truth has it) is counted, never dropped:
+each row says which classes it missed (``missed:<class>``; ``spurious:<class>`` for the reverse), and
+HD95 and CD of a class present in only one of the two labelmaps are scored as the reconstruction
+box's diagonal (``penalty_mm``, 665 mm for the 384 mm box: no two points of the box are further
+apart), so they weigh in every mean.  Every mean ± std says how many values it averages.
+
 The paper's Table 2 scores a TotalSegmentator run over the reconstructed CT; here the class scores
 are of SPIDER's own segmentation head (which the paper's §6.1 also uses).  Both ends are on the
 case's target grid, so the evaluation resolution is the dataset's ``spider_grid``.
@@ -15,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CancelledError
-from ..x2b.evaluate import mean_std, write_csv
+from ..metrics.report import mean_std, write_csv
 
 
 def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "test", device: str = "auto",
@@ -29,7 +35,7 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
     from ..io.volume import write_volume
     from ..metrics.volume import volume_metrics
     from ..nn.checkpoint import load_model
-    from ..x2b.reconstruct import resolve_device
+    from ..nn.device import resolve_device
     from .inference import predict_grid
 
     dev = resolve_device(device)
@@ -55,14 +61,17 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
         seconds = time.perf_counter() - t
         hu = np.rint(mc.unit_to_hu(inten.cpu().numpy().astype(np.float64)))
         h = case.box_size / n
+        penalty = miss_penalty(case.box_size)
         m = volume_metrics(hu, ct, lab.cpu().numpy() if lab is not None else None, cls if lab is not None else None,
-                           spacing=(h, h, h), labels=labels, hu_window=(mc.hu_min, mc.hu_max))
+                           spacing=(h, h, h), labels=labels, hu_window=(mc.hu_min, mc.hu_max), empty_penalty=penalty)
         row = {"case": case.case_id, "psnr": m.psnr, "ssim": m.ssim, "dice": m.mean_dice, "hd95": m.mean_hd95,
-               "chamfer": m.mean_chamfer, "seconds": seconds}
+               "chamfer": m.mean_chamfer, "seconds": seconds, "penalty_mm": penalty}
         for c in mc.classes if labels else []:
             row[f"dice:{c}"] = m.dice.get(c, np.nan)
             row[f"hd95:{c}"] = m.hd95.get(c, np.nan)
             row[f"chamfer:{c}"] = m.chamfer.get(c, np.nan)
+            row[f"missed:{c}"] = int(m.missing.get(c) == "pred")
+            row[f"spurious:{c}"] = int(m.missing.get(c) == "gt")
         rows.append(row)
         if volume_dir is not None:
             iso = np.asarray(case.isocenter, float)
@@ -83,20 +92,32 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
     return rows
 
 
+def miss_penalty(box_size: float) -> float:
+    """HD95/CD (mm) given to a class present in only one labelmap: the box diagonal, √3 × its edge."""
+    return float(np.sqrt(3.0) * box_size)
+
+
 def spider_tables(rows: list[dict], method: str = "SPIDER") -> str:
     """Table 1 layout (PSNR dB, SSIM %, Dice %, HD95 mm, CD mm; mean ± std over cases) and Table 2
-    (per class Dice %, HD95, CD, and their average)."""
-    def f(key, scale=1.0, digits=2):
-        m, s = mean_std(r.get(key) for r in rows)
-        return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    (per class: cases that missed it, Dice %, HD95, CD, and their average); n beside every mean ± std."""
+    def f(key, scale=1.0, digits=2, rs=rows):
+        vals = [r.get(key) for r in rs]
+        m, s = mean_std(vals)
+        n = sum(1 for v in vals if v is not None and np.isfinite(float(v)))
+        return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f} (n={n})"
 
-    lines = [f"{len(rows)} cases", "",
+    penalties = sorted({float(r["penalty_mm"]) for r in rows if "penalty_mm" in r})
+    note = (f"HD95/CD of a class present in only one labelmap = the box diagonal, "
+            f"{'/'.join(f'{p:.0f}' for p in penalties)} mm") if penalties else ""
+    lines = [f"{method}: n = {len(rows)} cases" + (f"; {note}" if note else ""), "",
              "Table 1 — method | PSNR (dB) ↑ | SSIM (%) ↑ | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓",
              " | ".join([method, f("psnr"), f("ssim", 100), f("dice", 100), f("hd95"), f("chamfer")])]
     classes = [k.split(":", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("dice:")]
     if classes:
-        lines += ["", f"Table 2 — structure | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓  ({method})"]
+        lines += ["", f"Table 2 — structure | missed (cases) | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓  ({method})"]
         for c in classes:
-            lines.append(" | ".join([c, f(f"dice:{c}", 100), f(f"hd95:{c}"), f(f"chamfer:{c}")]))
-        lines.append(" | ".join(["Avg", f("dice", 100), f("hd95"), f("chamfer")]))
+            missed = sum(int(r.get(f"missed:{c}", 0) or 0) for r in rows)
+            lines.append(" | ".join([c, f"{missed}/{len(rows)}", f(f"dice:{c}", 100), f(f"hd95:{c}"),
+                                     f(f"chamfer:{c}")]))
+        lines.append(" | ".join(["Avg", "", f("dice", 100), f("hd95"), f("chamfer")]))
     return "\n".join(lines)

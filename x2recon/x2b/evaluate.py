@@ -1,27 +1,33 @@
 """Evaluate a bone model on a dataset split: reconstruct every (case, view) and score the mesh against
-the case's ground-truth bone mesh with the papers' metrics (X2BR Tables 1/2, 4/5).
+the case's ground-truth bone mesh (X2BR Tables 1/2, 4/5) in both protocols of ``metrics.protocol``:
 
-Chamfer-L1 and F-score@0.02 are in normalised units (distances ÷ the reconstruction box edge, as
-the paper normalises), per-axis errors after ICP (maxe/maye/maze) in mm.  IoU is Occupancy
-Networks' (uniform points in the joint bounding box) and, as the paper's "voxelized IoU", on a
-128³ grid over the same box.
+* paper — each ground truth centred and scaled so its longest bounding-box edge is 1, the prediction
+  moved with it (X2BR §4.3, Occupancy Networks); IoU on 100k points in the 1.1× unit box, voxel IoU
+  on its 32³ grid with the voxels the surface crosses occupied, Chamfer-L1 / F-score@0.02 / NC in
+  those units — the figures that compare with the papers' tables;
+* world — ours, in mm where the bones are; both IoUs on the joint bounding box inside the
+  reconstruction box, F-score at 0.02 × the box edge (7.68 mm for 384 mm).
+
+maxe/maye/maze (after ICP) are in mm.  The ground truth is cut to the reconstruction box (what the
+network can predict; ``dataset.box_coverage``) in both; the tables say so.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import Callable, Protocol
 
 from ..errors import CancelledError, X2ReconInputError
-from ..io.atomic import atomic_write_text
+from ..metrics.report import mean_std, write_csv  # noqa: F401  (write_csv: also the CLI's)
 
-COLUMNS = ["iou", "iou_vox", "chamfer_l1", "fscore", "normal_consistency", "maxe", "maye", "maze"]
-LABELS = {"iou": "IoU ↑", "iou_vox": "IoU(vox) ↑", "chamfer_l1": "Chamfer-L1 ↓", "fscore": "F-score@0.02 ↑",
-          "normal_consistency": "NC ↑", "maxe": "maxe (mm) ↓", "maye": "maye (mm) ↓", "maze": "maze (mm) ↓"}
+PAPER_LABELS = {"iou": "IoU ↑", "iou_vox": "IoU(vox 32³) ↑", "chamfer_l1": "Chamfer-L1 ↓", "fscore": "F-score@0.02 ↑",
+                "normal_consistency": "NC ↑"}
+WORLD_LABELS = {"iou": "IoU ↑", "iou_vox": "IoU(vox 64³) ↑", "chamfer_l1": "Chamfer-L1 (mm) ↓",
+                "fscore": "F-score@{tau} mm ↑", "normal_consistency": "NC ↑"}
+AXIS_LABELS = {"maxe": "maxe (mm) ↓", "maye": "maye (mm) ↓", "maze": "maze (mm) ↓"}
+#: The metric columns of a row (CSV): each protocol's, prefixed, then the per-axis errors (mm).
+COLUMNS = [f"{p}_{c}" for p in ("paper", "world") for c in PAPER_LABELS] + list(AXIS_LABELS)
 
 
 def evaluation_items(root: Path, split: str, kind: str, views: list[str] | None, model_views: list[str]) -> list[tuple[str, tuple[str, ...]]]:
@@ -39,42 +45,25 @@ def evaluation_items(root: Path, split: str, kind: str, views: list[str] | None,
     return items
 
 
-#: ``refine["detector"]`` value that uses each case's ground-truth boxes (projected from its segmentation)
-#: instead of a detector: X2BR's registration scored on its own (Table 3), free of detection errors.
-GROUND_TRUTH = "ground-truth"
+class Refiner(Protocol):
+    """Refines a reconstruction into a row of its own: ``label`` is the row's method, ``name`` ends the
+    refined mesh's file name; the call raises ``X2ReconInputError`` where it cannot refine a case."""
+    name: str
+    label: str
 
-
-def ground_truth_detections(case_folder: Path, view: str, size: tuple[int, int] | None = None) -> list:
-    """The case's boxes of ``view`` (``labels/<view>.json``, in the full DRR's pixels) as detections of the
-    paper's group classes, rescaled to an image of ``size`` (W, H) — e.g. the network's input."""
-    import json
-
-    from ..x2br.detection.detections import detections_from_boxes
-    from ..drr.boxes import Box
-    from ..geometry import ProjectionGeometry
-
-    boxes = [Box(**b) for b in json.loads((case_folder / "labels" / f"{view}.json").read_text())]
-    dets = detections_from_boxes(boxes, "groups")
-    if size is None:
-        return dets
-    W0, H0 = ProjectionGeometry.from_json(case_folder / "images" / f"{view}.json").size
-    sx, sy = size[0] / W0, size[1] / H0
-    fx = lambda c: (c + 0.5) * sx - 0.5  # pixel centres at integers (ProjectionGeometry's convention)
-    fy = lambda r: (r + 0.5) * sy - 0.5
-    return [type(d)(d.name, d.confidence, fx(d.x0), fy(d.y0), fx(d.x1), fy(d.y1), d.class_id) for d in dets]
+    def __call__(self, mesh, xrays: list, folder: Path, views: tuple[str, ...]) -> tuple[object, float]:
+        """(refined mesh, seconds the refinement took)"""
 
 
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "test", views: list[str] | None = None,
                    resolution: int = 128, device: str = "auto", n_points: int = 100_000, out_csv: str | Path | None = None,
                    mesh_dir: str | Path | None = None, progress: bool = True,
-                   cancel: Callable[[], bool] | None = None, refine: dict | None = None) -> list[dict]:
+                   cancel: Callable[[], bool] | None = None, refiners: list[Refiner] = ()) -> list[dict]:
     """One row per reconstruction (case, view(s), method, metrics, seconds); written to ``out_csv`` as it goes.
 
-    ``refine``: X2BR as well — ``{"detector": weights, "templates": folder, "methods": ["gbcpd", "cpd"]}``
-    adds one row per registration method after each X2B row (paper Tables 1–3)."""
+    ``refiners`` each add a row after every X2B row — X2BR's registrations (``x2br.evaluate.template_refiners``,
+    paper Tables 1–3)."""
     from ..dataset.torch_data import load_view
-    from ..io.mesh import read_mesh, write_mesh
-    from ..metrics.mesh import iou_voxels, mesh_metrics
     from ..nn.checkpoint import load_model
     from .reconstruct import reconstruct, resolve_device
 
@@ -82,110 +71,113 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
     dev = resolve_device(device)
     model, cfg = load_model(model_path, dev, network=("x2b", "x2b2"))
     mc = model.cfg
-    detector = library = None
-    if refine:
-        from ..x2br.template import load_library
-
-        library = load_library(refine["templates"])
-        if str(refine["detector"]) != GROUND_TRUTH:
-            from ..x2br.detection import Detector
-
-            detector = Detector(refine["detector"])
     items = evaluation_items(root, split, mc.kind, views, mc.views)
     rows: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc=f"evaluate {split}", unit="recon", dynamic_ncols=True)
-    gt, gt_case = None, None  # items come case by case: read each ground truth once
+    bar = _progress_bar(len(items), split) if progress else None
+    scorer = _Scorer(n_points)
     for cid, vs in items:
         if cancel is not None and cancel():
             raise CancelledError("evaluation cancelled")
         folder = root / "cases" / cid
         xrays = [load_view(folder, v, mc.image_size) for v in vs]
         rec = reconstruct(model, xrays, resolution=resolution, device=dev)
-        if gt_case != cid:
-            gt, gt_case = read_mesh(folder / "meshes" / "bones.ply"), cid
-        box = rec.geometry.box_size
-        lo, hi = rec.geometry.box_bounds()
-
-        def score(mesh, method: str, seconds: float) -> dict:
-            m = mesh_metrics(mesh, gt, n_points=n_points, scale=box).to_dict()
-            joint = np.array([np.maximum(np.minimum(mesh.bounds[0], gt.bounds[0]), lo),
-                              np.minimum(np.maximum(mesh.bounds[1], gt.bounds[1]), hi)])
-            m["iou_vox"] = iou_voxels(mesh, gt, resolution=128, bounds=joint)
-            return {"case": cid, "view": "+".join(vs), "method": method, **m, "seconds": seconds,
-                    "faces": len(mesh.faces)}
-
-        row = score(rec.mesh, cfg["network"].upper(), rec.seconds)
+        row = scorer(folder, vs, rec, rec.mesh, cfg["network"].upper(), rec.seconds)
         rows.append(row)
-        if mesh_dir is not None:
-            write_mesh(rec.mesh, Path(mesh_dir) / f"{cid}_{'+'.join(vs)}.ply")
-        for method in (refine or {}).get("methods", []):
-            from ..x2br.refine import refine_with_template
-
-            dets = detector if detector is not None else \
-                ground_truth_detections(folder, vs[0], tuple(xrays[0].image.shape[::-1]))
-            try:
-                res = refine_with_template(rec.mesh, xrays[0], dets, library, method=method,
-                                           device=str(dev), cancel=cancel)
-            except X2ReconInputError as e:  # no detections: the case has no X2BR row, and says why
-                rows.append({"case": cid, "view": "+".join(vs), "method": f"X2BR ({method.upper()})",
-                             **{c: float("nan") for c in COLUMNS}, "seconds": float("nan"), "faces": 0,
-                             "note": str(e)})
-                continue
-            rows.append(score(res.mesh, f"X2BR ({method.upper()})", rec.seconds + sum(res.seconds.values())))
-            if mesh_dir is not None:
-                write_mesh(res.mesh, Path(mesh_dir) / f"{cid}_{'+'.join(vs)}_x2br_{method}.ply")
+        _write_mesh(mesh_dir, rec.mesh, f"{cid}_{'+'.join(vs)}")
+        rows += [_refined_row(scorer, refiner, folder, vs, rec, xrays, mesh_dir) for refiner in refiners]
         if out_csv is not None:
             write_csv(rows, out_csv)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(iou=f"{row['iou']:.3f}", cd=f"{row['chamfer_l1']:.4f}")
+            bar.set_postfix(iou=f"{row['paper_iou']:.3f}", cd=f"{row['paper_chamfer_l1']:.4f}")
     if bar is not None:
         bar.close()
     return rows
 
 
-def write_csv(rows: list[dict], path: str | Path) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (a note where X2BR failed)
-    import io
+def _progress_bar(total: int, split: str):
+    from tqdm import tqdm
 
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, restval="")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
+    return tqdm(total=total, desc=f"evaluate {split}", unit="recon", dynamic_ncols=True)
 
 
-def mean_std(values) -> tuple[float, float]:
-    a = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))], float)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+def _write_mesh(mesh_dir, mesh, stem: str) -> None:
+    if mesh_dir is not None:
+        from ..io.mesh import write_mesh
+
+        write_mesh(mesh, Path(mesh_dir) / f"{stem}.ply")
+
+
+class _Scorer:
+    """Scores meshes in both protocols against their case's ground-truth bone mesh cut to the reconstruction
+    box, read once per case (items come case by case)."""
+
+    def __init__(self, n_points: int):
+        self.n_points, self.case, self.gt = n_points, None, None
+
+    def __call__(self, folder: Path, vs, rec, mesh, method: str, seconds: float) -> dict:
+        from ..io.mesh import read_mesh
+        from ..metrics.protocol import WORLD_TAU_OF_BOX, Solid, flat_row, score
+
+        box = rec.geometry.box_bounds()
+        if self.case != folder:
+            self.gt, self.case = Solid.clipped(read_mesh(folder / "meshes" / "bones.ply"), *box), folder
+        res = score(mesh, self.gt, n_points=self.n_points, box=box, tau_mm=WORLD_TAU_OF_BOX * rec.geometry.box_size)
+        return {"case": folder.name, "view": "+".join(vs), "method": method, **flat_row(res), "seconds": seconds,
+                "faces": len(mesh.faces)}
+
+
+def _refined_row(scorer: _Scorer, refiner: Refiner, folder: Path, vs, rec, xrays, mesh_dir) -> dict:
+    """The refiner's row; where it cannot refine the case (e.g. no detections), a NaN row that says why."""
+    try:
+        mesh, seconds = refiner(rec.mesh, xrays, folder, vs)
+    except X2ReconInputError as e:
+        return {"case": folder.name, "view": "+".join(vs), "method": refiner.label,
+                **{c: float("nan") for c in COLUMNS}, "seconds": float("nan"), "faces": 0, "note": str(e)}
+    _write_mesh(mesh_dir, mesh, f"{folder.name}_{'+'.join(vs)}_{refiner.name}")
+    return scorer(folder, vs, rec, mesh, refiner.label, rec.seconds + seconds)
 
 
 def summary_table(rows: list[dict], method: str = "X2B") -> str:
-    """The paper's layout: Table 1 (IoU, Chamfer-L1, F-score, NC) and Table 2 (maxe, maye, maze), mean ± std,
-    one line per method (X2B, and X2BR with each registration method: Table 3)."""
+    """The paper's layout, once per protocol, each table titled with its protocol and n: Table 1 (IoU,
+    IoU(vox), Chamfer-L1, F-score, NC) in the paper's and the world protocol, Table 2 (maxe, maye, maze
+    in mm), and Table 3 (the registration methods, paper protocol) when X2BR rows are there; every
+    line is mean ± std over its n reconstructions (rows where a method failed are not counted)."""
     methods = list(dict.fromkeys(r.get("method", method) for r in rows)) or [method]
+    by = {m: [r for r in rows if r.get("method", method) == m and not _nan(r.get("paper_iou"))] for m in methods}
+    cases = {m: len({r["case"] for r in rs}) for m, rs in by.items()}
+    clipped = sum(1 for r in rows if str(r.get("gt_clipped")) == "True")
+    gt_note = f"GT clipped to the box ({clipped} of {len(rows)} cut)"
+    n_all = ", ".join(f"{m}: n = {len(by[m])} reconstructions of {cases[m]} cases" for m in methods)
+    n_title = f"n = {len({r['case'] for r in rows})} cases, {gt_note}"
+    taus = sorted({float(r["world_fscore_tau"]) for rs in by.values() for r in rs if "world_fscore_tau" in r})
+    world = {**WORLD_LABELS, "fscore": WORLD_LABELS["fscore"].format(tau="/".join(f"{t:g}" for t in taus) or "?")}
 
-    def fmt(rs, col, digits):
-        m, s = mean_std(r[col] for r in rs)
-        return f"{m:.{digits}f} ± {s:.{digits}f}"
+    def line(m, cols, digits=3):
+        return " | ".join([m, str(len(by[m]))] + [_fmt(by[m], c, 4 if "chamfer" in c else digits) for c in cols])
 
-    t1 = ["iou", "iou_vox", "chamfer_l1", "fscore", "normal_consistency"]
-    t2 = ["maxe", "maye", "maze"]
-    digits = {"chamfer_l1": 4}
-    by = {m: [r for r in rows if r.get("method", method) == m] for m in methods}
-    n = {m: sum(1 for r in rs if not math.isnan(r["iou"])) for m, rs in by.items()}
-    lines = [", ".join(f"{m}: {n[m]} reconstructions" for m in methods), "",
-             "Table 1 — " + " | ".join(["method"] + [LABELS[c] for c in t1])]
-    lines += [" | ".join([m] + [fmt(by[m], c, digits.get(c, 3)) for c in t1]) for m in methods]
-    lines += ["", "Table 2 — " + " | ".join(["method"] + [LABELS[c] for c in t2])]
-    lines += [" | ".join([m] + [fmt(by[m], c, 2) for c in t2]) for m in methods]
+    def table(title, labels, prefix, subset):
+        head = " | ".join(["method", "n"] + list(labels.values()))
+        return ["", f"{title} — {head}"] + [line(m, [prefix + c for c in labels]) for m in subset]
+
+    lines = [n_all]
+    lines += table(f"Table 1, paper protocol (GT centred, longest edge 1; X2BR §4.3), {n_title}",
+                   PAPER_LABELS, "paper_", methods)
+    lines += table(f"Table 1, world protocol (mm, ours), {n_title}", world, "world_", methods)
+    lines += ["", f"Table 2, both protocols (mm after ICP), {n_title} — "
+              + " | ".join(["method", "n"] + list(AXIS_LABELS.values()))]
+    lines += [line(m, list(AXIS_LABELS), 2) for m in methods]
+    refined = [m for m in methods if m.startswith("X2BR")]
+    if refined:  # the paper's Table 3: the registration methods compared on Table 1's metrics
+        t3 = {k: PAPER_LABELS[k] for k in ("iou", "chamfer_l1", "fscore", "normal_consistency")}
+        lines += table(f"Table 3, paper protocol, {n_title}", t3, "paper_", refined)
     return "\n".join(lines)
+
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _fmt(rows: list[dict], col: str, digits: int) -> str:
+    m, s = mean_std(r.get(col) for r in rows)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"

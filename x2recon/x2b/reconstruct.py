@@ -22,6 +22,7 @@ import trimesh
 from ..errors import CancelledError, X2ReconInputError
 from ..geometry import ProjectionGeometry
 from ..mesh.mise import mise
+from ..nn.device import resolve_device  # noqa: F401  (also imported from here by the CLI, demo and Slicer)
 from ..io.xray import XRay
 
 
@@ -33,15 +34,6 @@ class Reconstruction:
     seconds: float
     evaluations: int
     dense_evaluations: int
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested, but torch sees no CUDA GPU")
-    return d
 
 
 def upsampling_steps(resolution: int, resolution0: int = 32) -> int:

@@ -441,3 +441,27 @@ def test_refine_command_needs_the_detector_and_templates(logic, scene, drr, chec
     i = cmd.index("--refine")
     assert cmd[i:i + 8] == ["--refine", "template", "--detector", str(tmp_path / "det.pt"), "--templates",
                             str(tmp_path), "--registration", "cpd"]
+
+
+def test_the_panel_says_how_an_xray_was_placed_and_draws_the_box(logic, scene, drr, checkpoints, tmp_path):
+    """An X-ray node without geometry: the logic keeps its placement (assumed values flagged, the override
+    named); the reconstruction box drawn on the detector plane is the hull of the box's projected corners."""
+    bare = drr_to_volume_node(drr, scene, "radiograph")
+    bare.RemoveAttribute(GEOMETRY_ATTRIBUTE)
+    logic.reconstruct_command(bare, checkpoints["x2b"], tmp_path, resolution=32, view="AP")
+    (p,) = logic.placements
+    assert p is not None and p.assumed
+    lines = logic.placement_lines(logic.placements)
+    assert lines[0].startswith("X-ray: geometry: ASSUMED") and any("geometry JSON" in ln for ln in lines)
+    with_geom = drr_to_volume_node(drr, scene, "drr")
+    logic.reconstruct_command(with_geom, checkpoints["x2b"], tmp_path / "b", resolution=32)
+    assert logic.placements == [None] and "attribute" in logic.placement_lines(logic.placements)[0]
+    g = drr.geometry
+    node = logic.show_reconstruction_box(g, bare)
+    pts = lps_ras_points(np.array([node.GetNthControlPointPosition(i) for i in range(node.GetNumberOfControlPoints())]))
+    assert np.allclose(g.depth(pts), g.sdd)  # on the detector plane
+    lo, hi = g.box_bounds()
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    uv, cuv = np.asarray(g.project(pts)), np.asarray(g.project(corners))
+    assert np.allclose(uv.min(0), cuv.min(0)) and np.allclose(uv.max(0), cuv.max(0))
+    assert node.GetAttribute("x2recon.io.xray") == bare.GetID()

@@ -9,13 +9,12 @@ its mesh is added as a model node in the X-ray's world coordinates.  *Compare wi
 fills a table with the papers' metrics and colours the model by the distance to the ground truth.
 """
 
-import os
-import shutil
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
 
-import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -29,9 +28,15 @@ try:
 except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel works without saved settings
     parameterNodeWrapper = None
 
+# Loaded from a clone (Slicer → Application Settings → Modules → Additional module paths) and x2recon
+# not installed: the package is the x2recon/ folder beside the module folders.
+if importlib.util.find_spec("x2recon") is None and (Path(__file__).resolve().parent.parent / "x2recon").is_dir():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from X2BoneReconLib.logic import X2BoneReconLogic
 from x2recon.slicer import process as slicer_process
-from x2recon.slicer.process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
+from x2recon.slicer.process import python_slicer
+from x2recon.slicer.widget import PanelWidget
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
 #: Import names of what reconstruction and comparison need.
@@ -96,35 +101,20 @@ def ensure_dependencies(testing: bool = False) -> bool:
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing, requester="X2BoneRecon")
 
 
-class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class X2BoneReconWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    parameterNodeClass = X2BoneReconParameterNode if parameterNodeWrapper is not None else None
+    requirements, requiredModules = REQUIREMENTS, REQUIRED_MODULES
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._process = None
-        self._lines = None
-        self._timer = None
-        self._job = None  # (work folder, mesh path, X-ray node, model path, X2BR?) of the running reconstruction
+        self._run = None  # (mesh path, X-ray node, model path, X2BR?) of the running reconstruction
         self._x2b_node = None  # the coarse X2B model of the last X2BR run (compared beside the X2BR model)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/X2BoneRecon.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = X2BoneReconLogic(slicer.mrmlScene)
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(250)
-        self._timer.connect("timeout()", self.pollProcess)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
+        self.setupPanel(X2BoneReconLogic)
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstruct)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.xraySelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGui)
         self.ui.reconstructionSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGui)
@@ -133,57 +123,22 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.updateGui()
 
-    def cleanup(self):
-        self.onCancel()
-        self.removeObservers()
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self.ui)
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    # ------------------------------------------------------------------ parameter node
-    def initializeParameterNode(self):
-        if parameterNodeWrapper is None or self._parameterNode is not None:
-            return
-        node = slicer.mrmlScene.GetSingletonNode("X2BoneRecon", "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "X2BoneRecon")
-            node.SetSingletonTag("X2BoneRecon")
-        self._parameterNode = X2BoneReconParameterNode(node)
-        if not self._parameterNode.xrayVolume:  # prefer an X-ray that carries its geometry (a DRR)
+    def defaultParameters(self, parameters):
+        if not parameters.xrayVolume:  # prefer an X-ray that carries its geometry (a DRR)
             volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             xrays = [v for v in volumes if v.GetAttribute("x2recon.geometry")]
             if xrays:
-                self._parameterNode.xrayVolume = xrays[0]
-        self._parameterNode.connectGui(self.ui)
-        self.updateGui()
-
-    def onSceneStartClose(self, caller, event):
-        self.onCancel()
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self.ui)
-            self._parameterNode = None
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
+                parameters.xrayVolume = xrays[0]
 
     def updateGui(self, *args):
-        idle = self._process is None
+        PanelWidget.updateGui(self)
+        idle = not self.busy
         has_model_file = bool(self.chosenFile(self.ui.modelPathLineEdit))
         self.ui.reconstructButton.enabled = idle and self.ui.xraySelector.currentNode() is not None and has_model_file
-        self.ui.cancelButton.enabled = not idle
         self.ui.compareButton.enabled = (idle and self.ui.reconstructionSelector.currentNode() is not None
                                          and self.ui.referenceSelector.currentNode() is not None)
 
     # ------------------------------------------------------------------ settings
-    @staticmethod
-    def chosenFile(pathLineEdit) -> str:
-        """The file in a path line edit, or "" (the parameter node's unset Path shows as ".")."""
-        p = pathLineEdit.currentPath.strip()
-        return "" if p in ("", ".") else p
-
     def settings(self) -> dict:
         view = self.ui.viewComboBox.currentText
         threshold = self.ui.thresholdSpinBox.value
@@ -200,115 +155,49 @@ class X2BoneReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             registration=self.ui.registrationComboBox.currentText,
         )
 
-    def log(self, text: str):
-        self.ui.statusTextEdit.appendPlainText(text)
-
     # ------------------------------------------------------------------ reconstruct (background process)
     def onReconstruct(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
         xray = self.ui.xraySelector.currentNode()
         model_path = self.chosenFile(self.ui.modelPathLineEdit)
-        work = tempfile.mkdtemp(prefix="x2recon_recon_")
-        try:
-            with slicer.util.tryWithErrorDisplay("Could not start the reconstruction.", waitCursor=True):
-                cmd, mesh = self.logic.reconstruct_command(xray, model_path, work, python=python_slicer(),
-                                                           **self.settings())
-                proc = qt.QProcess()
-                proc.setProcessChannelMode(qt.QProcess.MergedChannels)
-                env = qt.QProcessEnvironment.systemEnvironment()
-                root = x2recon_root()  # where x2recon lies (the extension's scripted-modules dir)
-                if root:
-                    old = env.value("PYTHONPATH")
-                    env.insert("PYTHONPATH", os.pathsep.join(p for p in (root, old) if p))
-                env.insert("PYTHONUNBUFFERED", "1")
-                proc.setProcessEnvironment(env)
-                self._process, self._lines = proc, LineBuffer()
-                self._job = (work, mesh, xray, model_path, self.ui.refineCheckBox.checked)
-                self.ui.progressBar.maximum = 100
-                self.ui.progressBar.value = 0
-                self.log(" ".join(cmd))
-                proc.start(cmd[0], cmd[1:])
-                if not proc.waitForStarted(10000):
-                    self._process = None
-                    raise RuntimeError(f"{cmd[0]} did not start: {proc.errorString()}")
-                self._timer.start()
-        finally:
-            if self._process is None:  # not started: nothing will clean the work folder later
-                shutil.rmtree(work, ignore_errors=True)
-                self._job = None
-        self.updateGui()
 
-    def pollProcess(self):
-        """Timer tick: show new output lines, move the progress bar, load the model when the process ends."""
-        if self._process is None:
-            self._timer.stop()
-            return
-        data = self._process.readAllStandardOutput().data()
-        lines = self._lines.feed(bytes(data).decode(errors="replace") if data else "")
-        finished = self._process.state() == qt.QProcess.NotRunning
-        if finished:
-            rest = self._process.readAllStandardOutput().data()
-            lines += self._lines.feed(bytes(rest).decode(errors="replace") if rest else "") + self._lines.flush()
-        for line in lines:
-            parsed = self.logic.parse_progress_line(line)
-            if parsed:
-                fraction, message = parsed
-                self.ui.progressBar.value = int(round(100 * fraction))
-                self.ui.progressBar.setFormat(f"%p% {message}")
-            elif line.strip():
+        def command(work):
+            cmd, mesh = self.logic.reconstruct_command(xray, model_path, work, python=python_slicer(), **self.settings())
+            for line in self.logic.placement_lines(self.logic.placements):  # an assumed geometry is said, not silent
                 self.log(line)
-        if finished:
-            code = self._process.exitCode()
-            self._timer.stop()
-            self._process = None
-            self.onProcessFinished(code)
-            self.updateGui()
+            from x2recon.geometry import ProjectionGeometry
+
+            # the box the network reconstructs, drawn on the X-ray: a wrong placement shows at once
+            self.logic.show_reconstruction_box(ProjectionGeometry.from_json(Path(mesh).with_name("xray.json")), xray)
+            return cmd, (mesh, xray, model_path, self.ui.refineCheckBox.checked)
+
+        self.startInWorkFolder("x2recon_recon_", "reconstruction", command)
 
     def onProcessFinished(self, code: int):
-        work, mesh, xray, model_path, refined = self._job
-        self._job = None
-        try:
-            if code != 0 or not Path(mesh).is_file():
-                self.log(f"reconstruction failed (exit code {code})")
-                slicer.util.errorDisplay("The reconstruction failed; the panel's log shows why.")
-                return
-            with slicer.util.tryWithErrorDisplay("Could not load the reconstruction.", waitCursor=True):
-                if refined:
-                    nodes = self.logic.load_x2br(mesh, xray, model_path)
-                    node = nodes["x2br"]
-                    self._x2b_node = nodes["x2b"]
-                    self.log(f"X2BR: {len(nodes['detections'])} detections, {len(nodes['parts'])} structures")
-                else:
-                    node = self.logic.load_reconstruction(mesh, xray, model_path)
-                    self._x2b_node = None
-                self.ui.reconstructionSelector.setCurrentNode(node)
-                self.log(f"{node.GetName()}: {node.GetPolyData().GetNumberOfPolys():,} triangles in world coordinates")
-                slicer.util.resetThreeDViews()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def onCancel(self):
-        if self._process is None:
+        mesh, xray, model_path, refined = self._run
+        if code != 0 or not Path(mesh).is_file():
+            self.reportFailure(code)
             return
-        pid = int(self._process.processId())
-        self._timer.stop()
-        if pid > 0:
-            kill_process_tree(pid, timeout=3.0)
-        self._process.kill()
-        self._process.waitForFinished(3000)
-        self._process = None
-        if self._job is not None:
-            shutil.rmtree(self._job[0], ignore_errors=True)
-            self._job = None
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.setFormat("%p%")
+        with slicer.util.tryWithErrorDisplay("Could not load the reconstruction.", waitCursor=True):
+            if refined:
+                nodes = self.logic.load_x2br(mesh, xray, model_path)
+                node = nodes["x2br"]
+                self._x2b_node = nodes["x2b"]
+                self.log(f"X2BR: {len(nodes['detections'])} detections, {len(nodes['parts'])} structures")
+            else:
+                node = self.logic.load_reconstruction(mesh, xray, model_path)
+                self._x2b_node = None
+            self.ui.reconstructionSelector.setCurrentNode(node)
+            self.log(f"{node.GetName()}: {node.GetPolyData().GetNumberOfPolys():,} triangles in world coordinates")
+            slicer.util.resetThreeDViews()
+
+    def onProcessCancelled(self):
         self.log("reconstruction cancelled")
-        self.updateGui()
 
     # ------------------------------------------------------------------ compare
     def onCompare(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
         model = self.ui.reconstructionSelector.currentNode()
         reference = self.ui.referenceSelector.currentNode()
@@ -353,18 +242,13 @@ class X2BoneReconTest(ScriptedLoadableModuleTest):
 
         from x2recon.drr.render import render_drr
         from x2recon.geometry import ProjectionGeometry
-        from x2recon.io.volume import Volume
+        from x2recon.slicer.phantom import phantom_ct
         from x2recon.nn.checkpoint import save_checkpoint
         from x2recon.x2b.network import X2BConfig, build_model
         from x2recon.x2b.reconstruct import OccupancyField
         from x2recon.slicer.mrml import drr_to_volume_node, lps_ras_points, xray_node_to_xray
 
-        n = 64
-        z, y, x = np.mgrid[:n, :n, :n]
-        ct = np.full((n, n, n), -1000, np.int16)
-        ct[(x - 32) ** 2 + (y - 32) ** 2 < 26**2] = 40  # body
-        ct[((x - 32) ** 2 + (y - 40) ** 2 < 5**2) & (z > 4) & (z < 60)] = 700  # a spine of sorts
-        vol = Volume(ct, (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), np.eye(3))
+        vol, _ = phantom_ct()
         g = ProjectionGeometry.from_view("AP", vol.corners_world().mean(0), size=(64, 64), box_size=200.0)
         drr_node = drr_to_volume_node(render_drr(vol, g), slicer.mrmlScene, "phantom AP")
         self.delayDisplay("DRR node made")

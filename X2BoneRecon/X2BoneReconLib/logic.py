@@ -87,6 +87,9 @@ class X2BoneReconLogic:
 
     def __init__(self, scene):
         self.scene = scene
+        #: how each X-ray of the last reconstruction was placed (``x2recon.io.xray.Placement``, or None for a
+        #: geometry the node carried): the panel shows it, so an assumed geometry is never silent
+        self.placements: list = []
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -139,6 +142,7 @@ class X2BoneReconLogic:
         """
         cfg = self.model_config(model_path)
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
+        self.placements = [x.placement for x in xrays]
         self.check_resolution(resolution)
         from x2recon.nn.checkpoint import load_model
         from x2recon.x2b.reconstruct import reconstruct, resolve_device
@@ -182,6 +186,7 @@ class X2BoneReconLogic:
 
         cfg = self.model_config(model_path)
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
+        self.placements = [x.placement for x in xrays]
         self.check_resolution(resolution)
         if threshold is not None and not 0 < float(threshold) < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -268,6 +273,43 @@ class X2BoneReconLogic:
                     for d in read_detections(folder / DETECTIONS_FILE)]
         curves = self.show_detections(dets, geometry, xray_node, refined.GetID())
         return {"x2b": x2b, "x2br": refined, "parts": parts, "detections": curves}
+
+    @staticmethod
+    def placement_lines(placements) -> list[str]:
+        """Log lines saying how each X-ray was placed; an assumed geometry is flagged and its override named."""
+        lines = []
+        for role, p in zip(("X-ray", "lateral X-ray"), placements):
+            if p is None:
+                lines.append(f"{role}: geometry from the node's {GEOMETRY_ATTRIBUTE} attribute")
+            else:
+                text = p.text().splitlines()
+                lines += [f"{role}: {text[0]}"] + text[1:]
+        return [ln.replace("--pixel-spacing MM --sdd MM --sod MM, or --geometry FILE.json",
+                           f"the volume's spacing, or a geometry JSON in the node's {GEOMETRY_ATTRIBUTE} attribute "
+                           "(CLI: --pixel-spacing/--sdd/--sod/--geometry)") for ln in lines]
+
+    def show_reconstruction_box(self, geometry, xray_node=None):
+        """The reconstruction box's outline as the X-ray sees it (the hull of its 8 projected corners), a
+        closed curve on the detector plane: a wrongly placed X-ray shows the box off the chest."""
+        from scipy.spatial import ConvexHull
+
+        from x2recon.slicer.mrml import lps_ras_points
+
+        lo, hi = geometry.box_bounds()
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        px = np.asarray(geometry.project(corners), float).reshape(-1, 2)
+        hull = px[ConvexHull(px).vertices]
+        ras = lps_ras_points(geometry.pixel_to_world(hull[:, 0], hull[:, 1]))
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", "reconstruction box")
+        node.SetCurveTypeToLinear()
+        for p in ras:
+            node.AddControlPoint(*map(float, p))
+        node.SetLocked(True)
+        for i in range(node.GetNumberOfControlPoints()):
+            node.SetNthControlPointLabel(i, "")
+        if xray_node is not None:
+            node.SetAttribute(XRAY_ATTRIBUTE, xray_node.GetID())
+        return node
 
     def show_detections(self, detections: list[dict], geometry, xray_node=None, group: str | None = None) -> list:
         """Detections (``{"name", "confidence", "box": [x0, y0, x1, y1]}`` in the X-ray's continuous pixel

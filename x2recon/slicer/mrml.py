@@ -385,7 +385,9 @@ def xray_node_to_xray(node, view=None):
 
     from x2recon.errors import X2ReconInputError
     from x2recon.geometry import ProjectionGeometry
-    from x2recon.io.xray import default_geometry, display_map, xray_from_array
+    from dataclasses import replace
+
+    from x2recon.io.xray import display_map, place_xray, xray_from_array
 
     name = node.GetName()
     img = node.GetImageData()
@@ -428,8 +430,11 @@ def xray_node_to_xray(node, view=None):
     else:
         sp = node.GetSpacing()
         pixel_mm = None if np.allclose(sp[:2], 1.0) else float(sp[0])
-        try:
-            geometry = default_geometry(view, W, H, pixel_mm=pixel_mm)
+        unit = a / 255.0 if a.dtype == np.uint8 else a / 65535.0 if a.dtype == np.uint16 else a
+        try:  # placed from the lung fields, what was assumed kept for the panel (never silently the default)
+            geometry, placement = place_xray(unit, view, pixel_mm=pixel_mm,
+                                             sources={"pixel_mm": "the volume node's spacing"} if pixel_mm else None)
         except ValueError as e:
             raise X2ReconInputError(name, f"view {view!r}: {e}") from None
+        return replace(xray_from_array(a, geometry, name), placement=placement)
     return xray_from_array(a, geometry, name)

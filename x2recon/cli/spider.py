@@ -18,7 +18,7 @@ def cmd_train_spider(a) -> int:
     from ..spider.network import SpiderConfig
     from ..train.common import TrainSettings
     from ..spider.train import train_spider
-    from ..x2b.train import dataset_build_config
+    from ..dataset.torch_data import dataset_build_config
 
     data = Path(a.data)
     if a.decoder == "volume-only":
@@ -108,7 +108,7 @@ def add_spider_train_parser(tsub) -> None:
 def cmd_spider(a) -> int:
     from ..errors import X2ReconInputError
     from ..nn.checkpoint import load_model
-    from ..x2b.reconstruct import resolve_device
+    from ..nn.device import resolve_device
     from ..spider.inference import read_view, reconstruct_ct, write_result
 
     if a.resolution < 2:

@@ -50,6 +50,20 @@ class CaseInfo:
     isocenter: list[float]
 
 
+
+def has_split(root: str | Path, split: str) -> bool:
+    """Whether ``split`` is named and its ``splits/<split>.txt`` lists at least one case."""
+    f = Path(root) / "splits" / f"{split}.txt"
+    return bool(split) and f.is_file() and bool(f.read_text().strip())
+
+
+def dataset_build_config(root: str | Path) -> dict:
+    """The dataset's build settings (geometry, views, sizes) from its first case's meta.json."""
+    root = Path(root)
+    first = read_split(root, "all")[0]
+    meta = json.loads((root / "cases" / first / "meta.json").read_text())
+    return meta["config"]
+
 def case_info(root: Path, case_id: str) -> CaseInfo:
     folder = root / "cases" / case_id
     meta_path = folder / "meta.json"

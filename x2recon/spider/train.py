@@ -4,19 +4,16 @@ validation PSNR / SSIM / Dice on whole grids; resumable; one GPU, many (torchrun
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..nn.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
+from ..dataset.torch_data import dataset_build_config, has_split
+from ..train.common import TrainSettings, setup
+from ..train.loop import Task, train
 from .network import SpiderConfig, build_spider, spider_loss
-from ..train.common import (Logger, StopFlag, TrainSettings, autocast, save_state, setup, start_run,
-                     finish_run, train_loader, wrap_for_training)
-from ..x2b.train import dataset_build_config
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
@@ -55,135 +52,74 @@ def validate(model, ds) -> dict:
             "val/dice": float(np.nanmean(a[:, 2])) if np.isfinite(a[:, 2]).any() else float("nan")}
 
 
+class SpiderTask(Task):
+    """SPIDER in the training loop: L1 + λ·Dice per step, an epoch-stepped LR schedule, validation PSNR
+    picks the best checkpoint."""
+
+    name, metric, metric_label, metric_format = "spider", "val/psnr", "PSNR", ".2f"
+
+    def __init__(self, model_cfg: SpiderConfig, val_ds, dist, *, lam: float, optimizer: str,
+                 lr_step_epochs: int, lr_gamma: float):
+        self.val_ds, self.dist, self.has_validation = val_ds, dist, val_ds is not None
+        self.lam, self.optimizer, self.lr_step_epochs, self.lr_gamma = lam, optimizer, lr_step_epochs, lr_gamma
+        self.model = build_spider(model_cfg, device=dist.device)
+
+    def make_optimizer(self, settings: TrainSettings):
+        return make_optimizer(self.optimizer, self.model.parameters(), settings.lr, settings.weight_decay)
+
+    def make_scheduler(self, optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, self.lr_step_epochs),
+                                               gamma=self.lr_gamma if self.lr_step_epochs else 1.0)
+
+    def step(self, fwd, batch, amp_ctx) -> dict:
+        b = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        with amp_ctx():
+            pred = fwd(b["images"], b["grid"], b["points"])
+        return {**spider_loss(pred, b["intensity"], b["labels"], self.lam), "items": b["images"].shape[0]}
+
+    def postfix(self, out: dict) -> dict:
+        return {"l1": f"{out['l1'].item():.4f}", "dice": f"{out['dice'].item():.3f}"}
+
+    def scalars(self, out: dict, optimizer) -> dict:
+        return {"train/loss": out["loss"].item(), "train/l1": out["l1"].item(),
+                "train/dice_loss": out["dice"].item(), "train/lr": optimizer.param_groups[0]["lr"]}
+
+    def validate(self, amp_ctx, batch_size: int) -> dict:
+        return validate(self.model, self.val_ds)
+
+    def describe(self, val: dict) -> str:
+        return f"val PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.4f}, Dice {val['val/dice']:.4f}"
+
+    def summary(self, best: float) -> dict:
+        return {"best_val_psnr": best if best > -math.inf else None,
+                "hash_backend": getattr(self.model.encoding, "backend", "?")}
+
+
 def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderConfig, *, n_points: int = 8192,
                  lam: float = 1.0, optimizer: str = "sgd", lr_step_epochs: int = 100, lr_gamma: float = 0.5,
                  foreground_fraction: float = 0.0, train_split: str = "train", val_split: str = "val",
-                 augment: bool = True, log=print) -> dict:
+                 augment: bool = True, preset: str = "ours", log=print) -> dict:
     """Train (or resume) into ``settings.out``; returns a summary (steps, best validation PSNR, seconds).
-    ``lr_step_epochs``/``lr_gamma``: the step schedule (paper: ×0.5 every 100 epochs; 0 = constant)."""
+    ``lr_step_epochs``/``lr_gamma``: the step schedule (paper: ×0.5 every 100 epochs; 0 = constant).
+    ``preset`` (``ours`` | ``paper``, the CLI's ``--preset``) is recorded in the checkpoint config."""
     from ..dataset.spider_data import SpiderDataset
 
-    data, out = Path(data), Path(settings.out)
+    data = Path(data)
     dist = setup(settings)
-    device = dist.device
-    build = dataset_build_config(data)
-    hu = (model_cfg.hu_min, model_cfg.hu_max)
-    ds_kw = dict(views=model_cfg.views, classes=model_cfg.classes, image_size=model_cfg.image_size, hu_range=hu)
+    ds_kw = dict(views=model_cfg.views, classes=model_cfg.classes, image_size=model_cfg.image_size,
+                 hu_range=(model_cfg.hu_min, model_cfg.hu_max))
     train_ds = SpiderDataset(data, train_split, n_points=n_points, augment=augment,
                              foreground_fraction=foreground_fraction, seed=settings.seed, **ds_kw)
-    val_ds = None
-    vf = data / "splits" / f"{val_split}.txt"
-    if val_split and vf.is_file() and vf.read_text().strip():
-        val_ds = SpiderDataset(data, val_split, augment=False, **ds_kw)
+    val_ds = SpiderDataset(data, val_split, augment=False, **ds_kw) if has_split(data, val_split) else None
     config = {
         "network": "spider",
         "model": model_cfg.to_dict(),
-        "dataset": {"root": str(data.resolve()), "train_cases": len(train_ds), "build": build},
+        "dataset": {"root": str(data.resolve()), "train_cases": len(train_ds), "build": dataset_build_config(data)},
         "training": {**settings.to_dict(), "n_points": n_points, "lambda": lam, "optimizer": optimizer,
                      "lr_step_epochs": lr_step_epochs, "lr_gamma": lr_gamma,
-                     "foreground_fraction": foreground_fraction, "augment": augment, "world_size": dist.world},
+                     "foreground_fraction": foreground_fraction, "augment": augment, "preset": preset,
+                     "world_size": dist.world},
     }
-    model = build_spider(model_cfg, device=device)
-    state = start_run(out, settings.resume, dist.main)  # None: a fresh run
-    if state is not None:
-        old = read_config(state["weights"])
-        diff = config_differences(old["model"], model_cfg.to_dict())
-        if old.get("network") != "spider" or diff:
-            raise CheckpointError(state["weights"],
-                                  "cannot resume: the run folder holds another network or architecture (" +
-                                  "; ".join(diff or [f"network {old.get('network')}"]) + "); use another --out or --resume never")
-        load_weights(state["weights"], model)
-    elif settings.resume not in ("auto", "never"):
-        load_weights(settings.resume, model)  # fine-tune from a checkpoint: weights only
-    model.to(device)
-    opt = make_optimizer(optimizer, model.parameters(), settings.lr, settings.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, lr_step_epochs), gamma=lr_gamma if lr_step_epochs else 1.0)
-    step, start_epoch, best = 0, 0, -math.inf
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            sched.load_state_dict(state["scheduler"])
-        step, start_epoch, best = int(state["step"]), int(state["epoch"]), float(state["best"])
-        if dist.main:
-            log(f"resuming {out} at step {step}, epoch {start_epoch} (best val PSNR {best:.2f})")
-    fwd = wrap_for_training(model, settings, dist)
-    sampler, loader = train_loader(train_ds, settings, dist)
-    amp_ctx = lambda: autocast(settings, device)
-    logger = Logger(out, dist.main)
-    if dist.main:
-        (out / "config.json").write_text(json.dumps(config, indent=1))
-    total = settings.max_steps or settings.epochs * len(loader)
-    bar = None
-    if dist.main and settings.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=min(step, total), desc="train spider", unit="step", dynamic_ncols=True)
-
-    def checkpoint(tag: str, val: dict | None = None) -> None:
-        if not dist.main:
-            return
-        meta = {**config, "training": {**config["training"], "step": step, "epoch": epoch, **(val or {})}}
-        save_checkpoint(out / f"{tag}.safetensors", model, meta)
-        if tag == "last":
-            save_state(out, opt, step, epoch, best, {"scheduler": sched.state_dict()})
-
-    t0, seen, stopped = time.time(), 0, False
-    warm = {"step": step + 10, "t": None, "seen": 0}
-    epoch = start_epoch
-    model.train()
-    with StopFlag() as stop:
-        while epoch < settings.epochs and (not settings.max_steps or step < settings.max_steps):
-            sampler.set_epoch(epoch)
-            for batch in loader:
-                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with amp_ctx():
-                    pred = fwd(b["images"], b["grid"], b["points"])
-                losses = spider_loss(pred, b["intensity"], b["labels"], lam)
-                opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                opt.step()
-                step += 1
-                seen += b["images"].shape[0] * dist.world
-                if step == warm["step"]:
-                    warm["t"], warm["seen"] = time.time(), seen
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(l1=f"{losses['l1'].item():.4f}", dice=f"{losses['dice'].item():.3f}", epoch=epoch)
-                if dist.main and step % 10 == 0:
-                    logger.scalars(step, {"train/loss": losses["loss"].item(), "train/l1": losses["l1"].item(),
-                                          "train/dice_loss": losses["dice"].item(), "train/lr": opt.param_groups[0]["lr"],
-                                          "train/items_per_s": seen / (time.time() - t0)})
-                if settings.save_every and step % settings.save_every == 0:
-                    checkpoint("last")
-                if stop.stop or (settings.max_steps and step >= settings.max_steps):
-                    break
-            else:
-                epoch += 1
-                sched.step()
-            stopped = stop.stop
-            val = None
-            last_round = stopped or epoch >= settings.epochs or (settings.max_steps and step >= settings.max_steps)
-            if val_ds is not None and dist.main and not stopped and (epoch % max(1, settings.val_every) == 0 or last_round):
-                val = validate(model, val_ds)
-                logger.scalars(step, val)
-                if bar is not None:
-                    bar.write(f"epoch {epoch} step {step}: val PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.4f}, "
-                              f"Dice {val['val/dice']:.4f}")
-                if val["val/psnr"] > best:
-                    best = val["val/psnr"]
-                    checkpoint("best", val)
-            checkpoint("last", val)
-            if dist.enabled:
-                torch.distributed.barrier()
-            if stopped or last_round:
-                break
-    if bar is not None:
-        bar.close()
-    logger.close()
-    seconds = time.time() - t0
-    summary = {"out": str(out), "steps": step, "epochs": epoch, "best_val_psnr": best if best > -math.inf else None,
-               "seconds": seconds, "items_per_s": seen / max(seconds, 1e-9),
-               "items_per_s_steady": ((seen - warm["seen"]) / max(time.time() - warm["t"], 1e-9)) if warm["t"] else None,
-               "stopped": stopped, "device": str(device), "world": dist.world,
-               "hash_backend": getattr(model.encoding, "backend", "?")}
-    return finish_run(out, summary, dist, best_is_last=val_ds is None)
+    task = SpiderTask(model_cfg, val_ds, dist, lam=lam, optimizer=optimizer, lr_step_epochs=lr_step_epochs,
+                      lr_gamma=lr_gamma)
+    return train(task, train_ds, settings, dist, config, log=log)

@@ -1,1 +1,3 @@
-"""The one training loop every network plugs into (DDP, AMP, resume, logging, checkpoints)."""
+"""The one training loop every network plugs into (``loop``: a network gives a ``loop.Task`` — its step,
+validation and checkpoint contents) and its shared parts (``common``: DDP, AMP, resume state, logging,
+stopping cleanly)."""

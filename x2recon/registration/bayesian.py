@@ -151,6 +151,74 @@ def _core(X, Y, G, *, w, lam, kappa, gamma, transform, tol, max_iter, min_iter, 
                 history=history, affine=affine, local_steps=es.local_steps)
 
 
+GEODESIC_NEEDS_FACES = ("GBCPD's geodesic kernel walks along the source mesh's triangles, and the source is a point "
+                        "cloud (no faces): give the source as a mesh, or use --method bcpd or cpd (Euclidean "
+                        "Gaussian kernel), which take point clouds")
+
+
+def _check_parameters(transform, w, lam, beta, gamma, kappa, kernel, tau) -> None:
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    if not 0.0 <= w < 1.0:
+        raise ValueError(f"w (outlier probability ω) must be in [0, 1), got {w}")
+    if lam <= 0 or beta <= 0 or gamma <= 0 or kappa <= 0:
+        raise ValueError("lambda, beta, gamma and kappa must be positive")
+    if kernel not in ("gaussian", "geodesic"):
+        raise ValueError(f"kernel must be gaussian or geodesic, got {kernel!r}")
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be in [0, 1], got {tau}")
+
+
+def _kernel(kernel, Yn, Yfit, iy, faces, beta, tau, nystrom, eps, rng, dev, dt, mon, info):
+    """(G over the fitted source points, G over all source points or None): the geodesic kernel of the
+    source mesh, or the Gaussian one (Nyström low rank above ``FULL_RANK_MAX`` points or with ``nystrom``)."""
+    M0, M = len(Yn), len(Yfit)
+    if kernel == "geodesic":
+        k = (AUTO_RANK if M0 > FULL_RANK_MAX else 0) if nystrom is None else nystrom
+        mon(0.0, "geodesic kernel")
+        Gfull, ginfo = geodesic_kernel(Yn, faces, beta, tau, k, eps, rng, dev, dt)
+        info.update(ginfo)
+        return (Gfull if iy is None else Gfull.rows(torch.as_tensor(iy, device=dev))), Gfull
+    k = (AUTO_RANK if M > FULL_RANK_MAX else 0) if nystrom is None else nystrom
+    Yt = torch.as_tensor(Yfit, dtype=dt, device=dev)
+    if 0 < k < M:
+        G = gaussian_lowrank(Yt, beta, voxel_sample(Yfit, k, 0.0, rng), eps=1e-9)
+        info["kernel_rank"] = G.rank
+        return G, None
+    check_full_rank(M)
+    return gaussian(Yt, Yt, beta), None
+
+
+def _interpolate_displacement(disp, Gfull, Yn, Y, beta, dev, dt, mon):
+    """"++": the displacement fitted on the subset, at every source point."""
+    mon(0.98, "interpolating the displacement")
+    if isinstance(Gfull, LowRank):  # geodesic: v = Q_full·B (Hirose's interpolate2)
+        return Gfull.Q @ disp.B
+    # Gaussian: v(y) = g(y, Y_fit)·Z, the Gaussian-process mean (his interpolate1)
+    return gaussian_apply(torch.as_tensor(Yn, dtype=dt, device=dev), Y, disp.coef, beta, block_elements(dev, dt))
+
+
+def _set_correspondence(res, Xn, yout, r2: float, w: float, dev, dt) -> None:
+    """Each moved source point's most likely target point and its probability (a last E-step)."""
+    M, D = yout.shape
+    Xa = torch.as_tensor(Xn, dtype=dt, device=dev)
+    c = w / (1 - w) * (2 * math.pi * r2) ** (D / 2) / float(np.prod(np.ptp(Xn, 0))) if w > 0 else 0.0
+    f = estep(Xa, yout, r2, None, c * M, block_elements(dev, dt), want_match=True)
+    res.match, res.match_prob = f.match.cpu().numpy(), f.match_prob.cpu().double().numpy()
+
+
+def _set_similarity(res, st, mx, sx, my, sy) -> None:
+    """The fitted similarity (or affine map) in the caller's millimetres, undoing the normalisation."""
+    R, t = st["R"].cpu().double().numpy(), st["t"].cpu().double().numpy()
+    if st["affine"]:
+        res.B = R * (sx / sy)
+        res.t = sx * t + mx - res.B @ my
+    else:
+        res.s = st["s"] * sx / sy
+        res.R = R
+        res.t = sx * t + mx - res.s * R @ my
+
+
 @precise_on_cuda
 def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0, gamma: float = 1.0,
          kappa: float = math.inf, nystrom: int | None = None, tol: float = 1e-4, max_iter: int = 500,
@@ -166,35 +234,22 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
     process mean for the Gaussian kernel, through the full geodesic eigenvectors for GBCPD (as
     Hirose's ``interpolate2``). ``progress``/``cancel`` as in ``cpd``.
     """
-    if transform not in TRANSFORMS:
-        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-    if not 0.0 <= w < 1.0:
-        raise ValueError(f"w (outlier probability ω) must be in [0, 1), got {w}")
-    if lam <= 0 or beta <= 0 or gamma <= 0 or kappa <= 0:
-        raise ValueError("lambda, beta, gamma and kappa must be positive")
-    if kernel not in ("gaussian", "geodesic"):
-        raise ValueError(f"kernel must be gaussian or geodesic, got {kernel!r}")
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be in [0, 1], got {tau}")
+    _check_parameters(transform, w, lam, beta, gamma, kappa, kernel, tau)
     t0 = time.perf_counter()
     src, tgt = load_pair(source, target, source_faces)
     if kernel == "geodesic" and "n" in transform and src.faces is None:
-        raise X2ReconInputError(src.name if src.name != "source" else None,
-                                "GBCPD's geodesic kernel walks along the source mesh's triangles, and the source "
-                                "is a point cloud (no faces): give the source as a mesh, or use --method bcpd or cpd "
-                                "(Euclidean Gaussian kernel), which take point clouds")
+        raise X2ReconInputError(src.name if src.name != "source" else None, GEODESIC_NEEDS_FACES)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     mon = Monitor(progress, cancel)
     rng = np.random.default_rng(seed)
-    Y0, X0 = src.points, tgt.points
-    M0, D = Y0.shape
-    N0 = len(X0)
+    M0, D = src.points.shape
+    N0 = len(tgt.points)
     mode = normalize
     if "n" not in transform and "s" not in transform and mode == "e":
         mode = "y"  # rigid: one scale for both sets (as Hirose's program does)
-    mx, sx, my, sy = _normalizer(X0, Y0, mode)
-    Yn, Xn = (Y0 - my) / sy, (X0 - mx) / sx
+    mx, sx, my, sy = _normalizer(tgt.points, src.points, mode)
+    Yn, Xn = (src.points - my) / sy, (tgt.points - mx) / sx
     nonrigid = "n" in transform
     info: dict = {}
 
@@ -209,21 +264,7 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
 
     G, Gfull = None, None
     if nonrigid:
-        if kernel == "geodesic":
-            k = (AUTO_RANK if M0 > FULL_RANK_MAX else 0) if nystrom is None else nystrom
-            mon(0.0, "geodesic kernel")
-            Gfull, ginfo = geodesic_kernel(Yn, src.faces, beta, tau, k, eps, rng, dev, dt)
-            info.update(ginfo)
-            G = Gfull if iy is None else Gfull.rows(torch.as_tensor(iy, device=dev))
-        else:
-            k = (AUTO_RANK if M > FULL_RANK_MAX else 0) if nystrom is None else nystrom
-            Yt = torch.as_tensor(Yfit, dtype=dt, device=dev)
-            if 0 < k < M:
-                G = gaussian_lowrank(Yt, beta, voxel_sample(Yfit, k, 0.0, rng), eps=1e-9)
-                info["kernel_rank"] = G.rank
-            else:
-                check_full_rank(M)
-                G = gaussian(Yt, Yt, beta)
+        G, Gfull = _kernel(kernel, Yn, Yfit, iy, src.faces, beta, tau, nystrom, eps, rng, dev, dt, mon, info)
     X = torch.as_tensor(Xfit, dtype=dt, device=dev)
     Y = torch.as_tensor(Yfit, dtype=dt, device=dev)
     st = _core(X, Y, G, w=w, lam=lam, kappa=kappa, gamma=gamma, transform=transform, tol=tol,
@@ -236,16 +277,10 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
         V = st["V"]
     elif not nonrigid:
         V = torch.zeros(M0, D, dtype=dt, device=dev)
-    else:  # "++" interpolation of the displacement to every source point
-        mon(0.98, "interpolating the displacement")
-        if isinstance(Gfull, LowRank):  # geodesic: v = Q_full·B (Hirose's interpolate2)
-            V = Gfull.Q @ st["disp"].B
-        else:  # Gaussian: v(y) = g(y, Y_fit)·Z, the Gaussian-process mean (his interpolate1)
-            V = gaussian_apply(torch.as_tensor(Yn, dtype=dt, device=dev), Y, st["disp"].coef, beta,
-                               block_elements(dev, dt))
+    else:
+        V = _interpolate_displacement(st["disp"], Gfull, Yn, Y, beta, dev, dt, mon)
     Yfull = torch.as_tensor(Yn, dtype=dt, device=dev)
     yout = s * ((Yfull + V) @ R.t()) + t  # affine: s = 1 and R holds the matrix; "n": s = 1, R = I, t = 0
-    Rn = R.cpu().double().numpy()
     res = RegistrationResult(
         method=("gbcpd" if kernel == "geodesic" else "bcpd") + ("++" if iy is not None else ""),
         Y_hat=yout.cpu().double().numpy() * sx + mx, sigma2=st["r"] ** 2 * sx * sx, iterations=st["iterations"],
@@ -255,21 +290,11 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
                     nystrom=nystrom, tol=tol, max_iter=max_iter, min_iter=min_iter, transform=transform,
                     normalize=normalize, downsample=downsample, downsample_voxel=downsample_voxel,
                     kernel=kernel, seed=seed, **(dict(tau=tau, eps=eps) if kernel == "geodesic" else {})))
-    if st["affine"]:
-        res.B = Rn * (sx / sy)
-        res.t = sx * t.cpu().double().numpy() + mx - res.B @ my
-    else:
-        res.s = s * sx / sy
-        res.R = Rn
-        res.t = sx * t.cpu().double().numpy() + mx - res.s * Rn @ my
+    _set_similarity(res, st, mx, sx, my, sy)
     if iy is None and ix is None:
         res.P1 = st["nu"].cpu().double().numpy()
     if correspondence:
-        r2 = st["r"] ** 2
-        Xa = torch.as_tensor(Xn, dtype=dt, device=dev)
-        c = w / (1 - w) * (2 * math.pi * r2) ** (D / 2) / float(np.prod(np.ptp(Xn, 0))) if w > 0 else 0.0
-        f = estep(Xa, yout, r2, None, c * M0, block_elements(dev, dt), want_match=True)
-        res.match, res.match_prob = f.match.cpu().numpy(), f.match_prob.cpu().double().numpy()
+        _set_correspondence(res, Xn, yout, st["r"] ** 2, w, dev, dt)
     mon(1.0, "done")
     res.seconds = time.perf_counter() - t0
     return res

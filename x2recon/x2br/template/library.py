@@ -182,6 +182,71 @@ def write_template(out: Path, name: str, rel_vertices: np.ndarray, faces: np.nda
     return rec
 
 
+def _dataset_inventory(root: Path, split: str) -> tuple[list[str], dict, dict, float]:
+    """(case ids, their meta.json, structure → cases with its mesh, the one box size) of ``split``."""
+    if not (root / "cases").is_dir():
+        raise X2ReconInputError(root, "not an x2recon dataset (no cases/ folder); build one with 'x2recon build-dataset'")
+    cases = _case_ids(root, split)
+    if not cases:
+        raise X2ReconInputError(root, "the dataset has no finished case (cases/*/meta.json)")
+    metas, available = {}, {}
+    for cid in cases:
+        metas[cid] = json.loads((root / "cases" / cid / "meta.json").read_text())
+        for p in sorted((root / "cases" / cid / "meshes").glob("*.ply")):
+            if p.stem not in SKIP_MESHES:
+                available.setdefault(p.stem, []).append(cid)
+    if not available:
+        raise X2ReconInputError(root, "the dataset's cases have no per-structure meshes (cases/<id>/meshes/"
+                                      "<structure>.ply); rebuild it with 'x2recon build-dataset'")
+    sizes = {float(metas[c]["box_size"]) for c in cases}
+    if len(sizes) > 1:
+        raise X2ReconInputError(root, f"cases use different reconstruction box sizes {sorted(sizes)}; "
+                                      "a library needs one")
+    return cases, metas, available, sizes.pop()
+
+
+def _wanted_structures(root: Path, structures, available: dict) -> tuple[list[str], list[str]]:
+    """(structures to build, in TotalSegmentator's order; requested ones without a mesh in the dataset)."""
+    from ...structures import resolve_structures
+
+    if structures is None:
+        order = _structure_order()
+        return sorted(available, key=lambda n: order.get(n, 10**6)), []
+    wanted = resolve_structures(structures)
+    missing = [s for s in wanted if s not in available]
+    wanted = [s for s in wanted if s in available]
+    if not wanted:
+        raise X2ReconInputError(root, f"none of the requested structures has a mesh in the dataset "
+                                      f"(asked for {structures!r}; it has {sorted(available)[:10]}…)")
+    return wanted, missing
+
+
+def _choose_template(root: Path, name: str, cands: list[str], reference: str):
+    """(case, watertight mesh, rule, median volume) of the structure's template: the reference case, else
+    the case whose mesh volume is closest to the median, else the next that can be made watertight;
+    None when none can."""
+    from ...io.mesh import read_mesh
+    from ...mesh.extract import MeshError, ensure_watertight
+
+    meshes = {c: read_mesh(root / "cases" / c / "meshes" / f"{name}.ply") for c in cands}
+    vols = {c: float(abs(m.volume)) for c, m in meshes.items()}
+    med = float(np.median(list(vols.values())))
+    ranked = sorted(cands, key=lambda c: (abs(vols[c] - med), c))
+    rule = "median"
+    if reference != "median":
+        if reference in cands:
+            ranked = [reference] + [c for c in ranked if c != reference]
+            rule = "reference"
+        else:
+            rule = "fallback"
+    for c in ranked:
+        try:
+            return c, ensure_watertight(meshes[c].copy(), name), rule, med
+        except MeshError:
+            continue
+    return None
+
+
 def build_library(
     dataset_dir: str | Path | None,
     out_dir: str | Path,
@@ -201,93 +266,32 @@ def build_library(
     all built cases when the dataset has no such split — or ``all``).  ``skel``: a folder of SKEL
     bone meshes to add (``x2recon.x2br.template.skel``); ``dataset_dir`` may then be ``None``.
     """
-    from ...io.mesh import read_mesh
-    from ...mesh.extract import MeshError, ensure_watertight
-    from ...structures import resolve_structures
-
     report = progress or (lambda f, m: None)
     out = Path(out_dir)
     structures_doc: dict[str, dict] = {}
     doc: dict = {"format": LIBRARY_FORMAT}
     box_size = None
     missing: list[str] = []
-    cases: list[str] = []
     if dataset_dir is not None:
         root = Path(dataset_dir)
-        if not (root / "cases").is_dir():
-            raise X2ReconInputError(root, "not an x2recon dataset (no cases/ folder); build one with 'x2recon build-dataset'")
-        cases = _case_ids(root, split)
-        if not cases:
-            raise X2ReconInputError(root, "the dataset has no finished case (cases/*/meta.json)")
-        metas, available = {}, {}
-        for cid in cases:
-            meta = json.loads((root / "cases" / cid / "meta.json").read_text())
-            metas[cid] = meta
-            for p in sorted((root / "cases" / cid / "meshes").glob("*.ply")):
-                if p.stem not in SKIP_MESHES:
-                    available.setdefault(p.stem, []).append(cid)
-        if not available:
-            raise X2ReconInputError(root, "the dataset's cases have no per-structure meshes (cases/<id>/meshes/"
-                                          "<structure>.ply); rebuild it with 'x2recon build-dataset'")
-        sizes = {float(metas[c]["box_size"]) for c in cases}
-        if len(sizes) > 1:
-            raise X2ReconInputError(root, f"cases use different reconstruction box sizes {sorted(sizes)}; "
-                                          "a library needs one")
-        box_size = sizes.pop()
-        order = _structure_order()
-        if structures is None:
-            wanted = sorted(available, key=lambda n: order.get(n, 10**6))
-        else:
-            wanted = resolve_structures(structures)
-            missing = [s for s in wanted if s not in available]
-            wanted = [s for s in wanted if s in available]
-            if not wanted:
-                raise X2ReconInputError(root, f"none of the requested structures has a mesh in the dataset "
-                                              f"(asked for {structures!r}; it has {sorted(available)[:10]}…)")
+        cases, metas, available, box_size = _dataset_inventory(root, split)
+        wanted, missing = _wanted_structures(root, structures, available)
         if reference != "median" and reference not in cases:
             raise X2ReconInputError(root, f"reference case {reference!r} is not among the {split} cases "
                                           f"({', '.join(cases[:6])}{'…' if len(cases) > 6 else ''})")
-        mesh_cache: dict[tuple[str, str], object] = {}
-
-        def load(cid: str, name: str):
-            key = (cid, name)
-            if key not in mesh_cache:
-                mesh_cache[key] = read_mesh(root / "cases" / cid / "meshes" / f"{name}.ply")
-            return mesh_cache[key]
-
         for i, name in enumerate(wanted):
             if cancel is not None and cancel():
                 raise CancelledError("template library: cancelled")
             report(0.9 * i / len(wanted), f"template {name}")
-            cands = available[name]
-            vols = {c: float(abs(load(c, name).volume)) for c in cands}
-            med = float(np.median(list(vols.values())))
-            ranked = sorted(cands, key=lambda c: (abs(vols[c] - med), c))
-            rule = "median"
-            if reference != "median":
-                if reference in cands:
-                    ranked = [reference] + [c for c in ranked if c != reference]
-                    rule = "reference"
-                else:
-                    rule = "fallback"
-            chosen = mesh = None
-            for c in ranked:
-                try:
-                    mesh = ensure_watertight(load(c, name).copy(), name)
-                    chosen = c
-                    break
-                except MeshError:
-                    continue
-            for c in cands:  # free memory as we go
-                mesh_cache.pop((c, name), None)
-            if chosen is None:
+            choice = _choose_template(root, name, available[name], reference)
+            if choice is None:
                 missing.append(name)
                 continue
-            iso = np.asarray(metas[chosen]["isocenter"], float)
-            rel = np.asarray(mesh.vertices, float) - iso
+            chosen, mesh, rule, med = choice
+            rel = np.asarray(mesh.vertices, float) - np.asarray(metas[chosen]["isocenter"], float)
             rec = write_template(out, name, rel, np.asarray(mesh.faces), box_size)
             rec.update(source="dataset", source_case=chosen, selection=rule, covers=[name],
-                       candidates=len(cands), median_volume_mm3=round(med, 3))
+                       candidates=len(available[name]), median_volume_mm3=round(med, 3))
             structures_doc[name] = rec
         doc.update(dataset=str(root.resolve()), split=split, cases=cases)
     if skel is not None:

@@ -9,8 +9,9 @@
 * Per-axis errors after ICP (maxe, maye, maze): the reconstruction is rigidly aligned to the ground
   truth by ICP, then the mean absolute x, y, z differences to the nearest ground-truth points.
 
-Distances are in the units of the meshes given (mm for world meshes, box units for normalised ones);
-the papers report Chamfer-L1 and F-score in normalised units, per-axis errors in mm.
+Distances are in the units of the meshes given.  The papers report Chamfer-L1 and F-score with each
+ground truth normalised into the unit box, per-axis errors in mm: ``metrics.protocol`` scores both
+that protocol and ours (mm) — use it for figures to compare with the papers.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ def mesh_metrics(pred: trimesh.Trimesh, gt: trimesh.Trimesh, *, n_points: int = 
                  scale: float = 1.0, seed: int = 0) -> MeshMetrics:
     """All mesh metrics of the papers' tables for one reconstruction.
 
-    ``scale`` divides distances for Chamfer-L1 and F-score (e.g. the box size in mm, so that world
-    meshes are scored in normalised units as the papers do); per-axis errors stay in mesh units.
+    ``scale`` divides distances for Chamfer-L1 and F-score (e.g. the reconstruction box edge in mm:
+    "box units", one fixed length for every case — not the papers' per-case normalisation, which
+    ``metrics.protocol.score`` applies); per-axis errors stay in mesh units.
     """
     p, pn = sample_surface(pred, n_points, seed)
     g, gn = sample_surface(gt, n_points, seed + 1)

@@ -1,5 +1,8 @@
 """Mesh files (STL, PLY, OBJ, OFF, VTK): atomic writes and reads with clear errors.
 
+``read_mesh`` needs triangles; ``read_points`` also takes point clouds (PLY/OBJ/OFF vertices without
+faces, VTK polydata of vertices), as registration targets are.
+
 Coordinates in files are LPS mm.  Writers put Slicer's ``SPACE=LPS`` declaration in the header
 (Slicer also assumes LPS when a file has none); a file that declares ``SPACE=RAS`` (a Slicer
 export in RAS) is turned into LPS on reading.

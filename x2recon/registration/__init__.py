@@ -10,9 +10,12 @@ compares it with CPD. Methods (all ``f(source, target, **params) -> Registration
 - ``gbcpd(source_mesh, target, tau=1, ...)`` — Hirose 2022: the geodesic kernel of the source mesh
   keeps close-but-separate parts (ribs, fingers) from being dragged together; GBCPD++ with
   ``downsample``;
-- ``register(source, target, method="cpd"|"cpd-affine"|"cpd-rigid"|"bcpd"|"gbcpd", **params)``.
+- ``register(source, target, method="cpd"|"cpd-affine"|"cpd-rigid"|"bcpd"|"gbcpd", **params)`` — the
+  entry point of the CLI and X2BR; unset BCPD/GBCPD parameters take ``methods.DEFAULTS`` (β 0.7, λ 50,
+  γ 0.3, τ 0.2: measured on real bones by Testing/benchmarks/bench_registration_sweep.py, where
+  Hirose's defaults, kept by ``bcpd``/``gbcpd`` themselves, drag a rib onto its neighbour).
 
-Inputs: (N, D) arrays, trimesh meshes, or mesh/point files (``x2recon.io.mesh.read_mesh``). Outputs
+Inputs: (N, D) arrays, trimesh meshes, or mesh/point-cloud/point files (``x2recon.io.mesh.read_points``). Outputs
 (``RegistrationResult``) are in the inputs' units; ``result.mesh()`` is the moved source mesh.
 ``device="auto"|"cpu"|"cuda"``; float64 on CPU and float32 on CUDA unless ``dtype`` says otherwise.
 The correspondence sums are computed block by block (memory O(block × M)), with a KD-tree local

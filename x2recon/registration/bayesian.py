@@ -306,6 +306,7 @@ def gbcpd(source, target, *, tau: float = 1.0, nystrom: int | None = None, eps: 
 
     The source must be a mesh (a mesh file, a trimesh, or points with ``source_faces``). Hirose's
     GBCPD demos use β 0.7–1.2, λ 50–100, γ 3, K 200–300, τ 0.2–1 with ``normalize="x"``; the
-    defaults here are his program's (β = λ = 2, γ = 1, normalize e) with τ = 1 (geodesic only).
+    defaults here are his program's (β = λ = 2, γ = 1, normalize e) with τ = 1 (geodesic only);
+    ``register`` and ``x2recon register`` use ``methods.DEFAULTS`` instead (measured on bones).
     """
     return bcpd(source, target, kernel="geodesic", tau=tau, nystrom=nystrom, eps=eps, **kw)

@@ -10,7 +10,9 @@ are added as a volume node (CT window in the slice views, volume rendering) and 
 (3D surfaces).  *Compare with ground truth* fills a table with SPIDER's metrics.
 """
 
+import importlib.util
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
@@ -28,6 +30,11 @@ try:
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel works without saved settings
     parameterNodeWrapper = None
+
+# Loaded from a clone (Slicer → Application Settings → Modules → Additional module paths) and x2recon
+# not installed: the package is the x2recon/ folder beside the module folders.
+if importlib.util.find_spec("x2recon") is None and (Path(__file__).resolve().parent.parent / "x2recon").is_dir():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from SpiderCTLib.logic import SpiderCTLogic
 from x2recon.slicer import process as slicer_process

@@ -1,4 +1,5 @@
-"""Shared fixtures: the one way tests reach ../shared/data (nothing downloads at run time)."""
+"""Shared fixtures: the one way tests reach the sample data — the chest CT bundled in the package, and
+../shared/data for the larger cases (nothing downloads at run time)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def chest_half(shared_data):
-    """(ct_path, labels_path) of the half-resolution chest CT (fast tests)."""
-    return shared_data / "chest_lidc0001_half" / "ct.nii.gz", shared_data / "chest_lidc0001_half" / "labels.nii.gz"
+def chest_half():
+    """(ct_path, labels_path) of the half-resolution chest CT (fast tests): the copy bundled in the
+    package, so these tests run from a clone alone."""
+    from x2recon.sample_data import case_dir
+
+    d = case_dir("chest_lidc0001_half")
+    return d / "ct.nii.gz", d / "labels.nii.gz"
 
 
 @pytest.fixture(scope="session")

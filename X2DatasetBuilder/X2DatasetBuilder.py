@@ -7,7 +7,9 @@ with the user's consent.  Folder builds run ``x2recon build-dataset`` as a backg
 (PythonSlicer), streamed into the panel; Cancel stops it and its workers, and a later run resumes.
 """
 
+import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
@@ -25,6 +27,11 @@ try:
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 except ImportError:  # Slicer < 5.2 has no parameter node wrapper: the panel works without saved settings
     parameterNodeWrapper = None
+
+# Loaded from a clone (Slicer → Application Settings → Modules → Additional module paths) and x2recon
+# not installed: the package is the x2recon/ folder beside the module folders.
+if importlib.util.find_spec("x2recon") is None and (Path(__file__).resolve().parent.parent / "x2recon").is_dir():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from X2DatasetBuilderLib.logic import X2DatasetBuilderLogic
 from x2recon.slicer import process as slicer_process

@@ -15,26 +15,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 from .errors import X2ReconInputError
+from .resources import DEMO_MODEL, bundled_model  # noqa: F401  (re-exported: the demo's model)
 
-DEMO_MODEL = "x2b_demo.safetensors"
 DEMO_VARIANT = 90  # the demo dataset used variants 1–15; 90 is a deformation the model never saw
-
-
-def bundled_model() -> Path:
-    p = Path(str(resources.files("x2recon.resources").joinpath("models", DEMO_MODEL)))
-    if not p.is_file():
-        raise X2ReconInputError(p, "the bundled demo model is missing from this installation")
-    return p
 
 
 def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = None, data: str | Path | None = None,
              case: str = "chest_lidc0001_half", variant: int = DEMO_VARIANT, view: str = "AP",
-             resolution: int = 256, device: str = "auto", log=print) -> dict:
-    """Run the demo; returns the metrics and the paths written."""
+             resolution: int = 256, device: str = "auto", watertight: bool = True, log=print) -> dict:
+    """Run the demo; returns the metrics and the paths written.  ``data``: a folder holding ``case/``
+    (default: the copy bundled in the package, ``x2recon.sample_data.case_dir``)."""
     from .dataset.case import CaseInput, build_case
     from .dataset.config import BuildConfig
     from .dataset.torch_data import load_view
@@ -43,18 +36,15 @@ def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = Non
     from .metrics.mesh import mesh_metrics, vertex_distances
     from .nn.checkpoint import load_model
     from .x2b.reconstruct import reconstruct, resolve_device
-    from .sample_data import ENV, sample_data_dir
+    from .sample_data import case_dir
 
     t0 = time.time()
     out = Path(out)
     model_path = Path(model) if model else bundled_model()
     dev = resolve_device(device)
     net, cfg = load_model(model_path, dev, network=("x2b", "x2b2"))
-    data = Path(data) if data else sample_data_dir()
-    src = data / case
+    src = case_dir(case, data)
     ct, labels = src / "ct.nii.gz", src / "labels.nii.gz"
-    if not ct.is_file():
-        raise X2ReconInputError(ct, f"sample CT not found (set {ENV} or --data to the folder holding {case}/)")
     build = dict(cfg.get("dataset", {}).get("build") or {})
     if not build:
         raise X2ReconInputError(model_path, "the checkpoint does not record its dataset's build settings")
@@ -73,7 +63,7 @@ def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = Non
     shutil.copyfile(src_png, xray_png)
     shutil.copyfile(folder / "images" / f"{view}.json", xray_json)
     log(f"[2/4] reconstructing the bones from {xray_png} at {resolution}³ on {dev} …")
-    rec = reconstruct(net, [xray], resolution=resolution, device=dev)
+    rec = reconstruct(net, [xray], resolution=resolution, device=dev, watertight=watertight)
     mesh_path = out / f"xray_{view}_bones.stl"
     write_mesh(rec.mesh, mesh_path)
     log(f"      {len(rec.mesh.faces):,} triangles in {rec.seconds:.1f} s "

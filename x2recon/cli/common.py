@@ -20,6 +20,16 @@ def views(s: str) -> list[str]:
     return [v.strip().upper() for v in s.split(",") if v.strip()]
 
 
+def default_workers() -> int:
+    """Data-loading processes per training process: the CPU cores this process may use, shared among
+    torchrun's local processes (``LOCAL_WORLD_SIZE``), less one for the training loop, at most 4
+    (2 cores, one process → 1)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1))
+
+
 class ProgressLines:
     """tqdm bar, or machine-readable ``X2RECON_PROGRESS <percent> <message>`` lines (Slicer panel)."""
 

@@ -6,11 +6,14 @@ import argparse
 
 from .common import device, mise_resolution, output_dir
 
+from ..resources import model_arg
+
 
 def cmd_demo(a) -> int:
     from ..demo import run_demo
 
-    s = run_demo(a.out, model=a.model, data=a.data, resolution=a.resolution, device=a.device)
+    s = run_demo(a.out, model=a.model, data=a.data, resolution=a.resolution, device=a.device,
+                 watertight=not a.no_watertight)
     m = s["metrics"]
     print()
     print(f"X2B demo — {s['case']}, {s['view']} X-ray, {s['resolution']}³, {s['device']}")
@@ -27,8 +30,10 @@ def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="build a case from the sample data, reconstruct its bones, score and render them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--out", default="x2recon-demo", type=output_dir, help="output folder")
-    d.add_argument("--model", help="checkpoint (default: the bundled demo model)")
-    d.add_argument("--data", help="sample data folder (default: ../shared/data or $X2RECON_SHARED_DATA)")
+    d.add_argument("--model", type=model_arg, help="X2B checkpoint (default: the bundled demo model, 'demo')")
+    d.add_argument("--data", help="folder holding chest_lidc0001_half/ (default: the copy bundled in the package)")
     d.add_argument("--resolution", type=mise_resolution, default=256, help="final MISE grid, cells per side (32·2^k)")
     d.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
+    d.add_argument("--no-watertight", action="store_true",
+                   help="keep marching cubes' raw surface instead of a closed, manifold mesh without specks")
     d.set_defaults(func=cmd_demo)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..resources import model_arg
 from .common import device, mise_resolution, output_dir, output_file, positive_int, views
 from .x2br import need_x2br_inputs
+
+
+def default_csv(model: str | Path, split: str) -> Path:
+    """``./evaluate_<model stem>_<split>.csv`` in the working directory: never beside the model, which
+    for the bundled demo model is inside the installed package."""
+    return Path.cwd() / f"evaluate_{Path(model).stem}_{split}.csv"
 
 
 def cmd_evaluate(a) -> int:
@@ -14,7 +21,7 @@ def cmd_evaluate(a) -> int:
     from ..nn.checkpoint import read_config
 
     cfg = read_config(a.model)
-    out_csv = Path(a.out) if a.out else Path(a.model).with_suffix(f".{a.split}.csv")
+    out_csv = Path(a.out) if a.out else default_csv(a.model, a.split)
     if cfg["network"] == "spider":
         from ..spider.evaluate import evaluate_spider, spider_tables
 
@@ -46,7 +53,8 @@ def add_parsers(sub) -> None:
                                    "Chamfer-L1, F-score, normal consistency, maxe/maye/maze in mm; SPIDER: PSNR, "
                                    "SSIM, Dice, HD95, CD).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="checkpoint (.safetensors), or 'demo' for the bundled X2B demo model")
     p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
     p.add_argument("--split", default="test", help="train, val, test or all")
     p.add_argument("--views", default="", help="X2B: views to reconstruct from (default: the model's training views)")
@@ -54,7 +62,7 @@ def add_parsers(sub) -> None:
                    help="MISE grid of the evaluation meshes, cells per side (32·2^k)")
     p.add_argument("--points", type=positive_int, default=100_000, help="surface/volume samples per metric")
     p.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", type=output_file, help="per-case CSV (default: beside the model)")
+    p.add_argument("--out", type=output_file, help="per-case CSV (default: ./evaluate_<model name>_<split>.csv in the working directory)")
     p.add_argument("--meshes", type=output_dir, help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
     p.add_argument("--refine", choices=["none", "template"], default="none",
                    help="template: also score X2BR (X2B + detection + template registration) — Tables 1–3")

@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..resources import model_arg
 from .common import (device, resume, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
                      positive_int, probability)
-from .common import ProgressLines, ints, views
+from .common import ProgressLines, default_workers, ints, views
 
 
 def cmd_train_spider(a) -> int:
@@ -94,7 +95,9 @@ def add_spider_train_parser(tsub) -> None:
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
-    g.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes per GPU")
+    g.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                   help="data-loading processes per training process "
+                        "(default: CPU cores − 1, at most 4: %(default)s here)")
     g.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads per process (0: torch's default)")
     g.add_argument("--train-split", default="train", help="split to train on (splits/<name>.txt)")
     g.add_argument("--val-split", default="val", help="'' to skip validation")
@@ -146,7 +149,9 @@ def add_parsers(sub) -> None:
                                    "origin. Outputs are in LPS millimetres on the reconstruction box.")
     p.add_argument("--pa", required=True, help="frontal X-ray (the model's first view, PA or AP)")
     p.add_argument("--lat", required=True, help="lateral X-ray")
-    p.add_argument("--model", required=True, help="SPIDER checkpoint (.safetensors)")
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="SPIDER checkpoint (.safetensors); no SPIDER model is bundled ('demo' names the X2B demo "
+                        "model, which 'reconstruct' uses)")
     p.add_argument("--out", required=True, type=output_file, help="CT volume file (.nii.gz, .nrrd, .mha)")
     p.add_argument("--labels", type=output_file, help="labelmap file; a <name>.labels.json with the class names is written beside it")
     p.add_argument("--resolution", type=positive_int, default=128, help="voxels per edge of the box")

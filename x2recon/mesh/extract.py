@@ -35,6 +35,13 @@ MIN_VOXELS = 10
 SIGMA = 0.5
 #: Boundary loops up to this many edges are closed by :func:`ensure_watertight`.
 MAX_HOLE_EDGES = 32
+#: Reconstructions (``x2b.reconstruct``, watertight): connected pieces enclosing less than this many mm³
+#: are dropped — specks of the occupancy field, a few cells at 256³ (1.5 mm cells: 3.4 mm³ each), far
+#: below the smallest whole bone of the chest (a 12th rib: 1 500 mm³ in the sample CT).
+MIN_COMPONENT_MM3 = 50.0
+#: :func:`closed_iso_surface`: grid values this close to the iso-level are moved this far off it
+#: (probability units; keeps every vertex ≥ 1e-4 of a cell from the grid points, beyond float32 rounding).
+LEVEL_GAP = 1e-4
 
 
 class MeshError(X2ReconInputError):
@@ -65,6 +72,56 @@ def flying_edges(field: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarra
     verts = ns.vtk_to_numpy(out.GetPoints().GetData()).astype(np.float64)
     faces = ns.vtk_to_numpy(out.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
     return verts, faces
+
+
+def closed_iso_surface(values: np.ndarray, level: float, *, lo: float = -0.5, hi: float = 0.5) -> trimesh.Trimesh:
+    """Closed, manifold ``level`` iso-surface of a grid ``values [x, y, z]`` of probabilities spanning
+    ``[lo, hi]³`` (MISE's final grid), outward wound.
+
+    Two things make plain flying edges give surfaces that are not watertight.  A body that reaches the
+    box's border stops there with an open rim: the grid is padded with one layer at ``level - 1``, so the
+    surface closes with a cap less than half a cell outside the border (for probabilities).  A grid value
+    (almost) equal to ``level`` puts the vertices of all its edges on the same point, which merging
+    turns into edges shared by four faces: values within ``LEVEL_GAP`` of ``level`` are moved that
+    far off it (keeping their side), which moves the surface by at most ``LEVEL_GAP`` of a cell.
+    """
+    v = np.array(values, np.float32)
+    near = np.abs(v - level) < LEVEL_GAP
+    v[near] = np.where(v[near] >= level, level + LEVEL_GAP, level - LEVEL_GAP)
+    r = v.shape[0] - 1
+    # not much lower: a cap vertex must stay ≥ LEVEL_GAP / (1 + LEVEL_GAP) of a cell off the border point
+    pad = np.pad(v, 1, constant_values=np.float32(level - 1.0))
+    verts, faces = flying_edges(pad.transpose(2, 1, 0), level)  # vertices come back as (x, y, z) indices
+    mesh = trimesh.Trimesh(lo + (verts - 1.0) * ((hi - lo) / r), faces, process=True)
+    if len(mesh.faces) and mesh.volume < 0:
+        mesh.invert()
+    return mesh
+
+
+def drop_small_components(mesh: trimesh.Trimesh, min_volume: float) -> trimesh.Trimesh:
+    """``mesh`` without its connected pieces that enclose less than ``min_volume`` (in the mesh's
+    units³; stray specks of an occupancy field).  Pieces are the face-connected components."""
+    if len(mesh.faces) == 0:
+        return mesh
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]
+    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
+    volume = np.abs(np.bincount(labels, weights=signed))
+    keep = volume[labels] >= min_volume
+    if keep.all():
+        return mesh
+    out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces)[keep], process=False,
+                          metadata=dict(mesh.metadata))
+    out.remove_unreferenced_vertices()
+    return out
+
+
+def watertight_report(mesh: trimesh.Trimesh) -> dict:
+    """Edge counts that say whether ``mesh`` is a closed manifold: open edges (in one face),
+    non-manifold edges (in more than two), and whether the winding is consistent."""
+    counts = _edge_use_counts(mesh)[0] if len(mesh.faces) else np.zeros(0, int)
+    return {"open_edges": int((counts == 1).sum()), "nonmanifold_edges": int((counts > 2).sum()),
+            "winding_consistent": bool(mesh.is_winding_consistent) if len(mesh.faces) else True}
 
 
 def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:

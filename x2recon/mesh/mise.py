@@ -53,9 +53,12 @@ def _active_cells(values: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def mise(fn: Callable[[np.ndarray], np.ndarray], *, resolution0: int = 32, upsampling_steps: int = 3,
-         threshold: float = 0.2, bounds: tuple[float, float] = (-0.5, 0.5), batch: int = 100_000) -> MiseResult:
-    """Extract the ``threshold`` iso-surface of ``fn`` at ``resolution0 · 2^upsampling_steps`` cells."""
-    from .extract import flying_edges
+         threshold: float = 0.2, bounds: tuple[float, float] = (-0.5, 0.5), batch: int = 100_000,
+         closed: bool = True) -> MiseResult:
+    """Extract the ``threshold`` iso-surface of ``fn`` at ``resolution0 · 2^upsampling_steps`` cells.
+    ``closed``: a closed, manifold surface (capped at the box border, :func:`..extract.closed_iso_surface`);
+    ``False``: flying edges' raw output, open where a body leaves the box."""
+    from .extract import closed_iso_surface, flying_edges
 
     lo, hi = bounds
     r = int(resolution0)
@@ -87,8 +90,11 @@ def mise(fn: Callable[[np.ndarray], np.ndarray], *, resolution0: int = 32, upsam
             fine[need] = _evaluate(fn, _grid_points(pts_idx, r2, lo, hi), batch)
             n_eval += len(pts_idx)
         values, evaluated, r = fine, done | need, r2
-    verts, faces = flying_edges(values.transpose(2, 1, 0), threshold)  # vertices come back as (x, y, z) indices
-    mesh = trimesh.Trimesh(lo + verts * ((hi - lo) / r), faces, process=True)
-    if len(mesh.faces) and mesh.volume < 0:
-        mesh.invert()
+    if closed:
+        mesh = closed_iso_surface(values, threshold, lo=lo, hi=hi)
+    else:
+        verts, faces = flying_edges(values.transpose(2, 1, 0), threshold)  # vertices come back as (x, y, z) indices
+        mesh = trimesh.Trimesh(lo + verts * ((hi - lo) / r), faces, process=True)
+        if len(mesh.faces) and mesh.volume < 0:
+            mesh.invert()
     return MiseResult(mesh, values, n_eval, (r + 1) ** 3)

@@ -21,6 +21,7 @@ import trimesh
 
 from ..errors import CancelledError, X2ReconInputError
 from ..geometry import ProjectionGeometry
+from ..mesh.extract import MIN_COMPONENT_MM3, MeshError, drop_small_components, ensure_watertight
 from ..mesh.mise import mise
 from ..nn.device import resolve_device  # noqa: F401  (also imported from here by the CLI, demo and Slicer)
 from ..io.xray import XRay
@@ -130,15 +131,27 @@ def refine_vertices(field: OccupancyField, verts: np.ndarray, threshold: float, 
     return np.clip(v, -0.5, 0.5)
 
 
+def _checked_watertight(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """``mesh`` closed and manifold (small repairs by ``ensure_watertight``), or an error saying so."""
+    try:
+        return ensure_watertight(mesh, "the reconstruction")
+    except MeshError as e:
+        raise MeshError(None, f"{e.problem}; reconstruct with --no-watertight (watertight=False) to keep the raw "
+                              "surface") from None
+
+
 def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: float | None = None,
                 device: str | torch.device = "auto", faces: int = 0, refine_steps: int = 0,
-                network_normals: bool = False, batch: int = 65_536,
+                network_normals: bool = False, batch: int = 65_536, watertight: bool = True,
                 progress: Callable[[float, str], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> Reconstruction:
     """Bone mesh from ``xrays`` (one for X2B; frontal then lateral for X2B2).  ``faces``: simplify
     to about this many triangles with pyfqmr (0: keep marching cubes' mesh); ``refine_steps``:
     gradient steps onto the level set; ``network_normals``: vertex normals from the network's
-    gradient instead of the mesh's (costs about one extra evaluation with gradients per vertex)."""
+    gradient instead of the mesh's (costs about one extra evaluation with gradients per vertex).
+    ``watertight`` (default): a closed, manifold surface, capped where bone leaves the box, without
+    pieces enclosing less than ``MIN_COMPONENT_MM3`` (checked; a failure is an error); ``False``: the
+    raw marching-cubes surface with every speck."""
     t0 = time.time()
     if not xrays:
         raise X2ReconInputError("input", "no X-ray given")
@@ -161,8 +174,10 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
         report(0.05 + 0.8 * min(1.0, field.evaluations / max(1, 0.06 * dense)), "evaluating occupancy (MISE)")
         return p
 
-    res = mise(fn, resolution0=32, upsampling_steps=steps, threshold=tau, batch=batch)
+    res = mise(fn, resolution0=32, upsampling_steps=steps, threshold=tau, batch=batch, closed=watertight)
     mesh = res.mesh
+    if watertight:
+        mesh = drop_small_components(mesh, MIN_COMPONENT_MM3 / float(xrays[0].geometry.box_size) ** 3)
     if len(mesh.faces) == 0:
         raise X2ReconInputError(xrays[0].source, f"the network predicts no bone above τ = {tau} in the box: "
                                                  "is this an X-ray of the kind and view the model was trained on?")
@@ -179,6 +194,8 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
         s.simplify_mesh(target_count=int(faces), aggressiveness=7, preserve_border=True, verbose=False)
         v, f, _ = s.getMesh()
         mesh = trimesh.Trimesh(v, f, process=True)
+    if watertight:
+        mesh = _checked_watertight(mesh)
     if network_normals:
         report(0.95, "normals from the network's gradient")
         _, g = field.logit_and_grad(np.asarray(mesh.vertices, np.float32))

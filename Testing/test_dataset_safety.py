@@ -414,7 +414,7 @@ def test_manifest_rebuilds_status_and_skips_bad_records(tmp_path, chest_half):
     (out / "status" / "nameless.json").write_text('{"status": "done"}')
     (out / "status" / "garbage.json").write_bytes(b"\xff\x00")
     s = build_dataset([inp], out, tiny(), progress=False)
-    assert s.skipped == ["chest"]
+    assert s.skipped == ["chest"] and "WARNING" in s.text() and "nameless.json" in s.text()
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["done"] == 1 and (out / "splits" / "train.txt").read_text() == "chest\n"
     assert any("nameless.json: status record lacks 'case_id'" in p for p in m["problems"])

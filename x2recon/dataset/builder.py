@@ -35,6 +35,7 @@ class Summary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)  # the manifest's (e.g. unreadable status records)
 
     def text(self) -> str:
         lines = [
@@ -43,6 +44,7 @@ class Summary:
         ]
         for cid, why in self.failed:
             lines.append(f"  FAILED {cid}: {why}")
+        lines += [f"  WARNING {p}" for p in self.problems]
         return "\n".join(lines)
 
 
@@ -315,7 +317,7 @@ def _build_locked(cases, out: Path, config, workers, dask, progress, cancel, on_
         bar.close()
         summary.seconds = time.time() - t0
         try:
-            write_manifest(out, config, _locked=True)
+            summary.problems = write_manifest(out, config, _locked=True)["problems"]
         except OSError as e:
             if ok:  # after a failure, that failure is the one to report
                 raise X2ReconInputError(out, f"cannot write the manifest ({e.strerror}); run "

@@ -50,8 +50,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="score a model on a dataset split (the papers' tables)",
                        description="Reconstruct every case of a dataset split with a model and score it against "
                                    "the case's ground truth: a per-case CSV and the papers' tables (X2B/X2B2: IoU, "
-                                   "Chamfer-L1, F-score, normal consistency, maxe/maye/maze in mm; SPIDER: PSNR, "
-                                   "SSIM, Dice, HD95, CD).",
+                                   "Chamfer-L1, F-score, normal consistency in the paper's protocol - each ground "
+                                   "truth scaled to a longest edge of 1 - and in mm, against the ground truth cut to "
+                                   "the reconstruction box, maxe/maye/maze in mm; SPIDER: PSNR, SSIM, Dice, HD95, CD, "
+                                   "missed classes counted).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, type=model_arg,
                    help="checkpoint (.safetensors), or 'demo' for the bundled X2B demo model")

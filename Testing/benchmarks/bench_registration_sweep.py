@@ -21,7 +21,8 @@ source vertex moved):
 
 Rows: CPD (Myronenko's defaults) and Hirose's defaults as references, then GBCPD over β × λ × γ
 (τ = 1, exact kernel, normalize e, ω = 0), then one-at-a-time changes of τ, K, normalize and ω around
-the best of those, then β again at the best τ. Printed per row: mean vertex error (mm) per case, the worst case, total seconds.
+the best of those, then β again at the best τ. Printed per row: mean vertex error (mm) per case, the
+worst case, total seconds.
 Rows are ranked by the worst case, so the winner is robust over all cases, not tuned to one.
 """
 

@@ -103,7 +103,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--beta", type=positive_float, help="β: kernel width, normalised units [-b] (BCPD/GBCPD 0.7, CPD 2)")
     g.add_argument("--gamma", type=positive_float, help="γ: initial σ scale [-g] (BCPD/GBCPD, default 0.3)")
     g.add_argument("--kappa", type=_positive_or_inf, help="κ: mixing-coefficient prior [-k] (BCPD/GBCPD, default inf)")
-    g.add_argument("--tau", type=non_negative_float, help="τ: weight of the geodesic term [-G geodesic,τ] (GBCPD, default 0.2; 1: geodesic only)")
+    g.add_argument("--tau", type=non_negative_float, help="τ: weight of the geodesic term [-G geodesic,τ] "
+                   "(GBCPD, default 0.2; 1: geodesic only)")
     g.add_argument("--nystrom", type=non_negative_int, metavar="K", help="rank K of the kernel (Nyström) [-K]; 0: full "
                    "(default: full up to 2000 points, else 300)")
     g.add_argument("--downsample", type=positive_int, metavar="N", help="'++': register N points of each set and "

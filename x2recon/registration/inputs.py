@@ -1,7 +1,8 @@
 """Registration inputs: numpy arrays, trimesh meshes/point clouds or files → checked point sets.
 
 Mesh files go through ``x2recon.io.mesh.read_points`` (LPS mm, clear errors; a PLY/OBJ/OFF/VTK
-file without faces is a point cloud); point files may also be ``.npy`` or text (``.txt``/``.xyz``/``.csv``: one point a line, as Hirose's ``bcpd`` reads them).
+file without faces is a point cloud); point files may also be ``.npy`` or text
+(``.txt``/``.xyz``/``.csv``: one point a line, as Hirose's ``bcpd`` reads them).
 Every problem is an ``X2ReconInputError`` that names the file (or "source"/"target").
 """
 

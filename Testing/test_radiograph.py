@@ -61,6 +61,16 @@ def test_flags_override_what_would_be_assumed(tmp_path):
     assert not any(k in ("sdd", "sod", "pixel_mm") and v.startswith("assumed") for k, v in x.placement.sources.items())
 
 
+def test_unknown_values_come_from_the_models_training_geometry(tmp_path):
+    path = write_png(tmp_path / "cxr.png", chest_image())
+    x = read_xray(path, view="PA", model_geometry={"sdd": 1000.0, "sod": 850.0, "box_size": 300.0})
+    g, p = x.geometry, x.placement
+    assert g.sdd == pytest.approx(1000.0) and g.box_size == 300.0
+    assert np.linalg.norm(g.source - g.isocenter) == pytest.approx(850.0)
+    assert p.sources["sdd"] == "assumed: 1000 mm (the model's training geometry)"
+    assert p.pixel_mm == pytest.approx(TRAINING_LUNGS["width_mm"] * (1000.0 / 850.0) / (p.lungs_px[1] - p.lungs_px[0]))
+
+
 def test_jpeg_is_read_and_placed(tmp_path):
     path = tmp_path / "cxr.jpg"
     sitk.WriteImage(sitk.GetImageFromArray(chest_image()), str(path))
@@ -154,3 +164,4 @@ def test_reconstruct_prints_what_it_assumed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "cxr.png: geometry: ASSUMED" in out and "--pixel-spacing" in out
+    assert "the model's training geometry" in out  # SDD/SOD from the checkpoint's build, not a constant

@@ -131,10 +131,17 @@ def cmd_reconstruct(a) -> int:
     from ..io.xray import read_xray
 
     dev = resolve_device(a.device)
+    from ..io.xray import model_geometry
+    from ..nn.checkpoint import read_config
+
+    try:  # the header only: an X-ray without geometry is placed in the model's training geometry
+        trained = model_geometry(read_config(a.model))
+    except Exception:  # an unreadable model is reported by load_model below, after the inputs are checked
+        trained = None
     xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry, pixel_spacing=a.pixel_spacing, sdd=a.sdd,
-                       sod=a.sod)]  # inputs first: cheap, before the model loads
+                       sod=a.sod, model_geometry=trained)]  # inputs first: cheap, before the model loads
     if a.lateral:
-        xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry))
+        xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry, model_geometry=trained))
     for path, x in zip((a.xray, a.lateral), xrays):  # what the geometry is and where it came from, never silent
         if x.placement is not None and (x.placement.assumed or not a.quiet):
             print(f"{Path(path).name}: {x.placement.text()}")

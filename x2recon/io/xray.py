@@ -114,6 +114,13 @@ def sidecar_geometry(path: str | Path) -> Path | None:
     return p if p is not None and p.is_file() else None
 
 
+def model_geometry(config: dict) -> dict | None:
+    """``sdd``, ``sod`` and ``box_size`` of the dataset build a checkpoint's config records (None if absent)."""
+    build = (config.get("dataset") or {}).get("build") or {}
+    out = {k: float(build[k]) for k in ("sdd", "sod", "box_size") if isinstance(build.get(k), (int, float))}
+    return out if len(out) == 3 else None
+
+
 def default_geometry(view: str | float, width: int, height: int, *, pixel_mm: float | None = None,
                      sdd: float | None = None, sod: float | None = None) -> ProjectionGeometry:
     """The chest default geometry of ``view`` for a ``width``×``height`` image, isocentre at the origin."""
@@ -174,20 +181,24 @@ def lung_fields(img: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def place_xray(image: np.ndarray, view: str | float, *, pixel_mm: float | None = None, sdd: float | None = None,
-               sod: float | None = None, sources: dict | None = None) -> tuple[ProjectionGeometry, Placement]:
+               sod: float | None = None, sources: dict | None = None,
+               model_geometry: dict | None = None) -> tuple[ProjectionGeometry, Placement]:
     """The geometry of an X-ray that came without one, and what was assumed (see module doc).
 
     ``pixel_mm``/``sdd``/``sod`` are known values (DICOM, CLI flags; ``sources`` says where each came
     from); the others are estimated (pixel spacing from the lung width) or defaulted (distances).
     A frontal view is shifted so its lung centre lands on the training patient's; a lateral view is
-    centred.
+    centred.  ``model_geometry`` (``sdd``, ``sod``, ``box_size`` of the model's training build) replaces
+    the chest defaults for what is not known.
     """
     H, W = image.shape
     src = dict(sources or {})
+    ref = {**CHEST_DEFAULTS, **(model_geometry or {})}
+    whose = "the model's training geometry" if model_geometry else "chest default"
     if sdd is None:
-        sdd, src["sdd"] = CHEST_DEFAULTS["sdd"], f"assumed: {CHEST_DEFAULTS['sdd']:.0f} mm (chest default)"
+        sdd, src["sdd"] = ref["sdd"], f"assumed: {ref['sdd']:.0f} mm ({whose})"
     if sod is None:
-        sod, src["sod"] = CHEST_DEFAULTS["sod"], f"assumed: {CHEST_DEFAULTS['sod']:.0f} mm (chest default)"
+        sod, src["sod"] = ref["sod"], f"assumed: {ref['sod']:.0f} mm ({whose})"
     g0 = ProjectionGeometry.from_view(view, (0.0, 0.0, 0.0), sdd=sdd, sod=sod, size=(W, H), detector_mm=W)
     frontal = abs(g0.normal[1]) > 0.7  # beam along the anterior–posterior axis
     lungs = lung_fields(image) if frontal else None
@@ -204,7 +215,7 @@ def place_xray(image: np.ndarray, view: str | float, *, pixel_mm: float | None =
             raise ValueError(f"a {W}×{H} image without pixel spacing or a geometry file, and no lung fields to "
                              "scale it by (the default detector is square): give --pixel-spacing or --geometry")
     g = ProjectionGeometry.from_view(view, (0.0, 0.0, 0.0), sdd=sdd, sod=sod, size=(W, H), spacing=(pixel_mm, pixel_mm),
-                                     kind=CHEST_DEFAULTS["kind"])
+                                     kind=CHEST_DEFAULTS["kind"], box_size=float(ref["box_size"]))
     shift = (0.0, 0.0)
     if lungs is not None:
         dx, dz = TRAINING_LUNGS["centre_mm"]
@@ -333,10 +344,11 @@ def _read_dicom(path: Path, img, a: np.ndarray) -> tuple[np.ndarray, dict, dict]
 
 def read_xray(path: str | Path, *, view: str | float = "AP", geometry: ProjectionGeometry | str | Path | None = None,
               clahe_clip: float = 0.01, pixel_spacing: float | None = None, sdd: float | None = None,
-              sod: float | None = None) -> XRay:
+              sod: float | None = None, model_geometry: dict | None = None) -> XRay:
     """Read an X-ray file (see module doc).  The geometry is, first found first: ``geometry`` (object or
     JSON path), else the ``<stem>.json`` sidecar unless ``pixel_spacing``/``sdd``/``sod`` are given, else
-    placed by :func:`place_xray` from those values, the file's (DICOM) values and the image."""
+    placed by :func:`place_xray` from those values, the file's (DICOM) values and the image
+    (``model_geometry``: the model's training ``sdd``/``sod``/``box_size`` for what is unknown)."""
     path = Path(path)
     if not path.exists():
         raise X2ReconInputError(path, "X-ray file not found")
@@ -380,7 +392,8 @@ def read_xray(path: str | Path, *, view: str | float = "AP", geometry: Projectio
     else:
         try:
             geometry, placement = place_xray(_as_unit(display), view, pixel_mm=known.get("pixel_mm"),
-                                             sdd=known.get("sdd"), sod=known.get("sod"), sources=src)
+                                             sdd=known.get("sdd"), sod=known.get("sod"), sources=src,
+                                             model_geometry=model_geometry)
         except ValueError as e:
             raise X2ReconInputError(path, str(e)) from None
     out = xray_from_array(display, geometry, str(path))

@@ -233,13 +233,16 @@ def test_config_round_trips_through_the_command_line():
         threshold_hu=-120.5, views=["LAT"], angles=[-20.0, 12.5], drr_size=256, x2b_size=128, sdd=1500.25,
         sod=1400.0, detector_mm=400.0, box_size=320.0, beam="parallel", isocenter="ct", clahe=False,
         clahe_clip=0.02, device="cpu", smoothing_iterations=5, n_points=5000, near_surface_fraction=0.25,
-        spider_grid=64, variants=3, seed=7,
+        spider_grid=64, variants=3, seed=7, preset="paper",
     )
     d0, d1 = BuildConfig().to_dict(), changed.to_dict()
     no_option = {"near_surface_sigma"}  # not a command-line setting
     untested = {f.name for f in fields(BuildConfig)} - no_option - {k for k in d0 if d0[k] != d1[k]}
     assert not untested, f"new BuildConfig fields need a CLI option and a line in logic._CLI_OPTIONS: {untested}"
     assert parse(config_to_cli_args(changed)) == d1
+    # under the paper preset a value equal to ours (not the paper's) must still be written out
+    paper_ours = BuildConfig.from_preset("paper", near_surface_fraction=0.5)
+    assert parse(config_to_cli_args(paper_ours)) == paper_ours.to_dict()
     with pytest.raises(ValueError, match="near_surface_sigma"):
         config_to_cli_args(BuildConfig(near_surface_sigma=0.02))
 

@@ -52,19 +52,21 @@ _CLI_OPTIONS = {
     "spider_grid": "--spider-grid",
     "variants": "--variants",
     "seed": "--seed",
+    "preset": "--preset",
 }
 
 
 def config_to_cli_args(config) -> list[str]:
-    """The ``build-dataset`` options that reproduce ``config`` (only settings that differ from the defaults).
+    """The ``build-dataset`` options that reproduce ``config`` (``--preset`` first, then only the settings
+    that differ from that preset's values).
 
     Raises ``ValueError`` for a changed setting that has no command-line option, so a folder build
     never silently runs with other settings than the panel shows.
     """
     from x2recon.dataset.config import BuildConfig
 
-    default = BuildConfig().to_dict()
-    args: list[str] = []
+    default = BuildConfig.from_preset(config.preset).to_dict()
+    args: list[str] = [] if config.preset == "ours" else [f"--preset={config.preset}"]
     for key, value in config.to_dict().items():
         if value == default[key]:
             continue

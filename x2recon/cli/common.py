@@ -20,6 +20,31 @@ def views(s: str) -> list[str]:
     return [v.strip().upper() for v in s.split(",") if v.strip()]
 
 
+PRESETS = ("ours", "paper")
+
+
+def add_preset_option(parser, what: str) -> None:
+    """``--preset ours|paper``: ``paper`` sets every value ``what`` names; explicit flags still win."""
+    parser.add_argument("--preset", default="ours", choices=PRESETS,
+                        help=f"ours: our defaults; paper: every value {what} (README: 'Defaults that differ "
+                             "from the papers'). Options given explicitly override the preset")
+
+
+def preset_help(table: dict, dest: str, text: str = "") -> str:
+    """Help text ending in the option's value under each preset."""
+    ours, paper = table[dest]["ours"], table[dest]["paper"]
+    tail = f"ours: {ours}" + (f"; --preset paper: {paper}" if paper != ours else "; the paper's too")
+    return f"{text} ({tail})" if text else f"({tail})"
+
+
+def apply_preset(a, table: dict) -> None:
+    """Fill each option of ``table`` the user did not give (defined with ``default=argparse.SUPPRESS``)
+    with its value under ``a.preset``."""
+    for dest, values in table.items():
+        if getattr(a, dest, None) is None:
+            setattr(a, dest, values[a.preset])
+
+
 def default_workers() -> int:
     """Data-loading processes per training process: the CPU cores this process may use, shared among
     torchrun's local processes (``LOCAL_WORLD_SIZE``), less one for the training loop, at most 4

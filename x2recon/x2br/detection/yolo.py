@@ -124,8 +124,7 @@ def stage_dataset(data_dir: str | Path, run_dir: str | Path, *, views: list[str]
     recomputed from the boxes), or ``structures`` (one class per TotalSegmentator name: per-level
     vertebrae and ribs, from ``labels/<view>.json``).  Returns ``{classes, views, images, splits}``.
     """
-    from ...drr.boxes import class_names, write_dataset_yaml, yolo_rows, Box
-    from ...geometry import ProjectionGeometry
+    from ...drr.boxes import write_dataset_yaml
 
     root, run = Path(data_dir), Path(run_dir)
     if not (root / "cases").is_dir():
@@ -141,67 +140,81 @@ def stage_dataset(data_dir: str | Path, run_dir: str | Path, *, views: list[str]
     if not splits["train"]:
         raise X2ReconInputError(root / "splits" / "train.txt", "no training cases (run 'x2recon manifest' on the dataset)")
 
-    def boxes_of(case: str, view: str) -> list:
-        f = root / "cases" / case / "labels" / f"{view}.json"
-        if not f.is_file():
-            raise X2ReconInputError(f, "box file missing (the dataset predates per-structure box files?)")
-        return [Box(**b) for b in json.loads(f.read_text())]
-
-    if classes == "dataset":
-        names = ds_classes
-    elif classes == "groups":
-        names = class_names("groups", [])
-    else:
-        from ...structures import totalseg_v2
-
-        seen = set()
-        for case in splits["train"]:
-            for v in use_views:
-                seen.update(b.name for b in boxes_of(case, v))
-        order = {n: i for i, n in enumerate(totalseg_v2().values())}
-        names = sorted(seen, key=lambda n: order.get(n, 10**6))
-        if not names:
-            raise X2ReconInputError(root, "no boxes in the training cases' labels")
-
+    names = _class_names(root, classes, ds_classes, splits["train"], use_views)
     out = run / "yolo_data"
-    counts = {}
-    for split, ids in splits.items():
-        d = out / split
-        if d.exists():
-            shutil.rmtree(d)
-        if not ids:
-            counts[split] = 0
-            continue
-        (d / "images").mkdir(parents=True)
-        (d / "labels").mkdir(parents=True)
-        n = 0
-        for case in ids:
-            cdir = root / "cases" / case
-            if not (cdir / "meta.json").is_file():
-                raise X2ReconInputError(cdir, "case listed in the splits is not built (no meta.json)")
-            for v in use_views:
-                img = cdir / "images" / f"{v}.png"
-                if not img.is_file():
-                    raise X2ReconInputError(img, "DRR missing")
-                stem = f"{case}__{v}"
-                _link_or_copy(img.resolve(), d / "images" / f"{stem}.png")
-                lbl = d / "labels" / f"{stem}.txt"
-                if classes == "dataset":
-                    src = cdir / "labels" / f"{v}.txt"
-                    if not src.is_file():
-                        raise X2ReconInputError(src, "YOLO label file missing")
-                    shutil.copyfile(src, lbl)
-                else:
-                    geom = ProjectionGeometry.from_json(cdir / "images" / f"{v}.json")
-                    rows = yolo_rows(boxes_of(case, v), names, geom)
-                    lbl.write_text("".join(f"{int(r[0])} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f} {r[4]:.6f}\n" for r in rows))
-                n += 1
-        counts[split] = n
+    counts = {split: _stage_split(root, out / split, ids, use_views, classes, names) for split, ids in splits.items()}
     val = "yolo_data/val/images" if counts["val"] else "yolo_data/train/images"
     test = "yolo_data/test/images" if counts["test"] else None
     write_dataset_yaml(run / "data.yaml", names, "yolo_data/train/images", val, run.resolve(), test=test)
     return {"classes": names, "views": use_views, "images": counts, "splits": {k: len(v) for k, v in splits.items()},
             "val_is_train": not counts["val"]}
+
+
+def _boxes_of(root: Path, case: str, view: str) -> list:
+    from ...drr.boxes import Box
+
+    f = root / "cases" / case / "labels" / f"{view}.json"
+    if not f.is_file():
+        raise X2ReconInputError(f, "box file missing (the dataset predates per-structure box files?)")
+    return [Box(**b) for b in json.loads(f.read_text())]
+
+
+def _class_names(root: Path, classes: str, ds_classes: list[str], train_ids: list[str], views: list[str]) -> list[str]:
+    """The detector's classes for ``classes`` mode: the dataset's, the paper's groups, or every structure
+    boxed in the training cases (TotalSegmentator's order)."""
+    from ...drr.boxes import class_names
+
+    if classes == "dataset":
+        return ds_classes
+    if classes == "groups":
+        return class_names("groups", [])
+    from ...structures import totalseg_v2
+
+    seen = set()
+    for case in train_ids:
+        for v in views:
+            seen.update(b.name for b in _boxes_of(root, case, v))
+    order = {n: i for i, n in enumerate(totalseg_v2().values())}
+    names = sorted(seen, key=lambda n: order.get(n, 10**6))
+    if not names:
+        raise X2ReconInputError(root, "no boxes in the training cases' labels")
+    return names
+
+
+def _stage_split(root: Path, d: Path, ids: list[str], views: list[str], classes: str, names: list[str]) -> int:
+    """Link one split's DRRs into ``d/images`` and write their YOLO labels into ``d/labels``; the image count."""
+    from ...drr.boxes import yolo_rows
+    from ...geometry import ProjectionGeometry
+
+    if d.exists():
+        shutil.rmtree(d)
+    if not ids:
+        return 0
+    (d / "images").mkdir(parents=True)
+    (d / "labels").mkdir(parents=True)
+    n = 0
+    for case in ids:
+        cdir = root / "cases" / case
+        if not (cdir / "meta.json").is_file():
+            raise X2ReconInputError(cdir, "case listed in the splits is not built (no meta.json)")
+        for v in views:
+            img = cdir / "images" / f"{v}.png"
+            if not img.is_file():
+                raise X2ReconInputError(img, "DRR missing")
+            stem = f"{case}__{v}"
+            _link_or_copy(img.resolve(), d / "images" / f"{stem}.png")
+            lbl = d / "labels" / f"{stem}.txt"
+            if classes == "dataset":
+                src = cdir / "labels" / f"{v}.txt"
+                if not src.is_file():
+                    raise X2ReconInputError(src, "YOLO label file missing")
+                shutil.copyfile(src, lbl)
+            else:
+                geom = ProjectionGeometry.from_json(cdir / "images" / f"{v}.json")
+                rows = yolo_rows(_boxes_of(root, case, v), names, geom)
+                lbl.write_text("".join(f"{int(r[0])} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f} {r[4]:.6f}\n" for r in rows))
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -286,180 +299,205 @@ def train_detector(
     held-out split: ``test`` if the dataset has one, else ``val`` (else ``train``, flagged).
     """
     import_ultralytics(config_dir)
-    from ultralytics import YOLO
-
     t_start = time.time()
     report = progress or (lambda f, m: None)
     root, run = Path(data_dir), Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
-    state_path, summary_path = run / "state.json", run / "summary.json"
     last = run / "train" / "weights" / "last.pt"
-    state = _read_json(state_path) or {}
+    state = _open_run(run, resume)
+    if state.get("status") == "finished":  # resume auto on a finished run: its summary
+        report(1.0, "already finished")
+        return state["summary"]
+    if not (isinstance(model, str) and (model.endswith((".yaml", ".yml")) or Path(model).is_file())):
+        raise X2ReconInputError(model, f"model must be a YOLOv9 yaml ({', '.join(YOLOV9_MODELS)}) or a local .pt file")
+    resume_from = _resume_source(resume, last, state)
+    if resume_from == last and state.get("classes_mode"):  # a resumed run keeps its own data choices
+        classes, views = state["classes_mode"], state.get("views") or views
+    report(0.0, "staging the dataset")
+    staged = stage_dataset(root, run, views=views, classes=classes)
+    if fliplr is None:
+        fliplr = 0.0 if any(("left" in n or "right" in n) for n in staged["classes"]) else 0.5
+    resumed = resume_from is not None
+    callbacks = _Callbacks(run / "state.json", report, cancel, model=state.get("model", model) if resumed else model,
+                           classes=classes, views=staged["views"], epochs=epochs,
+                           prior_seconds=float(state.get("train_seconds", 0.0)) if resumed else 0.0)
+    dev = _resolve_device(device)
+    fit = dict(data=str(run / "data.yaml"), device=dev, workers=workers, batch=batch)
+    fresh = dict(epochs=epochs, imgsz=imgsz, project=str(run.resolve()), name="train", exist_ok=True, seed=seed,
+                 deterministic=True, patience=patience, fliplr=fliplr, verbose=not quiet, val=True,
+                 **(yolo_args or {}))
+    if not _fit(model, resume_from, callbacks, fit, fresh, quiet, report):
+        st = _read_json(run / "state.json") or {}
+        report(1.0, "stopped")
+        return {"format": SUMMARY_FORMAT, "stopped": True, "epochs_completed": st.get("epoch"),
+                "epochs": st.get("epochs"), "last": str(last), "out": str(run)}
+    train_seconds = callbacks.seconds()
+    evaluation = _evaluate_best(run, staged, imgsz, fit, quiet, report)
+    summary = _finish(run, root, staged, evaluation, callbacks, classes=classes, imgsz=imgsz, batch=batch, dev=dev,
+                      train_seconds=train_seconds, t_start=t_start)
+    report(1.0, "done")
+    return summary
 
+
+def _open_run(run: Path, resume) -> dict:
+    """The run's recorded state (``state.json``); ``resume == "never"`` clears the run first, and a
+    finished run under ``resume == "auto"`` comes back as ``{"status": "finished", "summary": …}``."""
+    state_path, summary_path = run / "state.json", run / "summary.json"
     if resume == "never" or resume is False:
         for p in (run / "train", state_path, summary_path, run / "detector.safetensors"):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-        state = {}
-    elif resume == "auto" or resume is True:
-        if state.get("status") == "finished" and summary_path.is_file():
-            s = json.loads(summary_path.read_text())
-            s["already_finished"] = True
-            report(1.0, "already finished")
-            return s
-    if not (isinstance(model, str) and (model.endswith((".yaml", ".yml")) or Path(model).is_file())):
-        raise X2ReconInputError(model, f"model must be a YOLOv9 yaml ({', '.join(YOLOV9_MODELS)}) or a local .pt file")
+        return {}
+    state = _read_json(state_path) or {}
+    if (resume == "auto" or resume is True) and state.get("status") == "finished" and summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        s["already_finished"] = True
+        return {"status": "finished", "summary": s}
+    return state
 
-    resume_from = None
+
+def _resume_source(resume, last: Path, state: dict) -> Path | None:
+    """The ultralytics ``last.pt`` to continue from: a path the caller named, or (``auto``) the run's own
+    unfinished one; None for a fresh run."""
     if resume not in ("auto", "never", True, False, None, ""):
         resume_from = Path(resume)
         if not resume_from.is_file():
             raise X2ReconInputError(resume_from, "checkpoint to resume from not found")
-    elif resume in ("auto", True) and last.is_file() and state.get("status") in ("running", "stopped"):
-        resume_from = last
+        return resume_from
+    if resume in ("auto", True) and last.is_file() and state.get("status") in ("running", "stopped"):
+        return last
+    return None
 
-    if resume_from == last and state.get("classes_mode"):  # a resumed run keeps its own data choices
-        classes, views = state["classes_mode"], state.get("views") or views
-    report(0.0, "staging the dataset")
-    staged = stage_dataset(root, run, views=views, classes=classes)
-    names = staged["classes"]
-    if fliplr is None:
-        fliplr = 0.0 if any(("left" in n or "right" in n) for n in names) else 0.5
 
-    cb_state = {"cancelled": False, "batch": 0, "nb": 1}
-    model_name = state.get("model", model) if resume_from is not None else model
-    prior_seconds = float(state.get("train_seconds", 0.0)) if resume_from is not None else 0.0
-    epochs_total = [epochs]
+class _Callbacks:
+    """ultralytics callbacks: progress per batch, ``cancel()`` polled per batch, ``state.json`` per saved
+    epoch (raising ``_Stopped`` there when cancelled, before ultralytics strips ``last.pt``'s optimizer)."""
 
-    def on_pretrain(trainer):
+    def __init__(self, state_path: Path, report, cancel, *, model: str, classes: str, views: list, epochs: int,
+                 prior_seconds: float):
+        self.state_path, self.report, self.cancel = state_path, report, cancel
+        self.model, self.classes, self.views, self.epochs = model, classes, views, epochs
+        self.prior_seconds, self.t0 = prior_seconds, time.time()
+        self.cancelled, self.batch, self.nb = False, 0, 1
+
+    def seconds(self) -> float:
+        """Training seconds of the run so far, earlier calls included."""
+        return self.prior_seconds + time.time() - self.t0
+
+    def attach(self, y) -> None:
+        self.t0 = time.time()
+        y.add_callback("on_pretrain_routine_start", self.on_pretrain)
+        y.add_callback("on_train_epoch_start", self.on_epoch_start)
+        y.add_callback("on_train_batch_end", self.on_batch_end)
+        y.add_callback("on_model_save", self.on_model_save)
+
+    def on_pretrain(self, trainer):
         strip_online_callbacks(trainer)
-        epochs_total[0] = trainer.epochs
+        self.epochs = trainer.epochs
 
-    def on_epoch_start(trainer):
-        cb_state["batch"] = 0
+    def on_epoch_start(self, trainer):
+        self.batch = 0
         try:
-            cb_state["nb"] = max(1, len(trainer.train_loader))
+            self.nb = max(1, len(trainer.train_loader))
         except TypeError:
-            cb_state["nb"] = 1
+            self.nb = 1
 
-    def on_batch_end(trainer):
-        cb_state["batch"] += 1
-        f = (trainer.epoch + min(1.0, cb_state["batch"] / cb_state["nb"])) / max(1, trainer.epochs)
-        report(0.95 * f, f"epoch {trainer.epoch + 1}/{trainer.epochs}")
-        if cancel is not None and cancel():
-            cb_state["cancelled"] = True
+    def on_batch_end(self, trainer):
+        self.batch += 1
+        f = (trainer.epoch + min(1.0, self.batch / self.nb)) / max(1, trainer.epochs)
+        self.report(0.95 * f, f"epoch {trainer.epoch + 1}/{trainer.epochs}")
+        if self.cancel is not None and self.cancel():
+            self.cancelled = True
             trainer.stop = True
 
-    def on_model_save(trainer):
-        # last.pt now holds this epoch: record it, and stop here (before ultralytics strips the
-        # optimizer from last.pt in its final evaluation) when cancelled
+    def on_model_save(self, trainer):
         m = trainer.metrics or {}
-        rec = {"status": "stopped" if cb_state["cancelled"] else "running", "epoch": int(trainer.epoch) + 1,
+        rec = {"status": "stopped" if self.cancelled else "running", "epoch": int(trainer.epoch) + 1,
                "epochs": int(trainer.epochs), "mAP50(val)": float(m.get("metrics/mAP50(B)", float("nan"))),
-               "mAP50-95(val)": float(m.get("metrics/mAP50-95(B)", float("nan"))), "model": model_name,
-               "classes_mode": classes, "views": staged["views"],
-               "train_seconds": prior_seconds + time.time() - t0, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_text(state_path, json.dumps(rec, indent=1))
-        if cb_state["cancelled"]:
+               "mAP50-95(val)": float(m.get("metrics/mAP50-95(B)", float("nan"))), "model": self.model,
+               "classes_mode": self.classes, "views": self.views,
+               "train_seconds": self.seconds(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(self.state_path, json.dumps(rec, indent=1))
+        if self.cancelled:
             raise _Stopped()
 
-    def attach(y):
-        y.add_callback("on_pretrain_routine_start", on_pretrain)
-        y.add_callback("on_train_epoch_start", on_epoch_start)
-        y.add_callback("on_train_batch_end", on_batch_end)
-        y.add_callback("on_model_save", on_model_save)
 
-    dev = _resolve_device(device)
-    t0 = time.time()
-    stopped = False
+def _fit(model: str, resume_from: Path | None, callbacks: _Callbacks, fit: dict, fresh: dict, quiet: bool,
+         report) -> bool:
+    """ultralytics training, continued from ``resume_from`` or fresh; False when cancelled."""
+    from ultralytics import YOLO
+
     with _ultralytics_log_level(quiet):
         try:
             if resume_from is not None:
                 report(0.0, f"resuming from {resume_from}")
                 y = YOLO(str(resume_from))
-                attach(y)
-                y.train(resume=str(resume_from), data=str(run / "data.yaml"), device=dev, workers=workers,
-                        batch=batch, **TRAIN_OVERRIDES)
+                callbacks.attach(y)
+                y.train(resume=str(resume_from), **fit, **TRAIN_OVERRIDES)
             else:
                 y = YOLO(model)
-                attach(y)
-                y.train(data=str(run / "data.yaml"), epochs=epochs, imgsz=imgsz, batch=batch, device=dev,
-                        workers=workers, project=str(run.resolve()), name="train", exist_ok=True, seed=seed,
-                        deterministic=True, patience=patience, fliplr=fliplr, verbose=not quiet, val=True,
-                        **{**(yolo_args or {}), **TRAIN_OVERRIDES})
+                callbacks.attach(y)
+                y.train(**fit, **{**fresh, **TRAIN_OVERRIDES})
         except _Stopped:
-            stopped = True
-    train_seconds = prior_seconds + time.time() - t0
-    if stopped:
-        st = _read_json(state_path) or {}
-        report(1.0, "stopped")
-        return {"format": SUMMARY_FORMAT, "stopped": True, "epochs_completed": st.get("epoch"),
-                "epochs": st.get("epochs"), "last": str(last), "out": str(run)}
+            return False
+    return True
+
+
+def _evaluate_best(run: Path, staged: dict, imgsz: int, fit: dict, quiet: bool, report) -> dict:
+    """The best weights on the held-out split (``test``, else ``val``, else ``train``): ultralytics'
+    metrics, per-class mAP50-95, the weights used and the seconds it took."""
+    from ultralytics import YOLO
 
     best = run / "train" / "weights" / "best.pt"
     if not best.is_file():
-        best = last
+        best = run / "train" / "weights" / "last.pt"
     if not best.is_file():
         raise RuntimeError(f"{run}: ultralytics finished without writing weights")
     report(0.96, "evaluating on the held-out split")
-    eval_split = "test" if staged["images"]["test"] else ("val" if staged["images"]["val"] else "train")
+    split = "test" if staged["images"]["test"] else ("val" if staged["images"]["val"] else "train")
     t1 = time.time()
     with _ultralytics_log_level(quiet):
-        ev = YOLO(str(best))
-        m = ev.val(data=str(run / "data.yaml"), split=eval_split, imgsz=_train_imgsz(run, imgsz), batch=batch,
-                   device=dev, workers=workers, plots=False, verbose=not quiet, project=str(run.resolve()),
-                   name="eval", exist_ok=True)
-    eval_seconds = time.time() - t1
-    per_class = {}
+        m = YOLO(str(best)).val(split=split, imgsz=_train_imgsz(run, imgsz), plots=False, verbose=not quiet,
+                                project=str(run.resolve()), name="eval", exist_ok=True, **fit)
     maps = np.asarray(m.box.maps, float)
     present = {int(i) for i in np.asarray(getattr(m.box, "ap_class_index", []), int).ravel()}
-    for i, n in enumerate(names):
-        if i in present:
-            per_class[n] = {"mAP50-95": float(maps[i])}
+    per_class = {n: {"mAP50-95": float(maps[i])} for i, n in enumerate(staged["classes"]) if i in present}
+    return {"split": split, "box": m.box, "per_class": per_class, "best": best, "seconds": time.time() - t1}
+
+
+def _finish(run: Path, root: Path, staged: dict, ev: dict, callbacks: _Callbacks, *, classes: str, imgsz: int,
+            batch: int, dev: str, train_seconds: float, t_start: float) -> dict:
+    """Export ``detector.safetensors``, write ``summary.json`` and mark the run finished in ``state.json``."""
+    box, state_path = ev["box"], run / "state.json"
     st = _read_json(state_path) or {}
-    weights = export_weights(best, run / "detector.safetensors", extra={
+    weights = export_weights(ev["best"], run / "detector.safetensors", extra={
         "imgsz": _train_imgsz(run, imgsz), "classes_mode": classes, "views": staged["views"],
-        "dataset": str(root.resolve()), "eval": {"split": eval_split, "mAP50": float(m.box.map50),
-                                                 "mAP50-95": float(m.box.map)}})
+        "dataset": str(root.resolve()), "eval": {"split": ev["split"], "mAP50": float(box.map50),
+                                                 "mAP50-95": float(box.map)}})
     summary = {
-        "format": SUMMARY_FORMAT,
-        "stopped": False,
-        "model": model_name,
-        "data": str(root.resolve()),
-        "classes": names,
-        "classes_mode": classes,
-        "views": staged["views"],
-        "images": staged["images"],
-        "cases": staged["splits"],
-        "val_is_train": staged["val_is_train"],
-        "epochs": st.get("epochs", epochs_total[0]),
-        "epochs_completed": st.get("epoch"),
-        "imgsz": _train_imgsz(run, imgsz),
-        "batch": batch,
-        "device": dev,
-        "eval_split": eval_split,
-        "held_out": eval_split != "train",
-        "mAP50": float(m.box.map50),
-        "mAP50-95": float(m.box.map),
-        "precision": float(m.box.mp),
-        "recall": float(m.box.mr),
-        "per_class": per_class,
-        "weights": str(weights),
-        "ultralytics_weights": {"best": str(run / "train" / "weights" / "best.pt"), "last": str(last)},
+        "format": SUMMARY_FORMAT, "stopped": False, "model": callbacks.model, "data": str(root.resolve()),
+        "classes": staged["classes"], "classes_mode": classes, "views": staged["views"], "images": staged["images"],
+        "cases": staged["splits"], "val_is_train": staged["val_is_train"],
+        "epochs": st.get("epochs", callbacks.epochs), "epochs_completed": st.get("epoch"),
+        "imgsz": _train_imgsz(run, imgsz), "batch": batch, "device": dev,
+        "eval_split": ev["split"], "held_out": ev["split"] != "train",
+        "mAP50": float(box.map50), "mAP50-95": float(box.map), "precision": float(box.mp), "recall": float(box.mr),
+        "per_class": ev["per_class"], "weights": str(weights),
+        "ultralytics_weights": {"best": str(run / "train" / "weights" / "best.pt"),
+                                "last": str(run / "train" / "weights" / "last.pt")},
         "image_input": "16-bit DRR PNGs linked unchanged; ultralytics reads them as their high byte (v >> 8)",
-        "seconds": {"train": round(train_seconds, 2), "eval": round(eval_seconds, 2),
+        "seconds": {"train": round(train_seconds, 2), "eval": round(ev["seconds"], 2),
                     "total_this_call": round(time.time() - t_start, 2)},
         "offline": {"YOLO_OFFLINE": os.environ.get("YOLO_OFFLINE"), "YOLO_CONFIG_DIR": os.environ.get("YOLO_CONFIG_DIR"),
                     **TRAIN_OVERRIDES},
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write_text(summary_path, json.dumps(summary, indent=1))
-    st.update(status="finished", train_seconds=train_seconds, model=model_name)
+    atomic_write_text(run / "summary.json", json.dumps(summary, indent=1))
+    st.update(status="finished", train_seconds=train_seconds, model=callbacks.model)
     atomic_write_text(state_path, json.dumps(st, indent=1))
-    report(1.0, "done")
     return summary
 
 

@@ -167,3 +167,38 @@ def test_weights_from_a_file_that_is_not_safetensors(tmp_path, make):
     with pytest.raises(CheckpointError) as e:
         load_weights(p, torch.nn.Linear(1, 1))
     assert str(p) in str(e.value)
+
+
+def test_train_x2b_killed_between_the_two_writes_resumes_the_previous_pair(tiny_x2b_dataset, tmp_path, monkeypatch):
+    """The real loop: killed after a later step's weights, before its state → the next run warns and resumes
+    at step 2 from step 2's weights (before: "resuming at step 2" with the later weights, silently)."""
+    import x2recon.x2b.train as x2b_train
+    from x2recon.train.common import TrainSettings
+    from x2recon.x2b.network import X2BConfig
+
+    out = tmp_path / "run"
+    cfg = X2BConfig(views=["AP"], backbone="convnext_atto", image_size=64, hidden=32, n_blocks=1)
+
+    def run(steps, log=print):
+        settings = TrainSettings(out=str(out), epochs=100000, max_steps=steps, batch_size=2, lr=1e-3, workers=0,
+                                 save_every=2, progress=False, val_every=100000, threads=0)
+        return x2b_train.train_x2b(tiny_x2b_dataset, settings, cfg, val_split="", log=log)
+
+    run(2)
+    step2 = (out / "last.safetensors").read_bytes()
+
+    def killed(*args, **kw):  # the process dies between the weights and the state of its next save
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)  # the state is the one file written with torch.save
+    with pytest.raises(KeyboardInterrupt):
+        run(4)
+    assert read_config(out / "last.safetensors")["training"]["step"] > 2  # newer weights than the state are on disk
+    monkeypatch.undo()
+    assert (out / "last.prev.safetensors").read_bytes() == step2
+    lines = []
+    with pytest.warns(UserWarning, match="previous consistent pair last.prev.safetensors"):
+        summary = run(5, log=lines.append)
+    assert any("at step 2" in line for line in lines), lines
+    assert summary["steps"] == 5 and read_config(out / "last.safetensors")["training"]["step"] == 5
+    assert load_state(out)["weights"].name == "last.safetensors"  # consistent again after the next save

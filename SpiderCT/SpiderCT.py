@@ -11,13 +11,11 @@ are added as a volume node (CT window in the slice views, volume rendering) and 
 """
 
 import importlib.util
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
 
-import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -38,7 +36,8 @@ if importlib.util.find_spec("x2recon") is None and (Path(__file__).resolve().par
 
 from SpiderCTLib.logic import SpiderCTLogic
 from x2recon.slicer import process as slicer_process
-from x2recon.slicer.process import LineBuffer, kill_process_tree, process_environment, python_slicer
+from x2recon.slicer.process import python_slicer
+from x2recon.slicer.widget import PanelWidget
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
 #: Import names of what reconstruction and comparison need.
@@ -106,34 +105,19 @@ def ensure_dependencies(testing: bool = False) -> bool:
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing, requester="SpiderCT")
 
 
-class SpiderCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class SpiderCTWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    parameterNodeClass = SpiderCTParameterNode if parameterNodeWrapper is not None else None
+    requirements, requiredModules = REQUIREMENTS, REQUIRED_MODULES
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._process = None
-        self._lines = None
-        self._timer = None
-        self._job = None  # (SpiderJob, input CT node, input labels node) of the running reconstruction
+        self._run = None  # (SpiderJob, input CT node, input labels node) of the running reconstruction
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SpiderCT.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = SpiderCTLogic(slicer.mrmlScene)
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(250)
-        self._timer.connect("timeout()", self.pollProcess)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
+        self.setupPanel(SpiderCTLogic)
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstruct)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.sourceComboBox.connect("currentIndexChanged(int)", self.updateGui)
         self.ui.windowComboBox.connect("currentIndexChanged(int)", self.onWindowChanged)
@@ -145,30 +129,11 @@ class SpiderCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.updateGui()
 
-    def cleanup(self):
-        self.onCancel()
-        self.removeObservers()
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self.ui)
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    # ------------------------------------------------------------------ parameter node
-    def initializeParameterNode(self):
-        if parameterNodeWrapper is None or self._parameterNode is not None:
-            return
-        node = slicer.mrmlScene.GetSingletonNode("SpiderCT", "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SpiderCT")
-            node.SetSingletonTag("SpiderCT")
-        self._parameterNode = SpiderCTParameterNode(node)
-        if not self._parameterNode.frontalVolume and not self._parameterNode.lateralVolume:
+    def defaultParameters(self, parameters):
+        if not parameters.frontalVolume and not parameters.lateralVolume:
             frontal, lateral = self.xraysInScene()  # DRRs carry their geometry, hence their view
             if frontal is not None and lateral is not None:
-                self._parameterNode.frontalVolume, self._parameterNode.lateralVolume = frontal, lateral
-        self._parameterNode.connectGui(self.ui)
-        self.updateGui()
+                parameters.frontalVolume, parameters.lateralVolume = frontal, lateral
 
     @staticmethod
     def xraysInScene():
@@ -190,16 +155,6 @@ class SpiderCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 lateral = v
         return frontal, lateral
 
-    def onSceneStartClose(self, caller, event):
-        self.onCancel()
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self.ui)
-            self._parameterNode = None
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
     def fromCT(self) -> bool:
         return self.ui.sourceComboBox.currentText == SOURCES[1]
 
@@ -209,23 +164,14 @@ class SpiderCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             w.visible = not from_ct
         for w in (self.ui.inputCTLabel, self.ui.inputCTSelector, self.ui.inputLabelsLabel, self.ui.inputLabelsSelector):
             w.visible = from_ct
-        idle = self._process is None
+        PanelWidget.updateGui(self)
+        idle = not self.busy
         inputs = (self.ui.inputCTSelector.currentNode() is not None if from_ct else
                   self.ui.frontalSelector.currentNode() is not None and self.ui.lateralSelector.currentNode() is not None)
         self.ui.reconstructButton.enabled = idle and inputs and bool(self.chosenFile(self.ui.modelPathLineEdit))
-        self.ui.cancelButton.enabled = not idle
         has_gt = (self.ui.groundTruthVolumeSelector.currentNode() is not None
                   or self.ui.groundTruthLabelsSelector.currentNode() is not None)
         self.ui.compareButton.enabled = idle and self.ui.reconstructedVolumeSelector.currentNode() is not None and has_gt
-
-    @staticmethod
-    def chosenFile(pathLineEdit) -> str:
-        """The file in a path line edit, or "" (the parameter node's unset Path shows as ".")."""
-        p = pathLineEdit.currentPath.strip()
-        return "" if p in ("", ".") else p
-
-    def log(self, text: str):
-        self.ui.statusTextEdit.appendPlainText(text)
 
     def onWindowChanged(self, *args):
         node = self.ui.reconstructedVolumeSelector.currentNode()
@@ -234,117 +180,52 @@ class SpiderCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ reconstruct (background process)
     def onReconstruct(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
         from_ct = self.fromCT()
         ct_node = self.ui.inputCTSelector.currentNode() if from_ct else None
         labels_node = self.ui.inputLabelsSelector.currentNode() if from_ct else None
-        work = tempfile.mkdtemp(prefix="x2recon_spider_")
-        try:
-            with slicer.util.tryWithErrorDisplay("Could not start the reconstruction.", waitCursor=True):
-                cmd, job = self.logic.reconstruct_command(
-                    self.chosenFile(self.ui.modelPathLineEdit), work,
-                    frontal_node=None if from_ct else self.ui.frontalSelector.currentNode(),
-                    lateral_node=None if from_ct else self.ui.lateralSelector.currentNode(),
-                    ct_node=ct_node, ct_labels_node=labels_node,
-                    resolution=int(self.ui.resolutionComboBox.currentText), device=self.ui.deviceComboBox.currentText,
-                    precision=self.ui.precisionComboBox.currentText, chunk=int(self.ui.chunkSpinBox.value),
-                    python=python_slicer())
-                proc = qt.QProcess()
-                proc.setProcessChannelMode(qt.QProcess.MergedChannels)
-                env = qt.QProcessEnvironment()
-                for key, value in process_environment().items():  # x2recon on PYTHONPATH, unbuffered output
-                    env.insert(key, value)
-                proc.setProcessEnvironment(env)
-                self._process, self._lines = proc, LineBuffer()
-                self._job = (job, ct_node, labels_node)
-                self.ui.progressBar.maximum = 100
-                self.ui.progressBar.value = 0
-                self.log(" ".join(cmd[:2] + ["<render the DRR pair, then x2recon spider>"] + cmd[3:] if from_ct else cmd))
-                proc.start(cmd[0], cmd[1:])
-                if not proc.waitForStarted(10000):
-                    self._process = None
-                    raise RuntimeError(f"{cmd[0]} did not start: {proc.errorString()}")
-                self._timer.start()
-        finally:
-            if self._process is None:  # not started: nothing will clean the work folder later
-                shutil.rmtree(work, ignore_errors=True)
-                self._job = None
-        self.updateGui()
 
-    def pollProcess(self):
-        """Timer tick: show new output lines, move the progress bar, load the results when the process ends."""
-        if self._process is None:
-            self._timer.stop()
-            return
-        data = self._process.readAllStandardOutput().data()
-        lines = self._lines.feed(bytes(data).decode(errors="replace") if data else "")
-        finished = self._process.state() == qt.QProcess.NotRunning
-        if finished:
-            rest = self._process.readAllStandardOutput().data()
-            lines += self._lines.feed(bytes(rest).decode(errors="replace") if rest else "") + self._lines.flush()
-        for line in lines:
-            parsed = self.logic.parse_progress_line(line)
-            if parsed:
-                fraction, message = parsed
-                self.ui.progressBar.value = int(round(100 * fraction))
-                self.ui.progressBar.setFormat(f"%p% {message}")
-            elif line.strip():
-                self.log(line)
-        if finished:
-            code = self._process.exitCode()
-            self._timer.stop()
-            self._process = None
-            self.onProcessFinished(code)
-            self.updateGui()
+        def command(work):
+            cmd, job = self.logic.reconstruct_command(
+                self.chosenFile(self.ui.modelPathLineEdit), work,
+                frontal_node=None if from_ct else self.ui.frontalSelector.currentNode(),
+                lateral_node=None if from_ct else self.ui.lateralSelector.currentNode(),
+                ct_node=ct_node, ct_labels_node=labels_node,
+                resolution=int(self.ui.resolutionComboBox.currentText), device=self.ui.deviceComboBox.currentText,
+                precision=self.ui.precisionComboBox.currentText, chunk=int(self.ui.chunkSpinBox.value),
+                python=python_slicer())
+            return cmd, (job, ct_node, labels_node)
+
+        self.startInWorkFolder("x2recon_spider_", "reconstruction", command)
 
     def onProcessFinished(self, code: int):
-        job, ct_node, labels_node = self._job
-        self._job = None
-        try:
-            if code != 0 or not job.ct.is_file():
-                self.log(f"reconstruction failed (exit code {code})")
-                slicer.util.errorDisplay("The reconstruction failed; the panel's log shows why.")
-                return
-            with slicer.util.tryWithErrorDisplay("Could not load the reconstruction.", waitCursor=True):
-                nodes = self.logic.load_results(job, window=self.ui.windowComboBox.currentText,
-                                                volume_rendering=self.ui.volumeRenderingCheckBox.checked)
-                ct, seg = nodes["ct"], nodes["segmentation"]
-                self.ui.reconstructedVolumeSelector.setCurrentNode(ct)
-                self.ui.reconstructedSegmentationSelector.setCurrentNode(seg)
-                if ct_node is not None:  # research: the CT (and its labels) are the ground truth
-                    self.ui.groundTruthVolumeSelector.setCurrentNode(ct_node)
-                    self.ui.groundTruthLabelsSelector.setCurrentNode(labels_node)
-                slicer.util.setSliceViewerLayers(background=ct, fit=True)
-                slicer.util.resetThreeDViews()
-                n = seg.GetSegmentation().GetNumberOfSegments() if seg is not None else 0
-                self.log(f"{ct.GetName()}: {'×'.join(map(str, ct.GetImageData().GetDimensions()))} voxels of "
-                         f"{ct.GetSpacing()[0]:.2f} mm; {n} segment(s)"
-                         + (f"; DRRs: {', '.join(x.GetName() for x in nodes['xrays'])}" if nodes["xrays"] else ""))
-        finally:
-            shutil.rmtree(job.folder, ignore_errors=True)
-
-    def onCancel(self):
-        if self._process is None:
+        job, ct_node, labels_node = self._run
+        if code != 0 or not job.ct.is_file():
+            self.reportFailure(code)
             return
-        pid = int(self._process.processId())
-        self._timer.stop()
-        if pid > 0:
-            kill_process_tree(pid, timeout=3.0)
-        self._process.kill()
-        self._process.waitForFinished(3000)
-        self._process = None
-        if self._job is not None:
-            shutil.rmtree(self._job[0].folder, ignore_errors=True)
-            self._job = None
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.setFormat("%p%")
+        with slicer.util.tryWithErrorDisplay("Could not load the reconstruction.", waitCursor=True):
+            nodes = self.logic.load_results(job, window=self.ui.windowComboBox.currentText,
+                                            volume_rendering=self.ui.volumeRenderingCheckBox.checked)
+            ct, seg = nodes["ct"], nodes["segmentation"]
+            self.ui.reconstructedVolumeSelector.setCurrentNode(ct)
+            self.ui.reconstructedSegmentationSelector.setCurrentNode(seg)
+            if ct_node is not None:  # research: the CT (and its labels) are the ground truth
+                self.ui.groundTruthVolumeSelector.setCurrentNode(ct_node)
+                self.ui.groundTruthLabelsSelector.setCurrentNode(labels_node)
+            slicer.util.setSliceViewerLayers(background=ct, fit=True)
+            slicer.util.resetThreeDViews()
+            n = seg.GetSegmentation().GetNumberOfSegments() if seg is not None else 0
+            self.log(f"{ct.GetName()}: {'×'.join(map(str, ct.GetImageData().GetDimensions()))} voxels of "
+                     f"{ct.GetSpacing()[0]:.2f} mm; {n} segment(s)"
+                     + (f"; DRRs: {', '.join(x.GetName() for x in nodes['xrays'])}" if nodes["xrays"] else ""))
+
+    def onProcessCancelled(self):
         self.log("reconstruction cancelled")
-        self.updateGui()
 
     # ------------------------------------------------------------------ compare
     def onCompare(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay("The comparison failed.", waitCursor=True):
             table = self.logic.compare(self.ui.reconstructedVolumeSelector.currentNode(),
@@ -370,25 +251,19 @@ class SpiderCTTest(ScriptedLoadableModuleTest):
         self.test_reconstruct_from_ct_and_compare()
 
     def test_reconstruct_from_ct_and_compare(self):
-        import subprocess
-
         import numpy as np
 
         self.assertTrue(ensure_dependencies(testing=True), "x2recon's Python dependencies could not be installed")
         import torch
 
         from x2recon.dataset.config import BuildConfig
-        from x2recon.io.volume import Volume
+        from x2recon.slicer.phantom import phantom_ct
+        from x2recon.slicer.process import BackgroundJob
         from x2recon.nn.checkpoint import save_checkpoint
         from x2recon.spider.network import SpiderConfig, build_spider
         from x2recon.slicer.mrml import volume_to_volume_node
 
-        n = 64
-        z, y, x = np.mgrid[:n, :n, :n]
-        ct = np.full((n, n, n), -1000, np.int16)
-        ct[(x - 32) ** 2 + (y - 32) ** 2 < 26**2] = 40  # body
-        ct[((x - 32) ** 2 + (y - 40) ** 2 < 5**2) & (z > 4) & (z < 60)] = 700  # a spine of sorts
-        vol = Volume(ct, (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), np.eye(3))
+        vol, _ = phantom_ct()
         ct_node = volume_to_volume_node(vol, slicer.mrmlScene, "phantom CT")
 
         torch.manual_seed(0)
@@ -403,8 +278,8 @@ class SpiderCTTest(ScriptedLoadableModuleTest):
                                    {"network": "spider", "model": cfg.to_dict(), "dataset": {"build": build}})
             cmd, job = logic.reconstruct_command(path, Path(tmp) / "run", ct_node=ct_node, resolution=16,
                                                  device="cpu", python=python_slicer())
-            r = subprocess.run(cmd, capture_output=True, text=True, env=process_environment(), timeout=600)
-            self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+            lines, code = BackgroundJob(cmd).wait(timeout=600)  # the panel's runner, polled to the end
+            self.assertEqual(code, 0, "\n".join(lines[-40:]))
             self.delayDisplay("Background reconstruction done")
             nodes = logic.load_results(job)
         ct_rec = nodes["ct"]

@@ -8,13 +8,11 @@ with the user's consent.  Folder builds run ``x2recon build-dataset`` as a backg
 """
 
 import importlib.util
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
 
-import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -35,7 +33,8 @@ if importlib.util.find_spec("x2recon") is None and (Path(__file__).resolve().par
 
 from X2DatasetBuilderLib.logic import X2DatasetBuilderLogic
 from x2recon.slicer import process as slicer_process
-from x2recon.slicer.process import LineBuffer, kill_process_tree, python_slicer, x2recon_root
+from x2recon.slicer.process import python_slicer
+from x2recon.slicer.widget import PanelWidget
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
 #: Import names of x2recon's requirements for the dataset builder.
@@ -99,82 +98,40 @@ def ensure_dependencies(testing: bool = False) -> bool:
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing)
 
 
-class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class X2DatasetBuilderWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    parameterNodeClass = X2DatasetBuilderParameterNode if parameterNodeWrapper is not None else None
+    requirements, requiredModules = REQUIREMENTS, REQUIRED_MODULES
+    cancelOnSceneClose = False  # a folder build does not depend on the scene
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._process = None
-        self._lines = None
-        self._timer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/X2DatasetBuilder.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = X2DatasetBuilderLogic(slicer.mrmlScene)
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(250)
-        self._timer.connect("timeout()", self.pollProcess)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
+        self.setupPanel(X2DatasetBuilderLogic)
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
         self.ui.buildCaseButton.connect("clicked(bool)", self.onBuildCase)
         self.ui.buildFolderButton.connect("clicked(bool)", self.onBuildFolder)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.viewComboBox.connect("currentIndexChanged(int)", self.updateGui)
         self.ui.ctSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGui)
         self.initializeParameterNode()
         self.updateGui()
 
-    def cleanup(self):
-        self.onCancel()
-        self.removeObservers()
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self.ui)
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    # ------------------------------------------------------------------ parameter node
-    def initializeParameterNode(self):
-        if parameterNodeWrapper is None or self._parameterNode is not None:
-            return
-        node = slicer.mrmlScene.GetSingletonNode("X2DatasetBuilder", "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "X2DatasetBuilder")
-            node.SetSingletonTag("X2DatasetBuilder")
-        self._parameterNode = X2DatasetBuilderParameterNode(node)
-        if not self._parameterNode.ctVolume:
+    def defaultParameters(self, parameters):
+        if not parameters.ctVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.ctVolume = first
-        self._parameterNode.connectGui(self.ui)
-        self.updateGui()
-
-    def onSceneStartClose(self, caller, event):
-        if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self.ui)
-            self._parameterNode = None
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
+                parameters.ctVolume = first
 
     def updateGui(self, *args):
-        idle = self._process is None
+        PanelWidget.updateGui(self)
+        idle = not self.busy
         has_ct = self.ui.ctSelector.currentNode() is not None
         self.ui.previewButton.enabled = has_ct and idle
         self.ui.buildCaseButton.enabled = has_ct and idle
         self.ui.angleSpinBox.enabled = self.ui.viewComboBox.currentText == "angle"
         self.ui.buildFolderButton.enabled = idle
-        self.ui.cancelButton.enabled = not idle
 
     # ------------------------------------------------------------------ settings → BuildConfig
     def view(self) -> str:
@@ -196,18 +153,9 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             variants=0 if for_case else self.ui.variantsSpinBox.value,
         )
 
-    @staticmethod
-    def chosenDirectory(pathLineEdit) -> str:
-        """The folder in a path line edit, or "" (the parameter node's unset Path shows as ".")."""
-        p = pathLineEdit.currentPath.strip()
-        return "" if p in ("", ".") else p
-
-    def log(self, text: str):
-        self.ui.statusTextEdit.appendPlainText(text)
-
     # ------------------------------------------------------------------ actions
     def onPreview(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay("DRR preview failed.", waitCursor=True):
             ct = self.ui.ctSelector.currentNode()
@@ -219,9 +167,9 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"DRR {self.view()} of {ct.GetName()} → {node.GetName()} (on its detector plane)")
 
     def onBuildCase(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
-        out = self.chosenDirectory(self.ui.outputPathLineEdit)
+        out = self.chosenFile(self.ui.outputPathLineEdit)
         if not out:
             slicer.util.errorDisplay("Choose a dataset folder first.")
             return
@@ -253,79 +201,36 @@ class X2DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             dialog.close()
 
     def onBuildFolder(self):
-        if not ensure_dependencies():
+        if not self.ensureDependencies():
             return
-        in_dir = self.chosenDirectory(self.ui.inputFolderLineEdit)
-        out = self.chosenDirectory(self.ui.outputPathLineEdit)
+        in_dir = self.chosenFile(self.ui.inputFolderLineEdit)
+        out = self.chosenFile(self.ui.outputPathLineEdit)
         if not in_dir or not out or not Path(in_dir).is_dir():
             slicer.util.errorDisplay("Choose an existing CT folder and a dataset folder.")
             return
         with slicer.util.tryWithErrorDisplay("Could not start the folder build.", waitCursor=True):
             cmd = self.logic.build_folder_command(in_dir, out, self.config(False), self.ui.workersSpinBox.value,
                                                   python=python_slicer())
-            proc = qt.QProcess()
-            proc.setProcessChannelMode(qt.QProcess.MergedChannels)
-            env = qt.QProcessEnvironment.systemEnvironment()
-            root = x2recon_root()  # where x2recon lies (the extension's scripted-modules dir)
-            if root:
-                old = env.value("PYTHONPATH")
-                env.insert("PYTHONPATH", os.pathsep.join(p for p in (root, old) if p))
-            env.insert("PYTHONUNBUFFERED", "1")
-            proc.setProcessEnvironment(env)
-            self._process, self._lines = proc, LineBuffer()
-            self.ui.progressBar.maximum = 0  # busy until the first case finishes
-            self.ui.progressBar.value = 0
-            self.log(" ".join(cmd))
-            proc.start(cmd[0], cmd[1:])
-            if not proc.waitForStarted(10000):
-                self._process = None
-                raise RuntimeError(f"{cmd[0]} did not start: {proc.errorString()}")
-            self._timer.start()
+            self.startProcess(cmd, determinate=False)  # busy until the first case finishes
         self.updateGui()
 
-    def pollProcess(self):
-        """Timer tick: show new output lines, move the progress bar, notice when the process ended."""
-        if self._process is None:
-            self._timer.stop()
-            return
-        data = self._process.readAllStandardOutput().data()
-        text = bytes(data).decode(errors="replace") if data else ""
-        lines = self._lines.feed(text)
-        finished = self._process.state() == qt.QProcess.NotRunning
-        if finished:
-            rest = self._process.readAllStandardOutput().data()
-            lines += self._lines.feed(bytes(rest).decode(errors="replace") if rest else "") + self._lines.flush()
-        for line in lines:
-            parsed = self.logic.parse_progress_line(line)
-            if parsed:
-                done, total, cid, status, reason = parsed
-                self.ui.progressBar.maximum = total
-                self.ui.progressBar.value = done
-                self.log(f"[{done}/{total}] {cid}: {status}" + (f" — {reason}" if reason else ""))
-            elif line.strip():
-                self.log(line)
-        if finished:
-            code = self._process.exitCode()
-            self._timer.stop()
-            self._process = None
-            if self.ui.progressBar.maximum == 0:
-                self.ui.progressBar.maximum = 1
-            self.log(f"folder build finished (exit code {code})")
-            self.updateGui()
+    def onProcessLine(self, line: str):
+        parsed = self.logic.parse_progress_line(line)
+        if parsed:
+            done, total, cid, status, reason = parsed
+            self.ui.progressBar.maximum = total
+            self.ui.progressBar.value = done
+            self.log(f"[{done}/{total}] {cid}: {status}" + (f" — {reason}" if reason else ""))
+        elif line.strip():
+            self.log(line)
 
-    def onCancel(self):
-        if self._process is None:
-            return
-        pid = int(self._process.processId())
-        self._timer.stop()
-        if pid > 0:
-            kill_process_tree(pid, timeout=3.0)
-        self._process.kill()
-        self._process.waitForFinished(3000)
-        self._process = None
-        self.ui.progressBar.maximum = max(self.ui.progressBar.maximum, 1)
+    def onProcessFinished(self, code: int):
+        if self.ui.progressBar.maximum == 0:
+            self.ui.progressBar.maximum = 1
+        self.log(f"folder build finished (exit code {code})")
+
+    def onProcessCancelled(self):
         self.log("cancelled: building again resumes where it stopped")
-        self.updateGui()
 
 
 class X2DatasetBuilderTest(ScriptedLoadableModuleTest):
@@ -345,16 +250,10 @@ class X2DatasetBuilderTest(ScriptedLoadableModuleTest):
         self.assertTrue(ensure_dependencies(testing=True), "x2recon's Python dependencies could not be installed")
         from x2recon.dataset.config import BuildConfig
         from x2recon.geometry import ProjectionGeometry
-        from x2recon.io.volume import Volume
+        from x2recon.slicer.phantom import phantom_ct
         from x2recon.slicer.mrml import lps_ras_points, volume_to_volume_node
 
-        n = 64
-        z, y, x = np.mgrid[:n, :n, :n]
-        ct = np.full((n, n, n), -1000, np.int16)
-        ct[(x - 32) ** 2 + (y - 32) ** 2 < 26**2] = 40  # body
-        rod = ((x - 32) ** 2 + (y - 40) ** 2 < 5**2) & (z > 4) & (z < 60)
-        ct[rod] = 700  # a vertebral column of sorts
-        vol = Volume(ct, (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), np.eye(3))
+        vol, rod = phantom_ct()
         ct_node = volume_to_volume_node(vol, slicer.mrmlScene, "phantom")
         lab_node = volume_to_volume_node(vol.with_array((rod * 37).astype(np.uint8)), slicer.mrmlScene,
                                          "phantom_labels", "vtkMRMLLabelMapVolumeNode")  # 37 = vertebrae_T7

@@ -1,7 +1,8 @@
 """What the Slicer modules share to run ``x2recon`` in a background process and to set it up.
 
-* ``LineBuffer`` and ``kill_process_tree``: the panel streams a process's output line by line and
-  *Cancel* stops the process and every process it started (pool workers);
+* ``BackgroundJob`` (with ``LineBuffer`` and ``kill_process_tree``): a panel starts an ``x2recon``
+  command, polls its output line by line without blocking, and *Cancel* stops the process and every
+  process it started (pool workers); ``x2recon.slicer.widget`` is the Qt half around it;
 * ``python_slicer``, ``x2recon_root`` and ``process_environment``: the interpreter, ``PYTHONPATH``
   entry and environment of that process; ``parse_progress_line`` reads the ``X2RECON_PROGRESS
   <percent> <message>`` lines the CLI prints with ``--progress-lines``;
@@ -136,6 +137,91 @@ class LineBuffer:
     def flush(self) -> list[str]:
         rest, self._rest = self._rest, ""
         return [rest] if rest else []
+
+
+class BackgroundJob:
+    """A command running in the background with its output merged and piped: ``poll()`` never blocks
+    (a thread reads the pipe), returns the complete lines so far and, once the process ended and its
+    output is drained, its exit code; ``cancel()`` stops it and every process it started.
+
+    What the Slicer panels run their ``x2recon`` commands with (a Qt timer calls ``poll``); no Qt here."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None):
+        import queue
+        import threading
+
+        self.cmd = [str(c) for c in cmd]
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=process_environment() if env is None else env, cwd=cwd)
+        self._chunks: queue.Queue = queue.Queue()
+        self._lines = LineBuffer()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.returncode: int | None = None
+        self.cancelled = False
+        self._drained = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            data = self.proc.stdout.read1(65536) if hasattr(self.proc.stdout, "read1") else self.proc.stdout.read(4096)
+            if not data:
+                break
+            self._chunks.put(decoder.decode(data))
+        self._chunks.put(decoder.decode(b"", final=True))
+        self._chunks.put(None)  # end of output
+
+    def poll(self) -> tuple[list[str], int | None]:
+        """(complete output lines since the last call, exit code or None while running or being drained)."""
+        import queue
+
+        text, ended = [], False
+        while True:
+            try:
+                chunk = self._chunks.get_nowait()
+            except queue.Empty:
+                break
+            if chunk is None:
+                ended = True
+                break
+            text.append(chunk)
+        lines = self._lines.feed("".join(text))
+        if ended:
+            lines += self._lines.flush()
+            self._drained = True
+        if self._drained and self.returncode is None:
+            self.returncode = self.proc.poll()  # None while a process that closed its output still runs
+        return lines, self.returncode
+
+    def running(self) -> bool:
+        return self.returncode is None and not self.cancelled
+
+    def wait(self, timeout: float | None = None) -> tuple[list[str], int]:
+        """Block until the process ended (tests, scripts): all remaining lines and the exit code."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        lines, code = self.poll()
+        return lines, self.proc.returncode if code is None else code
+
+    def cancel(self, timeout: float = 3.0) -> list[int]:
+        """Stop the process and its descendants (``kill_process_tree``); the pids signalled."""
+        if self.returncode is not None or self.cancelled:
+            return []
+        self.cancelled = True
+        pids = kill_process_tree(self.proc.pid, timeout=timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return pids
 
 
 def x2recon_root() -> str | None:

@@ -196,6 +196,31 @@ def test_compare_cli_refuses_bad_input(tmp_path, capsys):
     assert code == 2 and "flat.ply" in out.err and "no volume" in out.err
 
 
+def _row(case, method, iou, clipped=False):
+    from x2recon.x2b.evaluate import COLUMNS
+
+    row = {"case": case, "view": "AP", "method": method, **{c: iou for c in COLUMNS}}
+    return {**row, "world_fscore_tau": 7.68, "gt_clipped": clipped}
+
+
+def test_evaluate_tables_are_titled_with_protocol_and_n():
+    from x2recon.x2b.evaluate import summary_table
+
+    rows = [_row("a", "X2B", 0.5, clipped=True), _row("b", "X2B", 0.7), _row("b", "X2BR (GBCPD)", float("nan"))]
+    text = summary_table(rows)
+    lines = text.splitlines()
+    paper = next(i for i, l in enumerate(lines) if l.startswith("Table 1, paper protocol"))
+    world = next(i for i, l in enumerate(lines) if l.startswith("Table 1, world protocol"))
+    assert "n = 2 cases, GT clipped to the box (1 of 3 cut)" in lines[paper]
+    assert "n = 2 cases, GT clipped to the box (1 of 3 cut)" in lines[world]
+    assert "| n |" in lines[paper] and "F-score@7.68 mm" in lines[world] and "Chamfer-L1 (mm)" in lines[world]
+    assert lines[paper + 1].startswith("X2B | 2 | 0.600 ± 0.141")
+    assert lines[paper + 2].startswith("X2BR (GBCPD) | 0 |")  # the failed refinement is counted as absent
+    assert "X2B: n = 2 reconstructions of 2 cases" in lines[0]
+    assert any(l.startswith("Table 2, both protocols") for l in lines)
+    assert any(l.startswith("Table 3, paper protocol") for l in lines)
+
+
 def test_spider_tables_count_the_cases_that_missed_a_class():
     from x2recon.spider.evaluate import miss_penalty, spider_tables
 

@@ -134,8 +134,9 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detector-mm", type=positive_float, default=d.detector_mm, help="detector width, mm (default: %(default)s)")
     g.add_argument("--box-size", type=positive_float, default=d.box_size, help="reconstruction cube edge, mm (default: %(default)s)")
     g.add_argument("--beam", default=d.beam, choices=["cone", "parallel"], help="X-ray beam of the DRRs")
-    g.add_argument("--isocenter", default=d.isocenter, choices=["structures", "ct"],
-                   help="centre of the views and the reconstruction box: the selected bones' centre, or the CT's")
+    g.add_argument("--isocenter", default=d.isocenter, choices=["structures", "ct", "thorax"],
+                   help="centre of the views and the reconstruction box: the selected bones' centre, the CT's, or "
+                   "the lungs' (air inside the body, from HU: the same anatomy on a chest or a whole-body CT)")
     g.add_argument("--no-clahe", action="store_true", help="DRR display without CLAHE (linear window only)")
     g.add_argument("--clahe-clip", type=non_negative_float, default=d.clahe_clip, help="CLAHE clip limit of the DRR display, 0–1")
     g.add_argument("--xray-realism", choices=["on", "off"], default="off",

@@ -237,9 +237,13 @@ def _check_extent(ct: Volume) -> None:
 
 
 def isocenter_of(seg: Volume, ct: Volume, config: BuildConfig) -> np.ndarray:
-    """The imaging isocentre of a case: centre of the selected structures (or of the CT)."""
+    """The imaging isocentre of a case: centre of the selected structures, of the CT, or of the lungs."""
     if config.isocenter == "ct":
         return ct.corners_world().mean(axis=0)
+    if config.isocenter == "thorax":
+        from .thorax import lung_center
+
+        return lung_center(ct)
     idx = np.argwhere(seg.array > 0)  # (k, j, i)
     lo, hi = idx.min(0)[::-1], idx.max(0)[::-1]
     corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float)

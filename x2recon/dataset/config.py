@@ -36,7 +36,7 @@ class BuildConfig:
     detector_mm: float = CHEST_DEFAULTS["detector_mm"]
     box_size: float = CHEST_DEFAULTS["box_size"]
     beam: str = CHEST_DEFAULTS["kind"]  # "cone" | "parallel"
-    isocenter: str = "structures"  # "structures" (centre of the selected bones) | "ct"
+    isocenter: str = "structures"  # "structures" (centre of the selected bones) | "ct" | "thorax" (lungs)
     clahe: bool = True
     clahe_clip: float = 0.01
     xray_realism: bool = False  # radiograph-like variation per DRR (drr/realism.py); off: clean DRRs (paper)

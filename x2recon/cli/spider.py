@@ -10,7 +10,20 @@ from pathlib import Path
 from ..resources import model_arg
 from .common import (device, resume, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
                      positive_int, probability)
-from .common import ProgressLines, default_workers, ints, views
+from .common import ProgressLines, add_preset_option, apply_preset, default_workers, ints, preset_help, views
+
+#: ``train spider`` options a preset sets.  Paper (spider-paper §3.4, §4.2): SGD, lr 1e-3 halved every 100
+#: epochs, 500 epochs; points drawn uniformly from the target domain; no augmentation (none is mentioned).
+#: Its λ, hash levels/features and image size are symbols lost from the text we have: not set.
+TRAIN_PRESETS = {
+    "optimizer": {"ours": "sgd", "paper": "sgd"},
+    "lr": {"ours": 1e-3, "paper": 1e-3},
+    "lr_step": {"ours": 100, "paper": 100},
+    "lr_gamma": {"ours": 0.5, "paper": 0.5},
+    "epochs": {"ours": 500, "paper": 500},
+    "foreground_fraction": {"ours": 0.25, "paper": 0.0},
+    "augment": {"ours": True, "paper": False},
+}
 
 
 def cmd_train_spider(a) -> int:
@@ -21,7 +34,12 @@ def cmd_train_spider(a) -> int:
     from ..spider.train import train_spider
     from ..dataset.torch_data import dataset_build_config
 
+    apply_preset(a, TRAIN_PRESETS)
     data = Path(a.data)
+    beam = dataset_build_config(data).get("beam")
+    if a.preset == "paper" and beam != "parallel":
+        print(f"warning: {data} has {beam}-beam DRRs; the paper projects with a parallel beam "
+              "(x2recon build-dataset --beam parallel)", file=sys.stderr)
     if a.decoder == "volume-only":
         classes = []
     elif a.structures:
@@ -42,7 +60,7 @@ def cmd_train_spider(a) -> int:
     summary = train_spider(data, settings, cfg, n_points=a.points, lam=a.lam, optimizer=a.optimizer,
                            lr_step_epochs=a.lr_step, lr_gamma=a.lr_gamma, foreground_fraction=a.foreground_fraction,
                            train_split=a.train_split, val_split=a.val_split,
-                           augment=not a.no_augment)
+                           augment=a.augment, preset=a.preset)
     if summary.get("stopped"):
         print(f"stopped at step {summary['steps']}; run the same command again to resume", file=sys.stderr)
         return 130
@@ -55,10 +73,14 @@ def add_spider_train_parser(tsub) -> None:
     p = tsub.add_parser("spider", help="two X-rays → CT + segmentation (SPIDER)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Train SPIDER on a dataset's frontal + lateral DRRs and SPIDER targets "
-                                    "(spider/ct.nii.gz, spider/labels.nii.gz). Defaults are the paper's recipe "
-                                    "(SGD, lr 1e-3 halved every 100 epochs, 500 epochs) except where noted.")
+                                    "(spider/ct.nii.gz, spider/labels.nii.gz). The optimiser and schedule are the "
+                                    "paper's (SGD, lr 1e-3 halved every 100 epochs, 500 epochs); point sampling and "
+                                    "augmentation are ours unless --preset paper.")
     p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
     p.add_argument("--out", required=True, type=output_dir, help="run folder: checkpoints, log.jsonl, tensorboard/")
+    add_preset_option(p, "the SPIDER paper states (§4.2: SGD, lr 1e-3 halved every 100 epochs, 500 epochs; "
+                      "uniform points; no augmentation)")
+    pre, keep = TRAIN_PRESETS, argparse.SUPPRESS
     g = p.add_argument_group("architecture")
     g.add_argument("--views", default="PA,LAT", help="frontal,lateral views (rendered in the dataset)")
     g.add_argument("--structures", default="", help="classes, comma-separated: groups (ribs, thoracic, lumbar, "
@@ -77,18 +99,24 @@ def add_spider_train_parser(tsub) -> None:
     g.add_argument("--layers", type=positive_int, default=4, help="decoder MLP hidden layers")
     g.add_argument("--no-tcnn", action="store_true", help="use x2recon's hash encoding even where tinycudann imports")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=500, help="passes over the training split")
+    g.add_argument("--epochs", type=positive_int, default=keep, help=preset_help(pre, "epochs"))
     g.add_argument("--steps", type=non_negative_int, default=0, help="stop after this many steps (0: epochs decide)")
     g.add_argument("--batch-size", type=positive_int, default=4, help="global batch of cases (split over torchrun processes)")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="SGD (momentum 0.9) or Adam")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
-    g.add_argument("--lr-step", type=non_negative_int, default=100, help="epochs between learning-rate decays (0: constant)")
-    g.add_argument("--lr-gamma", type=positive_float, default=0.5, help="learning-rate factor at each decay")
-    g.add_argument("--lambda", dest="lam", type=non_negative_float, default=1.0, help="weight of the Dice loss (paper eq. 26)")
+    g.add_argument("--optimizer", default=keep, choices=["sgd", "adam"],
+                   help=preset_help(pre, "optimizer", "SGD has momentum 0.9 (the paper does not state it)"))
+    g.add_argument("--lr", type=positive_float, default=keep, help=preset_help(pre, "lr"))
+    g.add_argument("--lr-step", type=non_negative_int, default=keep,
+                   help=preset_help(pre, "lr_step", "epochs between learning-rate decays (0: constant)"))
+    g.add_argument("--lr-gamma", type=positive_float, default=keep, help=preset_help(pre, "lr_gamma"))
+    g.add_argument("--lambda", dest="lam", type=non_negative_float, default=1.0,
+                   help="weight of the Dice loss (paper eq. 26; its value is not legible in the text we have)")
     g.add_argument("--points", type=positive_int, default=8192, help="points per case per step")
-    g.add_argument("--foreground-fraction", type=probability, default=0.25,
-                   help="share of points drawn from labelled voxels (0: uniform, the paper's sampling)")
-    g.add_argument("--no-augment", action="store_true", help="no image augmentation")
+    g.add_argument("--foreground-fraction", type=probability, default=keep,
+                   help=preset_help(pre, "foreground_fraction", "share of points drawn from labelled voxels "
+                                    "(0: uniform)"))
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=keep,
+                   help=preset_help(pre, "augment", "image augmentation (gamma, contrast, noise, in-plane shift "
+                                    "that the geometry follows)"))
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (initialisation, sampling)")
     g = p.add_argument_group("running")
     g.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")
@@ -116,6 +144,8 @@ def cmd_spider(a) -> int:
 
     if a.resolution < 2:
         raise X2ReconInputError("--resolution", f"must be at least 2, got {a.resolution}")
+    if a.from_ct:
+        _render_pair_from_ct(a)
     dev = resolve_device(a.device)
     model, cfg = load_model(a.model, dev, network="spider")
     fv, lv = model.cfg.views
@@ -140,6 +170,27 @@ def cmd_spider(a) -> int:
     return 0
 
 
+def _render_pair_from_ct(a) -> None:
+    """``--from-ct``: the model's DRR pair of the CT (the dataset builder's renderer and geometry), written
+    to ``--pa`` and ``--lat`` with their geometry JSON beside them."""
+    from ..errors import X2ReconInputError
+    from ..io.volume import read_ct, read_labelmap
+    from ..nn.checkpoint import read_config
+    from ..spider.inference import render_pair_from_ct, write_xray
+
+    cfg = read_config(a.model)
+    if not cfg.get("dataset", {}).get("build"):
+        raise X2ReconInputError(a.model, "the checkpoint does not record its dataset's geometry, so its DRRs "
+                                         "cannot be rendered from a CT; give the X-ray pair")
+    if a.progress_lines:
+        views = " and ".join(str(v).upper() for v in cfg["model"]["views"])
+        print(f"X2RECON_PROGRESS 0 rendering the {views} DRRs of the CT", flush=True)
+    labels = read_labelmap(a.from_ct_labels) if a.from_ct_labels else None
+    pair = render_pair_from_ct(read_ct(a.from_ct), cfg, labels, device=a.device)
+    for xray, path in zip(pair, (a.pa, a.lat)):
+        write_xray(xray, path)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("spider", help="frontal + lateral X-rays → CT volume and labelmap (SPIDER)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -147,8 +198,9 @@ def add_parsers(sub) -> None:
                                    "model. Inputs: PNG (+ <stem>.json geometry), DICOM, 2D NIfTI/NRRD/MHA; without "
                                    "a geometry file an X-ray gets the model's training geometry, centred at the "
                                    "origin. Outputs are in LPS millimetres on the reconstruction box.")
-    p.add_argument("--pa", required=True, help="frontal X-ray (the model's first view, PA or AP)")
-    p.add_argument("--lat", required=True, help="lateral X-ray")
+    p.add_argument("--pa", required=True, help="frontal X-ray (the model's first view, PA or AP); with --from-ct, "
+                                               "where the rendered one is written")
+    p.add_argument("--lat", required=True, help="lateral X-ray (with --from-ct: written)")
     p.add_argument("--model", required=True, type=model_arg,
                    help="SPIDER checkpoint (.safetensors); no SPIDER model is bundled ('demo' names the X2B demo "
                         "model, which 'reconstruct' uses)")
@@ -164,6 +216,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--fit-ct", help="segment this CT (paper §6.1): fit the model's intensities to it with the "
                    "decoder frozen, then write the labels it predicts (the CT must lie in the X-rays' box)")
     p.add_argument("--fit-steps", type=positive_int, default=200, help="--fit-ct: optimisation steps")
+    p.add_argument("--from-ct", help="research: render the model's DRR pair from this CT first (the dataset "
+                   "builder's renderer and geometry) and write it to --pa and --lat (+ <stem>.json)")
+    p.add_argument("--from-ct-labels", help="--from-ct: labelmap (TotalSegmentator ids on the CT's grid); the "
+                   "centre of the model's structures in it is the isocentre, as the builder chooses it "
+                   "(default: the CT's centre)")
     p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_spider)

@@ -4,8 +4,10 @@ The image(s) are encoded once; MISE evaluates the occupancy decoder coarse to fi
 requested resolution, only where cells straddle τ); marching cubes (flying edges) gives the
 surface in box coordinates; optionally the vertices are moved onto the τ level set with the
 network's gradient (Occupancy Networks' refinement) and the mesh is simplified with pyfqmr
-(Fast-Quadric-Mesh-Simplification, as the paper); normals come from the network's gradient.
-The result is mapped to world millimetres (LPS) with the X-ray's geometry.
+(Fast-Quadric-Mesh-Simplification, as the paper).  Vertex normals are the mesh's own (area-weighted
+face normals); only with ``network_normals`` are they the network's (the logit's negative gradient,
+normalised).  The result is mapped to world millimetres (LPS) with the X-ray's geometry, a scale and a
+shift, so the same normals hold there.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The Slicer boundary: MRML nodes (RAS) ↔ x2recon objects (LPS mm).
 
-This is the only place in the project that converts between RAS and LPS; the Slicer modules
+This is where MRML nodes cross between RAS and LPS (the only other RAS → LPS step is ``io.mesh`` reading
+a mesh file whose header declares ``SPACE=RAS``); the Slicer modules
 (X2DatasetBuilder, X2BoneRecon, SpiderCT) call these helpers from their logic.  It imports MRML and
 VTK (inside the functions) only — no Qt, no application — so it runs with the ``slicer-core`` wheel;
 x2recon's heavy parts (torch, the renderer) are never imported here.

@@ -34,18 +34,8 @@ GROUP_CLASSES = ("cervical", "thoracic", "lumbar", "ribs")
 CLASS_MODES = ("groups", "structures")
 
 
-@dataclass(frozen=True)
-class Box:
-    """One structure's box in continuous pixel coordinates ``(col, row)``, clipped to the image."""
-
-    name: str  # TotalSegmentator name
-    label: int  # k: the structure's value in the labelmap
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    visible_fraction: float = 1.0  # area of the clipped box / area of the unclipped box
-    truncated: bool = False  # part of the structure projects outside the image (or lies behind the source)
+class PixelBox:
+    """What every box dataclass with corners ``x0, y0, x1, y1`` (pixels) shares: its size and its dict."""
 
     @property
     def width(self) -> float:
@@ -57,6 +47,20 @@ class Box:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Box(PixelBox):
+    """One structure's box in continuous pixel coordinates ``(col, row)``, clipped to the image."""
+
+    name: str  # TotalSegmentator name
+    label: int  # k: the structure's value in the labelmap
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    visible_fraction: float = 1.0  # area of the clipped box / area of the unclipped box
+    truncated: bool = False  # part of the structure projects outside the image (or lies behind the source)
 
 
 # ---------------------------------------------------------------------------------------- boxes

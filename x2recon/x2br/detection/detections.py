@@ -9,19 +9,21 @@ ours = theirs − ½.)
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ...drr.boxes import PixelBox
 from ...errors import X2ReconInputError
 from ...io.atomic import atomic_write_text
+from ...io.documents import read_document
 
 DETECTIONS_FORMAT = "x2recon.detections/1"
 
 
 @dataclass(frozen=True)
-class Detection:
+class Detection(PixelBox):
     """One detected structure: ``name`` is a detector class — a group (``thoracic``, ``ribs``…) or
     a TotalSegmentator name (``vertebrae_T7``) — ``confidence`` in [0, 1], box in pixels."""
 
@@ -41,19 +43,8 @@ class Detection:
     def center(self) -> np.ndarray:
         return np.array([(self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2])
 
-    @property
-    def width(self) -> float:
-        return self.x1 - self.x0
-
-    @property
-    def height(self) -> float:
-        return self.y1 - self.y0
-
     def renamed(self, name: str) -> "Detection":
         return Detection(name, self.confidence, self.x0, self.y0, self.x1, self.y1, self.class_id)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Detection":
@@ -116,10 +107,5 @@ def read_detections(path: str | Path) -> list[Detection]:
     path = Path(path)
     if not path.is_file():
         raise X2ReconInputError(path, "detections file not found")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise X2ReconInputError(path, f"not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != DETECTIONS_FORMAT:
-        raise X2ReconInputError(path, f"not an x2recon detections file (expected format {DETECTIONS_FORMAT!r})")
+    doc = read_document(path, DETECTIONS_FORMAT, "detections file")
     return [Detection.from_dict(d) for d in doc["detections"]]

@@ -37,6 +37,7 @@ import numpy as np
 
 from ...errors import CancelledError, X2ReconInputError
 from ...io.atomic import atomic_write_text
+from ...io.documents import read_document
 
 LIBRARY_FORMAT = "x2recon.templates/1"
 SKIP_MESHES = ("bones", "bones_box")
@@ -113,12 +114,7 @@ def load_library(folder: str | Path) -> TemplateLibrary:
     f = folder / "library.json"
     if not f.is_file():
         raise X2ReconInputError(folder, "not a template library (no library.json); build one with 'x2recon template build'")
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise X2ReconInputError(f, f"not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != LIBRARY_FORMAT:
-        raise X2ReconInputError(f, f"not an x2recon template library (expected format {LIBRARY_FORMAT!r})")
+    doc = read_document(f, LIBRARY_FORMAT, "template library")
     for name, info in doc.get("structures", {}).items():
         for key in ("file", "file_box"):
             if not (folder / info[key]).is_file():

@@ -234,23 +234,22 @@ def test_command_for_a_ct_writes_the_ct_and_its_labels(logic, scene, chest, chec
     cmd, job = logic.reconstruct_command(checkpoints["spider"], tmp_path, ct_node=ct_node, ct_labels_node=seg,
                                          resolution=16, python="py")
     assert scene.GetNumberOfNodes() == n_nodes  # no temporary node left
-    assert cmd[:2] == ["py", "-c"] and job.from_ct and job.name == "chest CT SPIDER"
-    args = json.loads(cmd[3])
-    assert args["views"] == ["AP", "LAT"] and args["xrays"] == [str(job.frontal), str(job.lateral)]
+    assert cmd[:4] == ["py", "-m", "x2recon.cli", "spider"] and job.from_ct and job.name == "chest CT SPIDER"
     from x2recon.cli import build_parser
 
-    a = build_parser().parse_args(args["spider"])
-    assert a.pa == str(job.frontal) and a.resolution == 16 and a.labels == str(job.labels) and a.progress_lines
-    back = read_ct(args["ct"])  # the node's CT, in LPS, as x2recon reads it
+    a = build_parser().parse_args(cmd[3:])  # the CLI renders the pair from the CT into --pa / --lat
+    assert a.pa == str(job.frontal) and a.lat == str(job.lateral) and a.pa_geometry == str(job.frontal.with_suffix(".json"))
+    assert a.resolution == 16 and a.labels == str(job.labels) and a.progress_lines
+    back = read_ct(a.from_ct)  # the node's CT, in LPS, as x2recon reads it
     assert back.same_grid(ct) and np.array_equal(back.array, ct.array)
-    lab = read_labelmap(args["labels"])  # TotalSegmentator ids on the CT's grid
+    lab = read_labelmap(a.from_ct_labels)  # TotalSegmentator ids on the CT's grid
     assert lab.same_grid(ct) and np.array_equal(lab.array, sub.array)
     # a labelmap node is taken as TotalSegmentator ids
     cmd, _ = logic.reconstruct_command(checkpoints["spider"], tmp_path, ct_node=ct_node,
                                        ct_labels_node=labelmap_node(scene, sub))
-    assert np.array_equal(read_labelmap(json.loads(cmd[3])["labels"]).array, sub.array)
+    assert np.array_equal(read_labelmap(build_parser().parse_args(cmd[3:]).from_ct_labels).array, sub.array)
     cmd, _ = logic.reconstruct_command(checkpoints["spider"], tmp_path, ct_node=ct_node)
-    assert json.loads(cmd[3])["labels"] is None
+    assert build_parser().parse_args(cmd[3:]).from_ct_labels is None
 
 
 # ----------------------------------------------------------------------------- results → nodes
@@ -474,7 +473,7 @@ def test_background_run_from_a_ct_renders_the_pair(logic, scene, chest, tiny_spi
 
 
 def test_background_failure_is_reported(logic, scene, tiny_spider_model, tmp_path):
-    """A CT node that is not in HU: the background program exits 2 with the reason on stderr."""
+    """A CT node that is not in HU: ``x2recon spider --from-ct`` exits 2 with the reason on stderr."""
     not_ct = volume_to_volume_node(Volume(np.full((20, 20, 20), 500, np.int16), (2, 2, 2), (0, 0, 0), np.eye(3)),
                                    scene, "flat")
     cmd, _ = logic.reconstruct_command(tiny_spider_model, tmp_path, ct_node=not_ct, resolution=8, device="cpu")

@@ -7,8 +7,9 @@ tested) with the real MRML of the ``slicer-core`` wheel.  Nodes are read and wri
 ``x2recon.slicer.mrml`` (the project's one RAS ↔ LPS boundary); torch, the network and the metrics are
 imported on first use, never when the module loads.
 
-The reconstruction runs as a background process (the panel starts it with ``QProcess``; tests with
-``subprocess``): ``reconstruct_command`` checks the inputs, writes them into a work folder and returns
+The reconstruction runs as a background process (the panel starts it with
+``x2recon.slicer.process.BackgroundJob``; tests with ``subprocess``): ``reconstruct_command`` checks
+the inputs, writes them into a work folder and returns
 the command line; ``load_results`` adds what it wrote to the scene.
 
 * X-ray pair: ``x2recon spider`` itself.  Each X-ray node is written as a 16-bit PNG plus its geometry
@@ -17,9 +18,9 @@ the command line; ``load_results`` adds what it wrote to the scene.
   other radiographs get the model's training geometry of their view, centred at the origin — as the
   CLI does for an image file without a geometry file.
 * CT (research): the CT node (and, for the isocentre, its segmentation) is written to the work folder
-  and a short Python program run by the same interpreter renders the model's two DRRs with the dataset
-  builder's renderer and training geometry (``x2recon.spider.inference.render_pair_from_ct``), writes them, then
-  runs ``x2recon spider`` on them in the same process.  Rendering is not done in Slicer's process: it
+  and ``x2recon spider --from-ct`` renders the model's two DRRs with the dataset builder's renderer and
+  training geometry (``x2recon.spider.inference.render_pair_from_ct``), writes them, then reconstructs
+  from them in the same process.  Rendering is not done in Slicer's process: it
   takes seconds for a full chest CT on a CPU (longer at the training detector size), would freeze the
   application and load torch into it; in the background process it is cancellable with the rest and
   its result (the two DRRs) is loaded as X-ray nodes beside the CT.
@@ -75,29 +76,6 @@ MODEL_ATTRIBUTE = "x2recon.model"
 #: Segment tag naming the model class a segment holds.
 CLASS_TAG = "x2recon.class"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-#: The background program of the CT path (argument: a JSON object, see ``reconstruct_command``).
-RENDER_AND_RECONSTRUCT = r"""
-import json, sys
-a = json.loads(sys.argv[1])
-from x2recon.errors import X2ReconInputError
-try:
-    print("X2RECON_PROGRESS 0 rendering the " + " and ".join(a["views"]) + " DRRs of the CT", flush=True)
-    from x2recon.io.volume import read_ct, read_labelmap
-    from x2recon.nn.checkpoint import read_config
-    from x2recon.spider.inference import render_pair_from_ct, write_xray
-    cfg = read_config(a["model"])
-    labels = read_labelmap(a["labels"]) if a.get("labels") else None
-    pair = render_pair_from_ct(read_ct(a["ct"]), cfg, labels, device=a["device"])
-    for x, path in zip(pair, a["xrays"]):
-        write_xray(x, path)
-except X2ReconInputError as e:
-    print(f"x2recon spider: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-from x2recon.cli import main
-sys.exit(main(a["spider"]))
-"""
-
 
 def _input_error(path, problem: str):
     from x2recon.errors import X2ReconInputError
@@ -223,7 +201,6 @@ class SpiderCTLogic:
         """
         cfg = self.model_config(model_path)
         self.check_settings(resolution, device, precision, chunk)
-        views = self.views(cfg)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         classes = self.class_names(cfg)
@@ -254,14 +231,12 @@ class SpiderCTLogic:
             spider += ["--labels", str(job.labels)]
         if int(chunk) > 0:
             spider += ["--chunk", str(int(chunk))]
+        if ct_node is not None:  # the pair is rendered from the CT first, into job.frontal / job.lateral
+            spider += ["--from-ct", str(out / INPUT_CT_FILE)]
+            if (out / INPUT_LABELS_FILE).is_file():
+                spider += ["--from-ct-labels", str(out / INPUT_LABELS_FILE)]
         spider += ["--progress-lines", "--quiet"]
-        py = python or sys.executable
-        if ct_node is None:
-            return [py, "-m", "x2recon.cli", *spider], job
-        args = {"ct": str(out / INPUT_CT_FILE), "model": str(model_path), "device": str(device), "views": views,
-                "labels": str(out / INPUT_LABELS_FILE) if (out / INPUT_LABELS_FILE).is_file() else None,
-                "xrays": [str(job.frontal), str(job.lateral)], "spider": spider}
-        return [py, "-c", RENDER_AND_RECONSTRUCT, json.dumps(args)], job
+        return [python or sys.executable, "-m", "x2recon.cli", *spider], job
 
     def write_input_ct(self, ct_node, labels_node, out: Path) -> None:
         """The CT node (and its labels, TotalSegmentator ids on the CT's grid) as uncompressed NIfTI in

@@ -256,3 +256,24 @@ def resume(s: str) -> str:
     except CheckpointError as e:
         raise argparse.ArgumentTypeError(f"auto, never, or a checkpoint: {e}") from None
     return s
+
+
+def add_training_run_options(p, val_every: int) -> None:
+    """The ``running`` options every ``train <network>`` shares (device, precision, loaders, splits,
+    validation and checkpoint cadence, resume); ``val_every``: the network's default epochs between
+    validations."""
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                   help="data-loading processes per training process "
+                        "(default: CPU cores − 1, at most 4: %(default)s here)")
+    g.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads per process (0: torch's default)")
+    g.add_argument("--train-split", default="train", help="split to train on (splits/<name>.txt)")
+    g.add_argument("--val-split", default="val", help="'' to skip validation")
+    g.add_argument("--val-every", type=positive_int, default=val_every, help="epochs between validations")
+    g.add_argument("--save-every", type=non_negative_int, default=500, help="steps between checkpoints (0: at epoch ends only)")
+    g.add_argument("--resume", default="auto", type=resume, help="auto (continue --out), never, or a checkpoint to start from")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")

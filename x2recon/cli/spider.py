@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from ..resources import model_arg
-from .common import (device, resume, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
+from .common import (device, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
                      positive_int, probability)
-from .common import ProgressLines, add_preset_option, apply_preset, default_workers, ints, preset_help, views
+from .common import ProgressLines, add_preset_option, add_training_run_options, apply_preset, ints, preset_help, views
 
 #: ``train spider`` options a preset sets.  Paper (spider-paper §3.4, §4.2): SGD, lr 1e-3 halved every 100
 #: epochs, 500 epochs; points drawn uniformly from the target domain; no augmentation (none is mentioned).
@@ -118,21 +118,7 @@ def add_spider_train_parser(tsub) -> None:
                    help=preset_help(pre, "augment", "image augmentation (gamma, contrast, noise, in-plane shift "
                                     "that the geometry follows)"))
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (initialisation, sampling)")
-    g = p.add_argument_group("running")
-    g.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
-    g.add_argument("--workers", type=non_negative_int, default=default_workers(),
-                   help="data-loading processes per training process "
-                        "(default: CPU cores − 1, at most 4: %(default)s here)")
-    g.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads per process (0: torch's default)")
-    g.add_argument("--train-split", default="train", help="split to train on (splits/<name>.txt)")
-    g.add_argument("--val-split", default="val", help="'' to skip validation")
-    g.add_argument("--val-every", type=positive_int, default=10, help="epochs between validations")
-    g.add_argument("--save-every", type=non_negative_int, default=500, help="steps between checkpoints (0: at epoch ends only)")
-    g.add_argument("--resume", default="auto", type=resume, help="auto (continue --out), never, or a checkpoint to start from")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_training_run_options(p, val_every=10)
     p.set_defaults(func=cmd_train_spider)
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from ..resources import model_arg
-from .common import (device, resume, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
+from .common import (device, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
                      positive_float, positive_int, probability)
-from .common import ProgressLines, add_preset_option, apply_preset, default_workers, preset_help, views
+from .common import ProgressLines, add_preset_option, add_training_run_options, apply_preset, preset_help, views
 from .x2br import need_x2br_inputs, write_x2br
 
 #: ``train x2b|x2b2`` options a preset sets.  Paper (X2BR §3.1, §3.3, §3.4, §4.3): ConvNeXt-B (1024-d latent)
@@ -106,21 +106,7 @@ def add_x2b_train_parsers(tsub) -> None:
                        help=preset_help(pre, "augment", "image augmentation (gamma, contrast, noise, in-plane shift "
                                         "that the geometry follows)"))
         g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (initialisation, sampling)")
-        g = p.add_argument_group("running")
-        g.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")
-        g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                       help="mixed precision (auto: bf16 on CUDA, off on CPU)")
-        g.add_argument("--compile", action="store_true", help="torch.compile the network")
-        g.add_argument("--workers", type=non_negative_int, default=default_workers(),
-                       help="data-loading processes per training process "
-                            "(default: CPU cores − 1, at most 4: %(default)s here)")
-        g.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads per process (0: torch default)")
-        g.add_argument("--train-split", default="train", help="split to train on (splits/<name>.txt)")
-        g.add_argument("--val-split", default="val", help="'' to skip validation")
-        g.add_argument("--val-every", type=positive_int, default=1, help="epochs between validations")
-        g.add_argument("--save-every", type=non_negative_int, default=500, help="steps between checkpoints (0: at epoch ends only)")
-        g.add_argument("--resume", default="auto", type=resume, help="auto (continue --out), never, or a checkpoint to start from")
-        g.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_training_run_options(p, val_every=1)
         p.set_defaults(func=cmd_train)
 
 

@@ -124,10 +124,10 @@ def render_png(mesh: trimesh.Trimesh, path: str | Path, *, views: tuple[str, ...
         label.GetTextProperty().SetColor(0, 0, 0)
         label.GetTextProperty().SetFontSize(18)
         label.SetPosition(10, 10)
-        ren.AddActor2D(label)
+        ren.AddViewProp(label)
         if lut is not None and i == len(views) - 1:
             for actor2d in _legend_actors(vtk, lut, legend):
-                ren.AddActor2D(actor2d)
+                ren.AddViewProp(actor2d)
         win.AddRenderer(ren)
     win.Render()
     grab = vtk.vtkWindowToImageFilter()

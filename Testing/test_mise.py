@@ -67,3 +67,17 @@ def test_empty_and_batched_evaluation():
 
     r = mise(empty, resolution0=8, upsampling_steps=2, batch=100)
     assert len(r.mesh.faces) == 0 and max(calls) <= 100 and r.evaluations == 9**3
+
+
+def test_fine_points_are_exactly_those_of_the_active_cells():
+    """The whole-array marking of the fine points of active cells equals marking each cell's 3×3×3 points."""
+    from x2recon.mesh.mise import _fine_points_of
+
+    rng = np.random.default_rng(1)
+    for r in (1, 5, 12):
+        active = rng.random((r, r, r)) < 0.2
+        active[-1, -1, -1] = True  # a cell at the far corner reaches the last fine point
+        want = np.zeros((2 * r + 1,) * 3, bool)
+        for i, j, k in np.argwhere(active):
+            want[2 * i:2 * i + 3, 2 * j:2 * j + 3, 2 * k:2 * k + 3] = True
+        assert np.array_equal(_fine_points_of(active), want)

@@ -58,7 +58,7 @@ def flying_edges(field: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarra
     field = np.ascontiguousarray(field, dtype=np.float32)
     img = vtkImageData()
     img.SetDimensions(field.shape[2], field.shape[1], field.shape[0])  # VTK's x (i) varies fastest
-    img.GetPointData().SetScalars(ns.numpy_to_vtk(field.ravel(), deep=1))
+    img.GetPointData().SetScalars(ns.numpy_to_vtk(field.ravel(), deep=0))  # no copy: the array outlives Update
     fe = vtkFlyingEdges3D()
     fe.SetInputData(img)
     fe.SetValue(0, float(level))
@@ -85,13 +85,16 @@ def closed_iso_surface(values: np.ndarray, level: float, *, lo: float = -0.5, hi
     turns into edges shared by four faces: values within ``LEVEL_GAP`` of ``level`` are moved that
     far off it (keeping their side), which moves the surface by at most ``LEVEL_GAP`` of a cell.
     """
-    v = np.array(values, np.float32)
+    values = np.asarray(values)
+    r = values.shape[0] - 1
+    # the padded grid built at once in flying edges' [z, y, x] layout (one copy of the 257³ grid, not three);
+    # pad not much lower: a cap vertex must stay ≥ LEVEL_GAP / (1 + LEVEL_GAP) of a cell off the border point
+    pad = np.full(tuple(n + 2 for n in values.shape[::-1]), np.float32(level - 1.0), np.float32)
+    v = pad[1:-1, 1:-1, 1:-1]
+    v[...] = values.transpose(2, 1, 0)
     near = np.abs(v - level) < LEVEL_GAP
     v[near] = np.where(v[near] >= level, level + LEVEL_GAP, level - LEVEL_GAP)
-    r = v.shape[0] - 1
-    # not much lower: a cap vertex must stay ≥ LEVEL_GAP / (1 + LEVEL_GAP) of a cell off the border point
-    pad = np.pad(v, 1, constant_values=np.float32(level - 1.0))
-    verts, faces = flying_edges(pad.transpose(2, 1, 0), level)  # vertices come back as (x, y, z) indices
+    verts, faces = flying_edges(pad, level)  # vertices come back as (x, y, z) indices
     mesh = trimesh.Trimesh(lo + (verts - 1.0) * ((hi - lo) / r), faces, process=True)
     if len(mesh.faces) and mesh.volume < 0:
         mesh.invert()

@@ -52,6 +52,23 @@ def _active_cells(values: np.ndarray, threshold: float) -> np.ndarray:
     return binary_dilation(any_in & ~all_in, iterations=1)
 
 
+def _fine_points_of(active: np.ndarray) -> np.ndarray:
+    """Fine-grid points ((2R+1)³) of the active coarse cells (R³): cell ``i`` holds fine points ``2i..2i+2``
+    on each axis — its corner points marked, then spread two points forward along each axis in turn
+    (whole-array operations instead of 27 scattered writes per active cell)."""
+    r = active.shape[0]
+    m = np.zeros((2 * r + 1,) * 3, bool)
+    m[:-1:2, :-1:2, :-1:2] = active
+    for ax in range(3):
+        out = m.copy()
+        for k in (1, 2):
+            dst, src = [slice(None)] * 3, [slice(None)] * 3
+            dst[ax], src[ax] = slice(k, None), slice(None, -k)
+            out[tuple(dst)] |= m[tuple(src)]
+        m = out
+    return m
+
+
 def mise(fn: Callable[[np.ndarray], np.ndarray], *, resolution0: int = 32, upsampling_steps: int = 3,
          threshold: float = 0.2, bounds: tuple[float, float] = (-0.5, 0.5), batch: int = 100_000,
          closed: bool = True) -> MiseResult:
@@ -78,12 +95,7 @@ def mise(fn: Callable[[np.ndarray], np.ndarray], *, resolution0: int = 32, upsam
         done = np.zeros_like(fine, bool)
         done[::2, ::2, ::2] = evaluated
         # every fine point inside an active coarse cell gets evaluated
-        need = np.zeros_like(fine, bool)
-        ci = np.argwhere(active)
-        for a in range(3):
-            for b in range(3):
-                for c in range(3):
-                    need[2 * ci[:, 0] + a, 2 * ci[:, 1] + b, 2 * ci[:, 2] + c] = True
+        need = _fine_points_of(active)
         need &= ~done
         pts_idx = np.argwhere(need)
         if len(pts_idx):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,10 @@ from ..mesh.extract import MIN_COMPONENT_MM3, MeshError, drop_small_components, 
 from ..mesh.mise import mise
 from ..nn.device import resolve_device  # noqa: F401  (also imported from here by the CLI, demo and Slicer)
 from ..io.xray import XRay
+
+
+#: Points per decoder call on CPU (``OccupancyField.prob``): (2048, 128) float32 activations fit in L2.
+CPU_CHUNK = 2048
 
 
 @dataclass
@@ -72,6 +77,8 @@ class OccupancyField:
 
     def __init__(self, model, xrays: list[XRay], device: torch.device, batch: int = 65_536):
         self.model, self.device, self.batch = model, device, batch
+        # CPU: small chunks on single-threaded pool workers (see ``prob``); an accelerator takes ``batch``
+        self.cpu_chunk = min(batch, CPU_CHUNK) if device.type == "cpu" else 0
         S = model.cfg.image_size
         imgs, grids = zip(*(x.network_input(S) for x in xrays))
         images = torch.from_numpy(np.stack(imgs))[None].to(device)
@@ -92,15 +99,29 @@ class OccupancyField:
         return self.amp if self.amp is not None else contextlib.nullcontext()
 
     @torch.no_grad()
+    def _prob_chunk(self, pts: np.ndarray) -> np.ndarray:
+        p = torch.from_numpy(np.ascontiguousarray(pts, np.float32))[None].to(self.device)
+        local = self.model.sample_local(p, self.code)
+        return torch.sigmoid(self.folded(p[0], None if local is None else local[0])).cpu().numpy()
+
     def prob(self, pts: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(pts), self.batch):
-            p = torch.from_numpy(np.ascontiguousarray(pts[i:i + self.batch], np.float32))[None].to(self.device)
-            local = self.model.sample_local(p, self.code)
-            logit = self.folded(p[0], None if local is None else local[0])
-            out.append(torch.sigmoid(logit).cpu().numpy())
-        self.evaluations += len(pts)
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        """Occupancy probabilities (N,) float32 at ``pts`` (N, 3) in box coordinates.
+
+        On CPU, chunks of ``CPU_CHUNK`` points run on ``torch.get_num_threads()`` pool threads that each
+        run torch single-threaded: the decoder's (chunk, hidden) activations stay in cache and no
+        operation opens an OpenMP region (less than half the CPU time of 65 536-point batches on 2
+        cores; every row is computed alike, so the values are bit-identical)."""
+        n = len(pts)
+        self.evaluations += n
+        if n == 0:
+            return np.zeros(0, np.float32)
+        step = self.cpu_chunk or self.batch
+        slices = [slice(i, i + step) for i in range(0, n, step)]
+        workers = min(torch.get_num_threads(), len(slices)) if self.cpu_chunk else 1
+        if workers <= 1:
+            return np.concatenate([self._prob_chunk(pts[sl]) for sl in slices])
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return np.concatenate(list(pool.map(lambda sl: self._prob_chunk(pts[sl]), slices)))
 
     def logit_and_grad(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vals, grads = [], []

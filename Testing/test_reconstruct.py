@@ -56,6 +56,23 @@ def test_mesh_lands_on_the_ct_bones_in_world_mm(trained):
     assert rec.evaluations < rec.dense_evaluations / 3
 
 
+def test_cpu_chunks_on_the_pool_give_one_batch_values_bit_for_bit(trained):
+    """OccupancyField.prob on CPU: CPU_CHUNK-point chunks on single-threaded pool threads, returned in order."""
+    model, xray, _ = trained
+    field = OccupancyField(model, [xray], torch.device("cpu"))
+    pts = np.random.default_rng(3).uniform(-0.5, 0.5, (5000, 3)).astype(np.float32)  # three chunks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chunked = field.prob(pts)
+    finally:
+        torch.set_num_threads(threads)
+    field.cpu_chunk, field.batch = 0, len(pts)  # one batch in this thread
+    whole = field.prob(pts)
+    assert chunked.shape == (len(pts),) and np.array_equal(chunked, whole)
+    assert field.evaluations == 2 * len(pts) and field.prob(pts[:0]).shape == (0,)
+
+
 def test_mise_equals_dense_extraction_of_the_network(trained):
     model, xray, _ = trained
     rec = reconstruct(model, [xray], resolution=64)

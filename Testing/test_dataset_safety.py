@@ -290,7 +290,15 @@ def test_kill_at_every_stage_then_resume_gives_the_bytes_of_one_run(tmp_path, ch
 
 # ------------------------------------------------------------------ 5. corrupt CTs
 def _dicom_series(vol, folder: Path) -> list[Path]:
-    """Write ``vol`` as a CT DICOM series (one file per slice) and return the files."""
+    """Write ``vol`` as a CT DICOM series (one file per slice) and return the files.  GDCM's writer
+    leaves the process in the C locale (ASCII text encoding) after tagged slices: kept as it was."""
+    from x2recon.io.volume import locale_kept
+
+    with locale_kept():
+        return _write_dicom_series(vol, folder)
+
+
+def _write_dicom_series(vol, folder: Path) -> list[Path]:
     import SimpleITK as sitk
 
     folder.mkdir(parents=True)
@@ -372,6 +380,19 @@ def test_a_broken_ct_is_refused_by_name(bad_cts, name):
     with pytest.raises(X2ReconInputError, match=expect[name]) as e:
         read_ct(d / name)
     assert str(d / name) in str(e.value) or name in str(e.value)
+
+
+def test_writing_dicom_leaves_the_process_locale_alone(tmp_path, shared_data):
+    """GDCM's writer switched this process to the C locale (ASCII text encoding: every later test that
+    read a UTF-8 file without an encoding failed); ``locale_kept`` puts back what was there."""
+    import locale
+
+    from x2recon.io.volume import locale_kept, read_ct
+
+    before = locale.setlocale(locale.LC_ALL)
+    with locale_kept():
+        _write_dicom_series(read_ct(shared_data / "lumbar_crop_verse" / "ct.nii.gz"), tmp_path / "dcm")
+    assert locale.setlocale(locale.LC_ALL) == before
 
 
 def test_a_good_dicom_series_reads_as_its_volume(bad_cts, shared_data):

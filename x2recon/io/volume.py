@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,21 @@ def _check_regular(path: Path, what: str) -> None:
         raise X2ReconInputError(path, f"{what} file not found")
     if not (path.is_dir() or stat.S_ISREG(path.stat().st_mode)):
         raise X2ReconInputError(path, f"not a regular file (a device, FIFO or socket); give a {what} file")
+
+
+@contextmanager
+def locale_kept():
+    """Undo a locale change made inside the block.  GDCM (SimpleITK's DICOM writer) can switch the
+    process to the C locale and leave it so (seen writing tagged CT slices): Python's default text
+    encoding then becomes ASCII for the rest of the process (a Slicer session, a test run)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 def _read_image(path: Path, what: str):

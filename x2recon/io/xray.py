@@ -305,8 +305,10 @@ def reader_inverts_monochrome1() -> bool:
 
     import SimpleITK as sitk
 
+    from .volume import locale_kept
+
     a = np.array([[[0, 1000]]], np.uint16)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, locale_kept():  # GDCM's writer may leave the C locale behind
         path = Path(d) / "probe.dcm"
         w = sitk.ImageFileWriter()
         w.KeepOriginalImageUIDOn()

@@ -39,7 +39,8 @@ def test_mesh_lands_on_the_ct_bones_in_world_mm(trained):
     rec = reconstruct(model, [xray], resolution=128)
     lo, hi = xray.geometry.box_bounds()
     v = np.asarray(rec.mesh.vertices)
-    assert (v >= lo - 1e-6).all() and (v <= hi + 1e-6).all()
+    cell = (hi - lo) / 128  # the watertight surface closes with a cap less than half a cell outside the box
+    assert (v >= lo - 0.5 * cell).all() and (v <= hi + 0.5 * cell).all()
     assert np.allclose(rec.mesh.vertices, xray.geometry.from_box(np.asarray(rec.mesh_box.vertices)))
     g, _ = sample_surface(gt, 20_000, seed=1)
 
@@ -94,7 +95,9 @@ def test_mise_equals_dense_extraction_of_the_network(trained):
 def test_simplify_refine_and_network_normals(trained):
     model, xray, _ = trained
     base = reconstruct(model, [xray], resolution=64)
-    small = reconstruct(model, [xray], resolution=64, faces=len(base.mesh.faces) // 4)
+    # the raw surface: quadric collapse to a quarter pinches this tiny model's thin specks into non-manifold
+    # edges that no retry keeps watertight (reconstruct then says so and names --no-watertight)
+    small = reconstruct(model, [xray], resolution=64, faces=len(base.mesh.faces) // 4, watertight=False)
     assert len(small.mesh.faces) <= 0.3 * len(base.mesh.faces)
     field = OccupancyField(model, [xray], torch.device("cpu"))
     level = np.log(0.2 / 0.8)

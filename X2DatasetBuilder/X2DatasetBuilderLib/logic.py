@@ -53,6 +53,7 @@ _CLI_OPTIONS = {
     "variants": "--variants",
     "seed": "--seed",
     "preset": "--preset",
+    "xray_realism": "--xray-realism",  # on|off
 }
 
 
@@ -73,7 +74,9 @@ def config_to_cli_args(config) -> list[str]:
         opt = _CLI_OPTIONS.get(key)
         if opt is None:
             raise ValueError(f"build setting {key!r} = {value!r} has no x2recon build-dataset option")
-        if isinstance(value, bool):
+        if key == "xray_realism":
+            args.append(f"{opt}={'on' if value else 'off'}")
+        elif isinstance(value, bool):
             if value:  # only the "off" flag exists (--no-clahe); True is the default
                 raise ValueError(f"build setting {key!r} cannot be switched on from the command line")
             args.append(opt)

@@ -154,6 +154,28 @@ def refine_vertices(field: OccupancyField, verts: np.ndarray, threshold: float, 
     return np.clip(v, -0.5, 0.5)
 
 
+def _simplified(mesh: trimesh.Trimesh, faces: int, watertight: bool) -> trimesh.Trimesh:
+    """``mesh`` simplified to about ``faces`` triangles (pyfqmr's quadric edge collapse).  Aggressive
+    collapsing can pinch a thin bone into an edge shared by four faces: when a watertight surface is
+    asked for, gentler settings are tried before the watertight check names the problem."""
+    import pyfqmr
+
+    out = mesh
+    for aggressiveness in ((7, 5, 3) if watertight else (7,)):
+        s = pyfqmr.Simplify()
+        s.setMesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32))
+        s.simplify_mesh(target_count=faces, aggressiveness=aggressiveness, preserve_border=True, verbose=False)
+        v, f, _ = s.getMesh()
+        out = trimesh.Trimesh(v, f, process=True)
+        if not watertight:
+            return out
+        try:
+            return ensure_watertight(out, "the simplified reconstruction")
+        except MeshError:
+            continue
+    return out
+
+
 def _checked_watertight(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     """``mesh`` closed and manifold (small repairs by ``ensure_watertight``), or an error saying so."""
     try:
@@ -210,13 +232,7 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
         mesh = trimesh.Trimesh(v, mesh.faces, process=False)
     if faces and len(mesh.faces) > faces:
         report(0.9, f"simplifying to {faces} triangles")
-        import pyfqmr
-
-        s = pyfqmr.Simplify()
-        s.setMesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32))
-        s.simplify_mesh(target_count=int(faces), aggressiveness=7, preserve_border=True, verbose=False)
-        v, f, _ = s.getMesh()
-        mesh = trimesh.Trimesh(v, f, process=True)
+        mesh = _simplified(mesh, int(faces), watertight)
     if watertight:
         mesh = _checked_watertight(mesh)
     if network_normals:

@@ -69,7 +69,7 @@ def cmd_train_spider(a) -> int:
 
 
 def add_spider_train_parser(tsub) -> None:
-    """``x2recon train spider`` (added to ``train``'s networks by ``cli_x2b.add_train_parser``)."""
+    """``x2recon train spider`` (added to ``train``'s networks by ``cli.train``)."""
     p = tsub.add_parser("spider", help="two X-rays → CT + segmentation (SPIDER)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Train SPIDER on a dataset's frontal + lateral DRRs and SPIDER targets "

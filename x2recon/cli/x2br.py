@@ -73,7 +73,7 @@ def cmd_train_detector(a) -> int:
 
 
 def add_detector_train_parser(tsub) -> None:
-    """``x2recon train detector`` (added to ``cli_x2b``'s ``train`` sub-commands)."""
+    """``x2recon train detector`` (added to ``train``'s networks by ``cli.train``)."""
     from ..x2br.detection.yolo import CLASS_MODES, DEFAULT_MODEL, YOLOV9_MODELS
 
     p = tsub.add_parser("detector", help="YOLOv9 bone detector on the dataset's DRRs and boxes (X2BR §3.2)",

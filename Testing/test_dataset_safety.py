@@ -120,6 +120,7 @@ HOLD_LOCK = textwrap.dedent("""
     from x2recon.dataset.lock import dataset_lock
     with dataset_lock(sys.argv[1]):
         print("locked", flush=True)
+        sys.stdin.readline()  # held until the test says so (no race with slow process start-ups)
         time.sleep(float(sys.argv[2]))
 """)
 
@@ -127,7 +128,8 @@ HOLD_LOCK = textwrap.dedent("""
 def test_a_second_writer_refuses_naming_the_holder_or_waits(tmp_path, shared_data):
     out = tmp_path / "ds"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "6"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "8"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         ct = shared_data / "lumbar_crop_verse"  # fails fast (too thin): only the locking matters here
@@ -136,9 +138,10 @@ def test_a_second_writer_refuses_naming_the_holder_or_waits(tmp_path, shared_dat
         r = cli("manifest", out)
         assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr, r.stderr
         assert not (out / "status").exists() and not (out / "manifest.json").exists()
-        t0 = time.time()
+        holder.stdin.write("release in 8 s\n")
+        holder.stdin.flush()
         r = cli("build-dataset", "--ct", ct, "--out", out, "--wait", *TINY_ARGS)
-        assert time.time() - t0 > 2 and holder.poll() is not None, "the build did not wait for the holder"
+        assert holder.poll() is not None, "the build did not wait for the holder"
         assert "in use" not in r.stderr and (out / "status" / "lumbar_crop_verse.json").is_file(), r.stderr
     finally:
         holder.kill()

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from x2recon.slicer.mrml import (
+    metrics_table_values,
     GEOMETRY_ATTRIBUTE,
     drr_to_volume_node,
     segment_ids,
@@ -558,12 +559,7 @@ class SpiderCTLogic:
         table_node.Modified()
         return table_node
 
-    @staticmethod
-    def table_values(table_node) -> dict[str, float]:
-        """``label → value`` of a metrics table (what the panel and the tests read)."""
-        t = table_node.GetTable()
-        labels, values = t.GetColumnByName("Metric"), t.GetColumnByName("Value")
-        return {labels.GetValue(i): values.GetValue(i) for i in range(t.GetNumberOfRows())}
+    table_values = staticmethod(metrics_table_values)
 
 
 def segment_class(segment) -> str:

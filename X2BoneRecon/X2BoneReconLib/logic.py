@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from x2recon.slicer.mrml import (  # structure_color: shared with SpiderCT, re-exported here
+    metrics_table_values,
     BONE_COLOR,
     GEOMETRY_ATTRIBUTE,
     mesh_to_model_node,
@@ -487,12 +488,7 @@ class X2BoneReconLogic:
         table_node.Modified()
         return table_node
 
-    @staticmethod
-    def table_values(table_node) -> dict[str, float]:
-        """``label → value`` of a metrics table (what the panel and the tests read)."""
-        t = table_node.GetTable()
-        labels, values = t.GetColumnByName("Metric"), t.GetColumnByName("Value")
-        return {labels.GetValue(i): values.GetValue(i) for i in range(t.GetNumberOfRows())}
+    table_values = staticmethod(metrics_table_values)
 
     # ------------------------------------------------------------------ heat map
     def distance_color_node(self):

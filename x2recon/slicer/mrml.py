@@ -47,6 +47,13 @@ def structure_color(name: str) -> tuple[float, float, float]:
     return colorsys.hsv_to_rgb((zlib.crc32(name.encode()) % 360) / 360.0, 0.6, 0.9)
 
 
+def metrics_table_values(table_node) -> dict[str, float]:
+    """``label → value`` of a metrics table node with "Metric" and "Value" columns (the panels' and tests' reader)."""
+    t = table_node.GetTable()
+    labels, values = t.GetColumnByName("Metric"), t.GetColumnByName("Value")
+    return {labels.GetValue(i): values.GetValue(i) for i in range(t.GetNumberOfRows())}
+
+
 def lps_ras_points(points) -> np.ndarray:
     """LPS ↔ RAS for points of shape (..., 3): negate x and y (its own inverse)."""
     p = np.array(points, dtype=float, copy=True)

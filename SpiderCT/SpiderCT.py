@@ -57,7 +57,7 @@ class SpiderCT(ScriptedLoadableModule):
             "(vertebrae by region, ribs, …) from a frontal and a lateral X-ray with a SPIDER model.<br>"
             "<b>Reconstruct</b>: choose the frontal (PA or AP, as the model) and lateral X-ray volume nodes — DRRs "
             "from X2DatasetBuilder carry their geometry; other radiographs get the model's training geometry — and "
-            "the model file (.safetensors). For research, choose <i>CT (render DRRs)</i>: the module renders the "
+            "the model file (.safetensors; it starts with the bundled SPIDER model). For research, choose <i>CT (render DRRs)</i>: the module renders the "
             "model's two DRRs from a CT node with the dataset builder's renderer (the isocentre from the CT's "
             "labels when given) and reconstructs from them. The CT appears in the slice views with a CT window and "
             "in volume rendering, the segmentation with 3D surfaces, both on the model's reconstruction box "

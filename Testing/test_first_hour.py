@@ -231,8 +231,10 @@ def test_evaluate_writes_its_csv_in_the_working_directory(clone_only_demo, tmp_p
                                   ["evaluate", "--data", "ds", "--model", "demo"],
                                   ["demo", "--model", "demo"], ["info", "demo"]])
 def test_model_demo_names_the_bundled_model(argv, tmp_path, monkeypatch):
+    from x2recon.resources import bundled
+
     monkeypatch.chdir(tmp_path)
-    assert build_parser().parse_args(argv).model == str(bundled_model())
+    assert build_parser().parse_args(argv).model == str(bundled("demo"))  # other aliases: test_bundled_assets.py
     (tmp_path / "demo").write_text("a file of that name wins")
     assert build_parser().parse_args(argv).model == "demo"
 

@@ -119,6 +119,14 @@ def scene():
 
 
 @pytest.fixture
+def no_bundled(tmp_path, monkeypatch):
+    """An installation without bundled models: empty paths then mean 'choose one'."""
+    import x2recon.resources.registry as registry
+
+    monkeypatch.setattr(registry, "MODELS_DIR", tmp_path / "no_models")
+
+
+@pytest.fixture
 def logic(scene):
     return X2BoneReconLogic(scene)
 
@@ -219,7 +227,7 @@ def test_x2b2_takes_the_frontal_and_the_lateral_view(logic, scene, drr, lateral_
 
 
 # -------------------------------------------------------------------------------------- errors
-def test_bad_inputs_name_the_problem(logic, scene, drr, lateral_drr, checkpoints, tmp_path):
+def test_bad_inputs_name_the_problem(logic, scene, drr, lateral_drr, checkpoints, tmp_path, no_bundled):
     xnode = drr_to_volume_node(drr, scene, "chest AP")
     with pytest.raises(X2ReconInputError, match="missing.safetensors: model file not found"):
         logic.reconstruct(xnode, tmp_path / "missing.safetensors", resolution=32)
@@ -431,7 +439,7 @@ def test_compare_methods_puts_each_reconstruction_in_a_column(logic, scene, grou
     assert t.GetColumnByName("X2BR").GetValue(rows["IoU"]) == pytest.approx(expect, abs=0.03)
 
 
-def test_refine_command_needs_the_detector_and_templates(logic, scene, drr, checkpoints, tmp_path):
+def test_refine_command_needs_the_detector_and_templates(logic, scene, drr, checkpoints, tmp_path, no_bundled):
     node = drr_to_volume_node(drr, scene, "AP")
     with pytest.raises(X2ReconInputError, match="detector"):
         logic.reconstruct_command(node, checkpoints["x2b"], tmp_path, resolution=32, refine="template",
@@ -442,6 +450,36 @@ def test_refine_command_needs_the_detector_and_templates(logic, scene, drr, chec
     i = cmd.index("--refine")
     assert cmd[i:i + 8] == ["--refine", "template", "--detector", str(tmp_path / "det.pt"), "--templates",
                             str(tmp_path), "--registration", "cpd"]
+
+
+def test_empty_paths_mean_the_bundled_model_detector_and_templates(logic, scene, drr, checkpoints, tmp_path,
+                                                                  monkeypatch):
+    """The panel starts with the bundled files (``bundled_files``), and an empty path in the logic means
+    the bundled one; a chosen path wins.  The bundled folder is a stand-in in tmp_path."""
+    import shutil
+
+    import x2recon.resources.registry as registry
+    from x2recon.resources import DEFAULT_BONE_MODEL
+
+    models = tmp_path / "models"
+    (models / "templates").mkdir(parents=True)
+    monkeypatch.setattr(registry, "MODELS_DIR", models)
+    assert X2BoneReconLogic.bundled_files() == {}
+    model = shutil.copyfile(checkpoints["x2b"], models / registry.ASSETS[DEFAULT_BONE_MODEL].file)
+    (models / "detector.safetensors").write_bytes(b"stand-in")
+    (models / "templates" / "library.json").write_text("{}")
+    assert X2BoneReconLogic.bundled_files() == {"modelPath": model, "detectorPath": models / "detector.safetensors",
+                                                "templatesPath": models / "templates"}
+    node = drr_to_volume_node(drr, scene, "AP")
+    cmd, _ = logic.reconstruct_command(node, ".", tmp_path / "a", resolution=32, refine="template")
+    assert cmd[cmd.index("--model") + 1] == str(model)
+    assert cmd[cmd.index("--detector") + 1] == str(models / "detector.safetensors")
+    assert cmd[cmd.index("--templates") + 1] == str(models / "templates")
+    (tmp_path / "det.pt").write_bytes(b"x")
+    cmd, _ = logic.reconstruct_command(node, checkpoints["x2b"], tmp_path / "b", resolution=32, refine="template",
+                                       detector=tmp_path / "det.pt")
+    assert cmd[cmd.index("--model") + 1] == str(checkpoints["x2b"])
+    assert cmd[cmd.index("--detector") + 1] == str(tmp_path / "det.pt")
 
 
 def test_the_panel_says_how_an_xray_was_placed_and_draws_the_box(logic, scene, drr, checkpoints, tmp_path):

@@ -185,7 +185,29 @@ def test_radiograph_without_geometry_gets_the_models_training_geometry(logic, sc
     assert ProjectionGeometry.from_json(job.lateral.with_suffix(".json")) == xs[1].geometry
 
 
-def test_missing_or_wrong_inputs_name_the_problem(logic, scene, case, checkpoints, tmp_path):
+def test_an_empty_model_path_means_the_bundled_spider_model(logic, scene, case, checkpoints, tmp_path, monkeypatch):
+    """The panel starts with the bundled SPIDER model (``bundled_files``) and an empty path in the logic
+    means it; a chosen path wins.  The bundled folder is a stand-in in tmp_path."""
+    import shutil
+
+    import x2recon.resources.registry as registry
+
+    monkeypatch.setattr(registry, "MODELS_DIR", tmp_path / "models")
+    assert SpiderCTLogic.bundled_files() == {}
+    (tmp_path / "models").mkdir()
+    model = shutil.copyfile(checkpoints["spider"], tmp_path / "models" / "spider_skeleton.safetensors")
+    assert SpiderCTLogic.bundled_files() == {"modelPath": model}
+    ap, lat = xray_node(scene, case, "AP"), xray_node(scene, case, "LAT")
+    cmd, job = logic.reconstruct_command("", tmp_path / "a", ap, lat)
+    assert cmd[cmd.index("--model") + 1] == str(model) == job.model
+    cmd, job = logic.reconstruct_command(checkpoints["volume_only"], tmp_path / "b", ap, lat)
+    assert cmd[cmd.index("--model") + 1] == str(checkpoints["volume_only"])
+
+
+def test_missing_or_wrong_inputs_name_the_problem(logic, scene, case, checkpoints, tmp_path, monkeypatch):
+    import x2recon.resources.registry as registry
+
+    monkeypatch.setattr(registry, "MODELS_DIR", tmp_path / "no_models")  # no bundled SPIDER: '' means 'choose one'
     ap, lat = xray_node(scene, case, "AP"), xray_node(scene, case, "LAT")
     ck = checkpoints["spider"]
     with pytest.raises(X2ReconInputError, match="choose a SPIDER model file"):

@@ -75,8 +75,11 @@ def test_evaluate_scores_x2br_rows_with_ground_truth_boxes(tiny_x2b_model, tiny_
 
 
 def test_cli_refine_needs_its_inputs_and_says_when_nothing_is_detected(tiny_x2b_model, tiny_x2b_dataset, library,
-                                                                       tmp_path, capsys):
+                                                                       tmp_path, capsys, monkeypatch):
+    import x2recon.resources.registry as registry
     from x2recon.cli import main
+
+    monkeypatch.setattr(registry, "MODELS_DIR", tmp_path / "no_models")  # no bundled detector to fall back on
 
     png = tiny_x2b_dataset / "cases" / "chest_v02" / "images" / "AP_64.png"
     base = ["reconstruct", "--xray", str(png), "--model", str(tiny_x2b_model), "--out", str(tmp_path / "b.ply"),

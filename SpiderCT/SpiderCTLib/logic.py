@@ -115,12 +115,21 @@ class SpiderCTLogic:
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
+    def bundled_files() -> dict:
+        """``parameter -> path`` of the installed bundled files the panel starts with (the SPIDER
+        model), so *Reconstruct* works without training."""
+        from x2recon.slicer.bundled import panel_defaults
+
+        return panel_defaults("SpiderCT")
+
+    @staticmethod
     def model_config(model_path) -> dict:
         """The checkpoint's config (read without loading the weights); errors name the file."""
         from x2recon.nn.checkpoint import CheckpointError, read_config
 
         if model_path is None or str(model_path).strip() in ("", "."):
-            raise _input_error(None, "choose a SPIDER model file (.safetensors)")
+            raise _input_error(None, "choose a SPIDER model file (.safetensors); no SPIDER model is bundled in this "
+                                     "installation (x2recon/resources/models/spider_skeleton.safetensors)")
         cfg = read_config(model_path)
         if cfg.get("network") != "spider" or "model" not in cfg:
             raise CheckpointError(model_path, f"network {cfg.get('network')!r} is not a SPIDER model "
@@ -199,7 +208,11 @@ class SpiderCTLogic:
         otherwise ``frontal_node`` and ``lateral_node`` are the X-rays.  ``python``: the interpreter
         (Slicer's ``PythonSlicer``); ``chunk``: points per network evaluation (0: the CLI's default).
         The command prints ``X2RECON_PROGRESS <percent> <message>`` lines (``parse_progress_line``).
+        An empty ``model_path`` means the bundled SPIDER model (``x2recon.slicer.bundled``).
         """
+        from x2recon.slicer.bundled import or_bundled
+
+        model_path = or_bundled(model_path, "spider")
         cfg = self.model_config(model_path)
         self.check_settings(resolution, device, precision, chunk)
         out = Path(out_dir)

@@ -94,12 +94,20 @@ class X2BoneReconLogic:
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
+    def bundled_files() -> dict:
+        """``parameter -> path`` of the installed bundled files the panel starts with (bone model,
+        detector, template library), so *Reconstruct* works without training."""
+        from x2recon.slicer.bundled import panel_defaults
+
+        return panel_defaults("X2BoneRecon")
+
+    @staticmethod
     def model_config(model_path) -> dict:
         """The checkpoint's config (read without loading the weights); errors name the file."""
         from x2recon.nn.checkpoint import CheckpointError, read_config
 
         if model_path is None or str(model_path).strip() in ("", "."):
-            raise _input_error(None, "choose a model file (.safetensors)")
+            raise _input_error(None, "choose a model file (.safetensors); the bundled bone model is not installed")
         cfg = read_config(model_path)
         if cfg.get("network") not in ("x2b", "x2b2") or "model" not in cfg:
             raise CheckpointError(model_path, f"network {cfg.get('network')!r} is not an X2B/X2B2 bone model")
@@ -140,7 +148,12 @@ class X2BoneReconLogic:
 
         ``threshold``: occupancy τ (``None``: the model's, 0.2); ``progress(fraction, message)`` and
         ``cancel() -> bool`` are passed to ``x2recon.x2b.reconstruct`` (cancel raises ``CancelledError``).
+        An empty ``model_path`` means the bundled bone model.
         """
+        from x2recon.resources import DEFAULT_BONE_MODEL
+        from x2recon.slicer.bundled import or_bundled
+
+        model_path = or_bundled(model_path, DEFAULT_BONE_MODEL)
         cfg = self.model_config(model_path)
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
         self.placements = [x.placement for x in xrays]
@@ -181,10 +194,16 @@ class X2BoneReconLogic:
         ``python`` is the interpreter (Slicer's ``PythonSlicer``); the command prints progress lines
         (``parse_progress_line``); ``load_reconstruction`` adds its result to the scene.
         ``refine="template"``: X2BR with the ``detector`` weights and the ``templates`` library
-        (``registration``: gbcpd, bcpd or cpd); ``load_x2br`` then adds its results.
+        (``registration``: gbcpd, bcpd or cpd); ``load_x2br`` then adds its results.  An empty model,
+        detector or template path means the bundled one (``x2recon.slicer.bundled``).
         """
         from x2recon.io.image import write_png16
+        from x2recon.resources import DEFAULT_BONE_MODEL
+        from x2recon.slicer.bundled import or_bundled
 
+        model_path = or_bundled(model_path, DEFAULT_BONE_MODEL)
+        if refine == "template":
+            detector, templates = or_bundled(detector, "detector"), or_bundled(templates, "templates")
         cfg = self.model_config(model_path)
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
         self.placements = [x.placement for x in xrays]

@@ -130,6 +130,7 @@ def cmd_spider(a) -> int:
 
     if a.resolution < 2:
         raise X2ReconInputError("--resolution", f"must be at least 2, got {a.resolution}")
+    print(f"model: {a.model}")  # the bundled one unless --model was given: never silent
     if a.from_ct:
         _render_pair_from_ct(a)
     dev = resolve_device(a.device)
@@ -187,9 +188,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--pa", required=True, help="frontal X-ray (the model's first view, PA or AP); with --from-ct, "
                                                "where the rendered one is written")
     p.add_argument("--lat", required=True, help="lateral X-ray (with --from-ct: written)")
-    p.add_argument("--model", required=True, type=model_arg,
-                   help="SPIDER checkpoint (.safetensors); no SPIDER model is bundled ('demo' names the X2B demo "
-                        "model, which 'reconstruct' uses)")
+    p.add_argument("--model", default="spider", type=model_arg,
+                   help="SPIDER checkpoint (.safetensors); default 'spider': the bundled SPIDER model "
+                        "(x2recon/resources/models/spider_skeleton.safetensors, skeleton labels, trained on the shared "
+                        "patients, not clinical; x2recon info spider prints its card)")
     p.add_argument("--out", required=True, type=output_file, help="CT volume file (.nii.gz, .nrrd, .mha)")
     p.add_argument("--labels", type=output_file, help="labelmap file; a <name>.labels.json with the class names is written beside it")
     p.add_argument("--resolution", type=positive_int, default=128, help="voxels per edge of the box")

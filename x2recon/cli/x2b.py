@@ -11,7 +11,7 @@ from ..resources import model_arg
 from .common import (device, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
                      positive_float, positive_int, probability)
 from .common import ProgressLines, add_preset_option, add_training_run_options, apply_preset, preset_help, views
-from .x2br import need_x2br_inputs, write_x2br
+from .x2br import bundled_x2br_inputs, need_x2br_inputs, write_x2br
 
 #: ``train x2b|x2b2`` options a preset sets.  Paper (X2BR §3.1, §3.3, §3.4, §4.3): ConvNeXt-B (1024-d latent)
 #: on 224² DRRs, no pixel-aligned or Fourier features (ONet's raw coordinates), Adam lr 1e-4 (PyTorch's
@@ -132,6 +132,8 @@ def cmd_reconstruct(a) -> int:
         if x.placement is not None and (x.placement.assumed or not a.quiet):
             print(f"{Path(path).name}: {x.placement.text()}")
     if a.refine == "template":
+        for line in bundled_x2br_inputs(a):  # which detector and templates, never silent
+            print(line)
         need_x2br_inputs(a)
     model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
     prog = ProgressLines(a.progress_lines, a.quiet)
@@ -174,8 +176,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--xray", required=True, help="the (frontal) X-ray")
     p.add_argument("--lateral", help="the lateral X-ray (X2B2 models)")
     p.add_argument("--model", required=True, type=model_arg,
-                   help="checkpoint (.safetensors), or 'demo': the bundled X2B demo model "
-                        "(x2recon/resources/models/x2b_demo.safetensors; trained on one patient, not clinical)")
+                   help="checkpoint (.safetensors), or a bundled X2B model (not clinical; x2recon info --bundled): "
+                        "'demo' (x2recon/resources/models/x2b_demo.safetensors, trained on one patient) or 'skeleton' "
+                        "(x2b_skeleton.safetensors, the whole skeleton, trained on every shared patient)")
     p.add_argument("--out", required=True, type=output_file, help="mesh file: .stl, .ply, .obj, .off or .vtk")
     p.add_argument("--view", default="AP", help="view of --xray when it has no geometry file: AP, PA, LAT or degrees")
     p.add_argument("--lateral-view", default="LAT", help="view of --lateral when it has no geometry file: LAT or degrees")
@@ -193,9 +196,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--network-normals", action="store_true", help="vertex normals from the network's gradient")
     p.add_argument("--refine", choices=["none", "template"], default="none",
                    help="template: X2BR — detect vertebrae/ribs, assemble their templates, register them onto the "
-                        "X2B shape (needs --detector and --templates)")
-    p.add_argument("--detector", help="detector weights (x2recon train detector)")
-    p.add_argument("--templates", help="template library folder (x2recon template build)")
+                        "X2B shape (with --detector and --templates, by default the bundled ones)")
+    p.add_argument("--detector", help="detector weights (x2recon train detector); default: the bundled detector, "
+                                      "x2recon/resources/models/detector.safetensors")
+    p.add_argument("--templates", help="template library folder (x2recon template build); default: the bundled "
+                                       "library, x2recon/resources/models/templates")
     p.add_argument("--registration", default="gbcpd", choices=["gbcpd", "bcpd", "cpd"],
                    help="template registration (X2BR: GBCPD++; CPD is the paper's baseline)")
     p.add_argument("--conf", type=probability, default=0.25, help="detection confidence threshold, 0–1")

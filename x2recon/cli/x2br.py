@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..resources.registry import detector_arg
 from .common import (ProgressLines, non_negative_int, output_dir, output_file, positive_int, probability)
 
 
@@ -28,6 +29,21 @@ def need_x2br_inputs(a, allow_ground_truth: bool = False) -> None:
             continue
         if not Path(getattr(a, flag)).exists():
             raise X2ReconInputError(getattr(a, flag), f"--{flag} not found")
+
+
+def bundled_x2br_inputs(a) -> list[str]:
+    """``reconstruct --refine template``: an unset --detector or --templates becomes the bundled one
+    (``x2recon/resources/models``; missing → an error naming the file and the flag that replaces it).
+    Returns one line per input saying which file is used and whether it is the bundled one."""
+    from ..resources import bundled
+
+    said = []
+    for flag in ("detector", "templates"):
+        given = getattr(a, flag)
+        if not given:
+            setattr(a, flag, str(bundled(flag)))
+        said.append(f"--{flag}: {getattr(a, flag)}{'' if given else ' (bundled)'}")
+    return said
 
 
 def write_x2br(res, a, rec, xray) -> None:
@@ -164,6 +180,7 @@ def cmd_detect(a) -> int:
     from ..io.xray import read_xray
 
     x = read_xray(a.xray, view=a.view, geometry=a.geometry)
+    print(f"detector: {a.detector}")
     det = Detector(a.detector, device=a.device, imgsz=a.imgsz or None, config_dir=a.config_dir)
     dets = det.detect(x.image, conf=a.conf, iou=a.iou)
     out = Path(a.out) if a.out else Path(a.xray).with_name(Path(a.xray).name.split(".")[0] + "_boxes.json")
@@ -183,7 +200,9 @@ def add_detect_parser(sub) -> None:
                                    "JSON, DICOM, 2D NIfTI/NRRD). Boxes are in the X-ray's own pixels (col, row; pixel "
                                    "centres at integers), written as JSON.")
     p.add_argument("xray", help="the X-ray")
-    p.add_argument("--detector", required=True, help="RUN/detector.safetensors (or an ultralytics .pt of your own)")
+    p.add_argument("--detector", default="detector", type=detector_arg,
+                   help="RUN/detector.safetensors (or an ultralytics .pt of your own); default 'detector': the bundled "
+                        "one, x2recon/resources/models/detector.safetensors")
     p.add_argument("--out", type=output_file, help="boxes JSON (default: <xray stem>_boxes.json beside the X-ray)")
     p.add_argument("--conf", type=probability, default=0.25, help="confidence threshold, 0–1")
     p.add_argument("--iou", type=probability, default=0.7, help="NMS IoU threshold, 0–1")

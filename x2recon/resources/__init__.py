@@ -1,26 +1,20 @@
-"""Data shipped inside the package: the demo model (``models/x2b_demo.safetensors``), the sample CT
-(``sample/``, see its README for licence and attribution) and TotalSegmentator's label table."""
+"""Data shipped inside the package: the bundled models (``models/``: X2B demo and skeleton models, a
+SPIDER model, X2BR's detector and template library, their cards; the registry is ``registry``), the sample
+CT (``sample/``, see its README for licence and attribution) and TotalSegmentator's label table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .registry import (ASSETS, DEFAULT_BONE_MODEL, MODEL_ALIASES, asset_arg, bundled, bundled_or_none, card,  # noqa: F401
+                      cards, listing, model_arg)
+
 #: What ``--model`` accepts for the bundled demo model.
 DEMO_ALIAS = "demo"
-DEMO_MODEL = "x2b_demo.safetensors"
+DEMO_MODEL = ASSETS[DEMO_ALIAS].file
 
 
 def bundled_model() -> Path:
-    """Path of the bundled X2B demo model (a demo trained on one patient's CT, not a clinical model)."""
-    from ..errors import X2ReconInputError
-
-    p = Path(__file__).resolve().parent / "models" / DEMO_MODEL
-    if not p.is_file():
-        raise X2ReconInputError(p, "the bundled demo model is missing from this installation")
-    return p
-
-
-def model_arg(value: str) -> str:
-    """A ``--model`` value: ``demo`` → the bundled demo model's path (unless a file of that name is
-    in the working directory), anything else unchanged."""
-    return str(bundled_model()) if value == DEMO_ALIAS and not Path(value).exists() else value
+    """Path of the bundled bone model ``x2recon demo`` and the X2BoneRecon panel use by default
+    (``DEFAULT_BONE_MODEL``); not a clinical model."""
+    return bundled(DEFAULT_BONE_MODEL)

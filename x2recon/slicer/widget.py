@@ -67,7 +67,10 @@ class PanelWidget:
         """Bind the module's singleton parameter node to the widgets (made on first use)."""
         import slicer
 
-        if self.parameterNodeClass is None or self._parameterNode is not None:
+        if self.parameterNodeClass is None:  # no saved settings: the fields still start with the bundled files
+            self.prefillBundled()
+            return
+        if self._parameterNode is not None:
             return
         node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
         if node is None:
@@ -76,10 +79,21 @@ class PanelWidget:
         self._parameterNode = self.parameterNodeClass(node)
         self.defaultParameters(self._parameterNode)
         self._parameterNode.connectGui(self.ui)
+        self.prefillBundled()
         self.updateGui()
 
     def defaultParameters(self, parameters) -> None:
         """Fill unset parameters from the scene (e.g. the first suitable input node)."""
+
+    def prefillBundled(self) -> None:
+        """Empty model/detector/template fields start with the bundled files (``x2recon.slicer.bundled``),
+        so *Reconstruct* works without training; a bound parameter node follows its widget."""
+        from .bundled import panel_defaults
+
+        for name, path in panel_defaults(self.moduleName).items():
+            edit = getattr(self.ui, f"{name}LineEdit")
+            if not self.chosenFile(edit):
+                edit.currentPath = str(path)
 
     def onSceneStartClose(self, caller, event):
         if self.cancelOnSceneClose:

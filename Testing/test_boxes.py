@@ -1,6 +1,6 @@
 """Box labels from geometry: containment, tightness, clipping, classes and YOLO/ultralytics files.
 
-References are independent of the module's shortcuts (boundary voxels, shared corner lattice):
+References are independent of the module's shortcuts (run-end corners shared by views, boundary voxels):
 brute force over *all* voxels and their 8 corners, and an analytic parallel-beam case.
 """
 
@@ -12,7 +12,10 @@ from x2recon.drr.boxes import (
     GROUP_CLASSES,
     Box,
     class_names,
+    _extents_per_voxel,
     class_of,
+    label_corners,
+    projected_extents,
     read_yolo_labels,
     structure_boxes,
     write_dataset_yaml,
@@ -55,6 +58,22 @@ def test_boxes_contain_every_voxel_and_touch_the_corner_extent(chest, view, kind
         assert (centres[:, 1] >= b.y0).all() and (centres[:, 1] <= b.y1).all(), b.name
         # tight: each side is where the projected voxel corners reach (well within a pixel)
         np.testing.assert_allclose([b.x0, b.y0, b.x1, b.y1], ref, atol=1e-6, err_msg=b.name)
+
+
+def test_corners_shared_by_views_agree_with_the_voxel_by_voxel_extents(chest):
+    seg, names, iso = chest
+    corners = label_corners(seg, list(names))
+    for view in ("AP", "LAT"):
+        g = ProjectionGeometry.from_view(view, iso, size=(256, 256))
+        assert structure_boxes(seg, names, g, corners) == structure_boxes(seg, names, g)
+        fast, slow = projected_extents(seg, list(names), g, corners), _extents_per_voxel(seg, list(names), g)
+        assert sorted(fast) == sorted(slow) == sorted(names)
+        for k in names:
+            np.testing.assert_allclose(fast[k][0], slow[k][0], rtol=0, atol=1e-9)
+            assert fast[k][1] is slow[k][1] is False
+    other = Volume(np.asarray(seg.array)[:, :, 1:], seg.spacing, seg.origin, seg.direction)
+    with pytest.raises(ValueError, match="corners were computed"):
+        structure_boxes(other, names, g, corners)
 
 
 def test_analytic_parallel_box():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from x2recon.drr.display import to_display, to_uint16
-from x2recon.drr.render import DRRImage, area_matrix, read_drr, render_drr, write_drr
+from x2recon.drr.render import DRRImage, area_matrix, attenuation, read_drr, render_drr, write_drr
 from x2recon.drr.siddon import line_integrals
 from x2recon.errors import CancelledError, X2ReconInputError
 from x2recon.geometry import ProjectionGeometry
@@ -403,6 +403,25 @@ def test_real_ct_radiograph_spine_brighter_than_lungs(chest_half, tmp_path):
     assert small.display.shape == (32, 32) and small.mapping["resized_from"] == [128, 128]
     write_drr(small, tmp_path, "PA_32")
     assert read_drr(tmp_path, "PA_32").geometry == g.resized(32)
+
+
+def test_attenuation_shared_by_views_gives_the_same_drrs():
+    """μ computed once (``attenuation``) and reused for several views renders what a fresh render does;
+    one computed for another CT or other references is refused."""
+    rng = np.random.default_rng(3)
+    ct = Volume(rng.integers(-1100, 1500, (12, 10, 8)).astype(np.int16), (4.0, 3.0, 2.5), (-14.0, -18.0, -22.0),
+                rotation([1, 2, 3], 20))
+    att = attenuation(ct, "cpu")
+    for view in ("AP", "LAT", 30.0):
+        g = ProjectionGeometry.from_view(view, (0.0, 0.0, 0.0), size=(24, 20))
+        a, b = render_drr(ct, g, device="cpu"), render_drr(ct, g, device="cpu", attenuation=att)
+        np.testing.assert_array_equal(a.line_integral, b.line_integral)
+        assert (a.display == b.display).all() and a.line_integral.max() > 0
+    other = Volume(np.zeros((12, 10, 9), np.int16), (4.0, 3.0, 2.5), (-14.0, -18.0, -22.0), np.eye(3))
+    with pytest.raises(ValueError, match="attenuation was computed"):
+        render_drr(other, g, device="cpu", attenuation=att)
+    with pytest.raises(ValueError, match="mu_water"):
+        render_drr(ct, g, device="cpu", attenuation=att, mu_water=0.02)
 
 
 # --------------------------------------------------------------------------- metadata names the path taken

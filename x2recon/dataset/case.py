@@ -452,13 +452,17 @@ def _stage_occupancy(c: _Case, *_) -> None:
 
 
 def _stage_drr(c: _Case, *_) -> None:
-    """4. per view: the DRR (full size and the X2B input size) and its box labels."""
-    from ..drr.boxes import class_names, structure_boxes, write_yolo_labels
-    from ..drr.render import render_drr, write_drr
+    """4. per view: the DRR (full size and the X2B input size) and its box labels.
+
+    HU → μ and the segmentation's box corners are computed once for all views (when one is due).
+    """
+    from ..drr.boxes import class_names, label_corners, structure_boxes, write_yolo_labels
+    from ..drr.render import attenuation, render_drr, write_drr
 
     img_dir, lbl_dir = c.work / "images", c.work / "labels"
     classes = class_names("groups", c.cfg.structures)
     views = c.cfg.view_names()
+    att = corners = None
     for i, view in enumerate(views):
         stage = f"drr_{view}"
         if c.stages.finished(stage):
@@ -471,14 +475,17 @@ def _stage_drr(c: _Case, *_) -> None:
 
             realism = sample_params(realism_seed(c.cfg, c.inp.case_id, view), geom.size)
             geom = perturb_geometry(geom, realism)
-        img = render_drr(c.ct, geom, device=c.cfg.device, clahe=c.cfg.clahe, clahe_clip=c.cfg.clahe_clip)
+        att = att or attenuation(c.ct, c.cfg.device)
+        img = render_drr(c.ct, geom, device=c.cfg.device, clahe=c.cfg.clahe, clahe_clip=c.cfg.clahe_clip,
+                         attenuation=att)
         if realism is not None:
             from ..drr.realism import realistic_drr
 
             img = realistic_drr(img, realism, clahe=c.cfg.clahe, clahe_clip=c.cfg.clahe_clip)
         files = write_drr(img, img_dir, view)
         files += write_drr(img.resized(c.cfg.x2b_size), img_dir, f"{view}_{c.cfg.x2b_size}")
-        boxes = structure_boxes(c.seg, c.names, geom)
+        corners = corners or label_corners(c.seg, list(c.names))
+        boxes = structure_boxes(c.seg, c.names, geom, corners)
         write_yolo_labels(boxes, classes, geom, lbl_dir / f"{view}.txt")
         box_json = lbl_dir / f"{view}.json"
         atomic_write_text(box_json, json.dumps([b.to_dict() for b in boxes], indent=1))

@@ -9,7 +9,10 @@ Why only boundary voxels: the extreme of a projective map ``u(p) = (a·p + b)/(c
 union of voxel cubes lies on its surface (the gradient of ``u`` never vanishes in front of the
 source) and, on each face square, at a vertex (a projective map is monotone along segments).  The
 surface is made of faces of voxels with a 6-neighbour of another label, so the corners of those
-voxels give exactly the same box as all voxels, at a fraction of the cost.
+voxels give exactly the same box as all voxels, at a fraction of the cost.  Faster still, and what
+is used when every voxel lies in front of the source: the outer end corners of each run of one label
+along i (``label_corners``, computed once per labelmap and reused for every view); the corners of
+the voxels between them lie on segments joining them, so cannot project further out.
 
 Pixel coordinates are continuous ``(col, row)`` as in ``ProjectionGeometry``: the centre of pixel
 ``[r, c]`` is ``(c, r)``, so a ``W × H`` image spans ``[-½, W - ½] × [-½, H - ½]``; boxes are
@@ -84,9 +87,74 @@ def boundary_voxels(arr: np.ndarray) -> np.ndarray:
     return b & (arr != 0)
 
 
-def projected_extents(seg, labels, geometry) -> dict[int, tuple[np.ndarray, bool]]:
+@dataclass(frozen=True)
+class LabelCorners:
+    """Points whose projections bound each label's projection; computed once per labelmap and
+    projected for every view (a case's DRR stage projects one segmentation three times).
+
+    ``world`` (R, 8, 3): LPS mm of the 8 outer corners of each run's two end voxels (a run: the
+    voxels of one label between a change of label along i); runs grouped by label, ``labels`` (L,)
+    and ``starts`` (L,) give each group's label and first run; ``shape``: the labelmap's [k, j, i].
+    """
+
+    world: np.ndarray
+    labels: np.ndarray
+    starts: np.ndarray
+    shape: tuple
+
+
+def label_corners(seg, labels) -> LabelCorners:
+    """:class:`LabelCorners` of the labels in ``labels`` that have voxels in ``seg``.
+
+    Why run ends suffice: every corner of a voxel inside a run lies on a segment between the end
+    corners of the run (same j, k), so it is a convex combination of them, and a projective map with
+    positive depth over a segment is monotone: its extremes are at the run's end corners.
+    """
+    arr = np.asarray(seg.array)
+    wanted = np.zeros(max(int(arr.max()), max(labels, default=0)) + 1, bool)
+    wanted[[k for k in labels if k > 0]] = True
+    keep = wanted[arr]
+    first, last = keep.copy(), keep  # run starts / ends along i
+    first[..., 1:] &= arr[..., 1:] != arr[..., :-1]
+    last[..., :-1] &= arr[..., :-1] != arr[..., 1:]
+    k, j, i0 = np.nonzero(first)  # C order: start r and end r belong to the same run
+    i1 = np.nonzero(last)[2]
+    lab = arr[k, j, i0]
+    order = np.argsort(lab, kind="stable")
+    k, j, i0, i1, lab = k[order], j[order], i0[order], i1[order], lab[order]
+    s = _CORNER_STEPS  # (dk, dj, di): di = 0 → the run's low-i face, 1 → its high-i face
+    ijk = np.stack([np.where(s[:, 2] == 0, i0[:, None] - 0.5, i1[:, None] + 0.5),
+                    j[:, None] - 0.5 + s[:, 1], k[:, None] - 0.5 + s[:, 0]], axis=-1)  # (R, 8, 3)
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(lab) else np.zeros(0, np.int64)
+    return LabelCorners(seg.index_to_world(ijk), lab[starts], starts, arr.shape)
+
+
+def projected_extents(seg, labels, geometry, corners: LabelCorners | None = None) -> dict[int, tuple[np.ndarray, bool]]:
     """Unclipped ``(x0, y0, x1, y1)`` of every label in ``labels`` that has voxels, and whether any
     of its voxels lies behind the source (cone beam; such voxels are not imaged and left out).
+
+    ``corners``: ``label_corners(seg, labels)`` computed before, to project one labelmap for several
+    geometries.  When a corner lies behind the source this falls back to the voxel-by-voxel
+    computation (depth is affine, so if no run-end corner is behind, no voxel corner is).
+    """
+    lc = label_corners(seg, labels) if corners is None else corners
+    if lc.shape != np.shape(seg.array):
+        raise ValueError(f"corners were computed for a {lc.shape} labelmap, not {np.shape(seg.array)}")
+    if len(lc.labels) == 0:
+        return {}
+    pts = lc.world.reshape(-1, 3)
+    if geometry.kind == "cone" and not np.all(geometry.depth(pts) > 1e-6):
+        return _extents_per_voxel(seg, labels, geometry)
+    uv = geometry.project(pts).reshape(-1, 8, 2)
+    lo = np.minimum.reduceat(uv.min(axis=1), lc.starts, axis=0)
+    hi = np.maximum.reduceat(uv.max(axis=1), lc.starts, axis=0)
+    wanted = {int(x) for x in labels}
+    return {int(k): (np.r_[l, h], False) for k, l, h in zip(lc.labels, lo, hi) if int(k) in wanted}
+
+
+def _extents_per_voxel(seg, labels, geometry) -> dict[int, tuple[np.ndarray, bool]]:
+    """:func:`projected_extents` voxel by voxel: what it falls back to when a voxel corner lies behind
+    the source (such voxels are left out), and the reference its fast path is tested against.
 
     Corners shared by neighbouring voxels are projected once: each boundary voxel's 8 corners
     are points of the ``(nk+1, nj+1, ni+1)`` corner lattice, whose point ``(K, J, I)`` is at
@@ -129,16 +197,17 @@ def projected_extents(seg, labels, geometry) -> dict[int, tuple[np.ndarray, bool
     return out
 
 
-def structure_boxes(seg, names: dict[int, str], geometry) -> list[Box]:
+def structure_boxes(seg, names: dict[int, str], geometry, corners: LabelCorners | None = None) -> list[Box]:
     """Boxes of every structure of ``names`` (label k → name) seen by ``geometry``, sorted by k.
 
     Structures entirely outside the image (or absent from ``seg``) get no box; partly outside
-    ones are clipped and have ``visible_fraction < 1``.
+    ones are clipped and have ``visible_fraction < 1``.  ``corners``: ``label_corners(seg, names)``,
+    shared between the views of one labelmap.
     """
     w, h = geometry.size
     lo_x, lo_y, hi_x, hi_y = -0.5, -0.5, w - 0.5, h - 0.5
     boxes = []
-    for k, (e, behind) in sorted(projected_extents(seg, list(names), geometry).items()):
+    for k, (e, behind) in sorted(projected_extents(seg, list(names), geometry, corners).items()):
         x0, y0, x1, y1 = (float(x) for x in e)
         if x1 <= lo_x or y1 <= lo_y or x0 >= hi_x or y0 >= hi_y:
             continue

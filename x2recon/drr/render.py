@@ -73,6 +73,38 @@ def resolve_device(device: str) -> str:
     return str(device)
 
 
+@dataclass
+class Attenuation:
+    """μ (1/mm) of one CT on one device, computed once and shared by all the views rendered from it.
+
+    ``mu``: [k, j, i] float32; on CPU a view into ``padded``, the zero-padded flat copy the torch
+    tracer reads (``siddon.padded_flat``), so neither HU → μ nor the padding is redone per view.
+    """
+
+    mu: object  # torch.Tensor
+    padded: object | None  # torch.Tensor (CPU) or None
+    device: str
+    mu_water: float
+    mu_air: float
+
+
+def attenuation(ct: Volume, device: str = "auto", *, mu_water: float = MU_WATER, mu_air: float = MU_AIR) -> Attenuation:
+    """HU → μ of ``ct`` on ``device`` ("auto": CUDA when available), for ``render_drr(attenuation=…)``."""
+    import torch
+
+    dev = resolve_device(device)
+    hu = torch.from_numpy(np.ascontiguousarray(ct.array)).to(dev)  # transfer int16, convert there
+    mu = hu_to_mu(hu.float(), mu_water=mu_water, mu_air=mu_air)
+    del hu
+    padded = None
+    if mu.device.type == "cpu":
+        from .siddon import padded_flat
+
+        padded = padded_flat(mu)
+        mu = padded.view(*(n + 2 for n in mu.shape))[1:-1, 1:-1, 1:-1]
+    return Attenuation(mu, padded, dev, mu_water, mu_air)
+
+
 def render_drr(
     ct: Volume,
     geometry: ProjectionGeometry,
@@ -86,6 +118,7 @@ def render_drr(
     mu_air: float = MU_AIR,
     percentile: float = 99.9,
     backend: str = "auto",
+    attenuation: Attenuation | None = None,
 ) -> DRRImage:
     """Exact Siddon DRR of a CT in HU for one geometry, on CUDA (Triton kernel) or CPU (torch).
 
@@ -93,10 +126,9 @@ def render_drr(
     own affine (oblique directions are exact), then the display map (``display.py``).
     ``progress(fraction, message)`` and ``cancel() -> bool`` are polled while tracing on CPU.
     ``backend``: ``"auto"`` (Triton on CUDA when triton imports, else torch), ``"torch"`` or ``"triton"``;
-    the metadata's ``renderer`` names the path that actually traced the rays.
+    the metadata's ``renderer`` names the path that actually traced the rays.  ``attenuation``:
+    ``attenuation(ct, device, mu_water=…, mu_air=…)`` computed once for several views of ``ct``.
     """
-    import torch
-
     from .siddon import line_integrals, triton_available
 
     if not isinstance(ct, Volume):
@@ -105,12 +137,12 @@ def render_drr(
         raise TypeError(f"render_drr needs a ProjectionGeometry, got {type(geometry).__name__}")
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    hu = torch.from_numpy(np.ascontiguousarray(ct.array)).to(dev)  # transfer int16, convert there
-    mu = hu_to_mu(hu.float(), mu_water=mu_water, mu_air=mu_air)
-    del hu
+    att = _attenuation_for(ct, dev, mu_water, mu_air, attenuation)
+    mu = att.mu
     if backend == "auto":  # decided here, so the metadata names the path taken (CUDA without triton: torch)
         backend = "triton" if mu.is_cuda and triton_available() else "torch"
-    li = line_integrals(mu, ct.affine, geometry, progress=progress, cancel=cancel, backend=backend).cpu().numpy()
+    li = line_integrals(mu, ct.affine, geometry, progress=progress, cancel=cancel, backend=backend,
+                        padded=att.padded).cpu().numpy()
     seconds = time.perf_counter() - t0
     disp, mapping = to_display(li, percentile=percentile, clahe=clahe, clahe_clip=clahe_clip)
     mapping.update(
@@ -125,6 +157,20 @@ def render_drr(
     if progress is not None:
         progress(1.0, "DRR rendered")
     return DRRImage(li.astype(np.float32, copy=False), to_uint16(disp), geometry, mapping)
+
+
+def _attenuation_for(ct: Volume, dev: str, mu_water: float, mu_air: float, given: Attenuation | None) -> Attenuation:
+    """``given`` after checking that it fits ``ct`` and the settings, else a fresh one."""
+    if given is None:
+        return attenuation(ct, dev, mu_water=mu_water, mu_air=mu_air)
+    if not isinstance(given, Attenuation):
+        raise TypeError(f"attenuation must come from drr.render.attenuation(), got {type(given).__name__}")
+    if tuple(given.mu.shape) != tuple(np.shape(ct.array)) or given.device != dev or \
+            (given.mu_water, given.mu_air) != (mu_water, mu_air):
+        raise ValueError(f"attenuation was computed for a {tuple(given.mu.shape)} CT on {given.device} with "
+                         f"mu_water={given.mu_water}, mu_air={given.mu_air}; this call renders a "
+                         f"{tuple(np.shape(ct.array))} CT on {dev} with mu_water={mu_water}, mu_air={mu_air}")
+    return given
 
 
 def drr_paths(folder: str | Path, stem: str) -> tuple[Path, Path, Path]:

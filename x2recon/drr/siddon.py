@@ -181,6 +181,14 @@ def _trace_chunk(flat: torch.Tensor, state, out: torch.Tensor, sl: slice, stop: 
     out[pos] = acc
 
 
+def padded_flat(volume: torch.Tensor) -> torch.Tensor:
+    """``volume`` [k, j, i] as float32 with one zero voxel around it, flattened: what the tracer reads.
+
+    Computed once per volume when several geometries are traced through it (``trace_torch``'s ``padded``).
+    """
+    return torch.nn.functional.pad(volume.float(), (1, 1, 1, 1, 1, 1)).reshape(-1)
+
+
 def trace_torch(
     volume: torch.Tensor,
     rays: GridRays,
@@ -189,11 +197,19 @@ def trace_torch(
     threads: int | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact line integrals of ``rays`` through ``volume`` [k, j, i] with torch; (M,) float32."""
-    vol = volume.float()
+    """Exact line integrals of ``rays`` through ``volume`` [k, j, i] with torch; (M,) float32.
+
+    ``padded``: ``padded_flat(volume)`` computed before (e.g. once for all views of a CT).
+    """
+    vol = volume if padded is not None else volume.float()
     dev = vol.device
-    padded = torch.nn.functional.pad(vol, (1, 1, 1, 1, 1, 1)).reshape(-1)
+    if padded is None:
+        padded = padded_flat(vol)
+    elif padded.numel() != np.prod([n + 2 for n in vol.shape]) or padded.dtype != torch.float32:
+        raise ValueError(f"padded must be padded_flat(volume) for a {tuple(vol.shape)} volume, got "
+                         f"{padded.numel()} {padded.dtype} values")
     m = len(rays.pixel)
     out = torch.zeros(m, dtype=torch.float32, device=dev)
     if m == 0:
@@ -243,6 +259,7 @@ def line_integrals(
     backend: str = "auto",
     chunk: int = DEFAULT_CHUNK,
     threads: int | None = None,
+    padded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact line integrals (Σ value × mm) of ``volume`` [k, j, i] for every pixel of ``geometry``.
 
@@ -250,8 +267,8 @@ def line_integrals(
     volume there first (default: where it is).  ``backend``: ``"auto"`` (the Triton kernel for CUDA
     tensors when triton imports, torch otherwise), ``"torch"`` or ``"triton"`` (CUDA, or CPU
     tensors under ``TRITON_INTERPRET=1``).  ``progress(fraction, message)`` and ``cancel() -> bool``
-    are polled between chunks on the torch path.  Returns an ``(H, W)`` float32 tensor on the
-    volume's device.
+    are polled between chunks on the torch path.  ``padded``: ``padded_flat(volume)`` computed once for
+    several geometries (torch path).  Returns an ``(H, W)`` float32 tensor on the volume's device.
     """
     if not isinstance(volume, torch.Tensor) or volume.dim() != 3:
         raise ValueError(f"volume must be a 3D torch tensor [k, j, i], got {type(volume).__name__} "
@@ -275,7 +292,7 @@ def line_integrals(
             progress(1.0, "tracing rays")
         return out
     rays = rays_in_grid(affine, tuple(vol.shape), geometry)
-    vals = trace_torch(vol, rays, chunk=chunk, threads=threads, progress=progress, cancel=cancel)
+    vals = trace_torch(vol, rays, chunk=chunk, threads=threads, progress=progress, cancel=cancel, padded=padded)
     img = torch.zeros(h * w, dtype=torch.float32, device=vol.device)
     img[torch.from_numpy(rays.pixel).to(vol.device)] = vals
     return img.reshape(h, w)

@@ -338,6 +338,7 @@ class _Case:
     names: dict = field(default_factory=dict)
     iso: np.ndarray | None = None
     t_stage: dict = field(default_factory=dict)
+    cpu_stage: dict = field(default_factory=dict)  # CPU seconds of this process (all threads) per stage
 
     def geometry(self, view: str):
         return self.cfg.geometry(view, self.iso)
@@ -359,9 +360,10 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
         cfg = BuildConfig.from_dict({**config.to_dict(), "label_convention": inp.label_convention})
     c = _Case(inp, cfg, work, _Stages(work, fp), report, check_cancel)
     for stage in (_stage_segment, _stage_meshes, _stage_occupancy, _stage_drr, _stage_spider):
-        t = time.time()
+        t, cpu = time.time(), time.process_time()
         stage(c, ct_vol, lab_vol)
         c.t_stage[stage.__name__.removeprefix("_stage_")] = time.time() - t
+        c.cpu_stage[stage.__name__.removeprefix("_stage_")] = time.process_time() - cpu
     c.check_cancel()
     return _write_meta(c, fp)
 
@@ -408,7 +410,7 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
 def _stage_meshes(c: _Case, *_) -> None:
     """2. one watertight mesh per structure, the merged bones (LPS mm and normalised box)."""
     from ..io.mesh import write_mesh
-    from ..mesh.extract import labelmap_to_meshes, merge_meshes, to_box_coords
+    from ..mesh.extract import labelmap_to_meshes, merge_meshes, signed_volume, to_box_coords
     from .box_coverage import outside_box_fractions
 
     if c.stages.finished("meshes"):
@@ -427,7 +429,7 @@ def _stage_meshes(c: _Case, *_) -> None:
     write_mesh(merged, mesh_dir / "bones.ply")
     write_mesh(to_box_coords(merged, c.geometry("AP")), mesh_dir / "bones_box.ply")
     files += [mesh_dir / "bones.ply", mesh_dir / "bones_box.ply"]
-    c.stages.mark("meshes", files, {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": float(merged.volume),
+    c.stages.mark("meshes", files, {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": signed_volume(merged),
                                     "outside_box_fraction": outside_box_fractions(meshes, c.geometry("AP"), c.inp.case_id)})
 
 
@@ -536,6 +538,7 @@ def _write_meta(c: _Case, fp: dict) -> dict:
         "files": files,
         "versions": versions(),
         "seconds": c.t_stage,
+        "cpu_seconds": c.cpu_stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_text(c.work / "meta.json", json.dumps(meta, indent=1, default=_json_default))

@@ -96,7 +96,7 @@ def closed_iso_surface(values: np.ndarray, level: float, *, lo: float = -0.5, hi
     v[near] = np.where(v[near] >= level, level + LEVEL_GAP, level - LEVEL_GAP)
     verts, faces = flying_edges(pad, level)  # vertices come back as (x, y, z) indices
     mesh = trimesh.Trimesh(lo + (verts - 1.0) * ((hi - lo) / r), faces, process=True)
-    if len(mesh.faces) and mesh.volume < 0:
+    if signed_volume(mesh) < 0:
         mesh.invert()
     return mesh
 
@@ -131,6 +131,12 @@ def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
     """Signed enclosed volume (divergence theorem); > 0 when the faces wind outward."""
     a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
     return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
+
+
+def signed_volume(mesh: trimesh.Trimesh) -> float:
+    """Signed volume a closed ``mesh`` encloses (> 0 when wound outward): trimesh's ``volume`` without
+    the inertia tensor its mass properties also compute (a tenth of the time on a 600 k-face mesh)."""
+    return _signed_volume(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces)) if len(mesh.faces) else 0.0
 
 
 def _match_level(extract, target: float, rtol: float = 0.003, max_iter: int = 25):
@@ -237,7 +243,7 @@ def simplify_lossless(mesh: trimesh.Trimesh, epsilon: float = 1e-3) -> trimesh.T
     s.simplify_mesh_lossless(epsilon=epsilon, verbose=False)
     v, f, _ = s.getMesh()
     out = trimesh.Trimesh(v, f, process=False)
-    return out if out.is_watertight and out.is_winding_consistent and out.volume > 0 else mesh
+    return out if out.is_watertight and out.is_winding_consistent and signed_volume(out) > 0 else mesh
 
 
 def smooth_windowed_sinc(mesh: trimesh.Trimesh, iterations: int = 20, pass_band: float = 0.1) -> trimesh.Trimesh:
@@ -346,7 +352,7 @@ def ensure_watertight(mesh: trimesh.Trimesh, name: str = "") -> trimesh.Trimesh:
                               f"({n_open} open edges, {n_nonmanifold} edges in more than two faces)")
     if not mesh.is_winding_consistent:
         raise MeshError(None, f"surface of {label} has inconsistent winding (non-orientable)")
-    vol = mesh.volume
+    vol = signed_volume(mesh)
     if vol < 0:
         mesh.invert()
         vol = -vol

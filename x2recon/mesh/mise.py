@@ -75,7 +75,7 @@ def mise(fn: Callable[[np.ndarray], np.ndarray], *, resolution0: int = 32, upsam
     """Extract the ``threshold`` iso-surface of ``fn`` at ``resolution0 · 2^upsampling_steps`` cells.
     ``closed``: a closed, manifold surface (capped at the box border, :func:`..extract.closed_iso_surface`);
     ``False``: flying edges' raw output, open where a body leaves the box."""
-    from .extract import closed_iso_surface, flying_edges
+    from .extract import closed_iso_surface, flying_edges, signed_volume
 
     lo, hi = bounds
     r = int(resolution0)
@@ -107,6 +107,6 @@ def mise(fn: Callable[[np.ndarray], np.ndarray], *, resolution0: int = 32, upsam
     else:
         verts, faces = flying_edges(values.transpose(2, 1, 0), threshold)  # vertices come back as (x, y, z) indices
         mesh = trimesh.Trimesh(lo + verts * ((hi - lo) / r), faces, process=True)
-        if len(mesh.faces) and mesh.volume < 0:
+        if signed_volume(mesh) < 0:
             mesh.invert()
     return MiseResult(mesh, values, n_eval, (r + 1) ** 3)

@@ -49,6 +49,23 @@ def figure(name: str, ours: float, unit: str, *, device, peer: str | None = None
             "target": target, "device": device_name(device), "peak_gib": peak_gib, "notes": notes}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads): the figure to compare on a shared
+    machine, where wall time depends on what else runs."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def load_note() -> str:
+    """``"load average 1.2 on 2 cores"``: how busy the machine was when a figure was taken."""
+    try:
+        return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return f"{os.cpu_count()} cores"
+
+
 def peak_gib(device) -> float | None:
     """Peak CUDA memory allocated in this process (GiB), ``None`` on CPU."""
     import torch

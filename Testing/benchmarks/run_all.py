@@ -47,7 +47,7 @@ def profiles(device: str, quick: bool) -> dict[str, list[str]]:
             "hash_encoding": ["bench_hash_encoding.py", *dev, "--points", "65536", "--repeats", "3", "--no-compile"],
             "spider": ["bench_spider.py", *dev, "--resolution", "64", "--steps", "3", "--repeats", "1", "--batch", "2",
                        "--points", "4096"],
-            "x2b_latency": ["bench_x2b.py", "latency", *dev, "--resolution", "128", "--repeats", "1"],
+            "x2b_latency": ["bench_x2b.py", "latency", *dev, "--resolution", "256", "--repeats", "1"],
             "x2b_train": ["bench_x2b.py", "train", *dev, "--backbone", "convnext_atto", "--image-size", "128",
                           "--batch", "4", "--steps", "3", "--e2e-steps", "6", "--workers", "1"],
             "registration": ["bench_registration.py", *dev, "--points", "5000", "--downsample", "0,2000"],

@@ -83,15 +83,19 @@ def _split_ids(ds: Path) -> set[str]:
 
 
 def two_patients(shared_data: Path, root: Path) -> list[Path]:
-    """Two small "patients": the upper and lower slabs (≥ 150 mm each) of the half-resolution chest CT."""
+    """Two small "patients": the upper and lower slabs (≥ 150 mm each) of the half-resolution chest CT;
+    the upper one keeps its labels (a labelled patient), the lower one has none."""
     import SimpleITK as sitk
 
     img = sitk.ReadImage(str(shared_data / "chest_lidc0001_half" / "ct.nii.gz"))
+    lab = sitk.ReadImage(str(shared_data / "chest_lidc0001_half" / "labels.nii.gz"))
     nz = img.GetSize()[2]
     out = []
     for name, (z0, z1) in (("patient_a", (0, 62)), ("patient_b", (nz - 62, nz))):
         (root / name).mkdir(parents=True)
         sitk.WriteImage(img[:, :, z0:z1], str(root / name / "ct.nii.gz"))
+        if name == "patient_a":
+            sitk.WriteImage(lab[:, :, z0:z1], str(root / name / "labels.nii.gz"))
         out.append(root / name)
     return out
 
@@ -121,3 +125,23 @@ def test_smoke_study_holds_patients_out_and_resumes(tmp_path, shared_data, capsy
     text = capsys.readouterr().out
     assert text.count("done before, skipped") == 2 * (2 + 2 * 4)
     assert "x2recon build-dataset" not in text and "x2recon train" not in text
+
+    models = tmp_path / "models"  # the bundled assets: every patient, the folds' recipes, their cards
+    assert study.main([*argv, "--bundle", str(models)]) == 0
+    cards = json.loads((models / "cards.json").read_text())
+    assert set(cards) == {"skeleton", "spider", "detector", "templates"}
+    for alias, card in cards.items():
+        assert (models / card["file"]).exists(), alias
+        assert card["not_clinical"] is True and card["held_out"]
+    merged = json.loads((out / "all" / "train_data" / "manifest.json").read_text())
+    assert {c.get("base_id") for c in merged["cases"]} == {"patient_a", "patient_b"}
+    assert cards["skeleton"]["trained_on"]["patients"] == ["patient_a", "patient_b"]
+    assert cards["skeleton"]["recipe"] in ("x2b_paper", "x2b_ours")
+    assert {f["held_out"] for f in cards["skeleton"]["held_out"]["folds"]} == {"patient_a", "patient_b"}
+    assert cards["detector"]["trained_on"]["patients"] == ["patient_a"]  # the labelled patient only
+    from x2recon.cli.info import read_info
+
+    assert read_info(models / "x2b_skeleton.safetensors")["network"] == "x2b"
+    assert read_info(models / "spider_skeleton.safetensors")["network"] == "spider"
+    assert "library.json" in {p.name for p in (models / "templates").iterdir()}
+    read_info(models / "detector.safetensors")

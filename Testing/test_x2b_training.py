@@ -113,3 +113,20 @@ def test_ddp_two_processes_on_cpu(tiny_x2b_dataset, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"] == 2 and summary["steps"] == 2
     load_model(out / "last.safetensors")
+
+
+@pytest.mark.parametrize("every_s, all_epochs", [(1e9, False), (0.0, True)])
+def test_epoch_ends_save_last_only_when_due(tiny_x2b_dataset, tmp_path, monkeypatch, every_s, all_epochs):
+    """A tiny dataset's epochs are one step long: ``last.*`` is written at an epoch end only when the
+    previous write is EPOCH_SAVE_SECONDS old (or the epoch validated / ended the run), not every step."""
+    import x2recon.train.loop as loop
+
+    writes = []
+    real = loop.save_state
+    monkeypatch.setattr(loop, "save_state", lambda out, opt, step, *a, **k: (writes.append(step), real(out, opt, step, *a, **k)))
+    monkeypatch.setattr(loop, "EPOCH_SAVE_SECONDS", every_s)
+    cfg = X2BConfig(views=["AP"], **{**SMALL, "hidden": 32})
+    s = train_x2b(tiny_x2b_dataset, _settings(tmp_path / "run", max_steps=4, batch_size=64), cfg, val_split="val")
+    assert s["steps"] == 4
+    assert writes == ([1, 2, 3, 4] if all_epochs else [4]), writes  # one step per epoch
+    assert read_config(tmp_path / "run" / "last.safetensors")["training"]["step"] == 4

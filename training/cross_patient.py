@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # training/bundle.py
+
 from x2recon.io.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,21 +44,25 @@ PROFILES = {
                    "--hash-log2-size", "12", "--hash-finest", "32", "--hidden", "16", "--layers", "2", "--points", "512",
                    "--batch-size", "1", "--steps", "2", "--epochs", "1000", "--workers", "0", "--threads", "2"],
         "eval": ["--resolution", "32", "--points", "2000"],
+        "detector": ["--epochs", "1", "--imgsz", "64", "--batch", "2", "--workers", "0"],
     },
     "cpu": {
         "build": ["--variants", "4", "--drr-size", "256", "--x2b-size", "128", "--spider-grid", "64"],
         "x2b": ["--backbone", "convnext_atto", "--image-size", "128", "--hidden", "128", "--batch-size", "8",
-                "--steps", "300", "--epochs", "100000", "--lr", "1e-3", "--workers", "1", "--threads", "2"],
+                "--steps", "150", "--epochs", "100000", "--val-every", "10", "--lr", "1e-3", "--workers", "1",
+                "--threads", "2"],
         "spider": ["--image-size", "64", "--unet-channels", "16,32,64", "--features", "16", "--hash-levels", "8",
-                   "--hash-log2-size", "16", "--hash-finest", "64", "--batch-size", "2", "--steps", "300",
-                   "--epochs", "100000", "--workers", "1", "--threads", "2"],
-        "eval": ["--resolution", "64"],
+                   "--hash-log2-size", "16", "--hash-finest", "64", "--batch-size", "2", "--steps", "150",
+                   "--epochs", "100000", "--val-every", "10", "--workers", "1", "--threads", "2"],
+        "eval": ["--resolution", "64", "--points", "20000"],
+        "detector": ["--epochs", "40", "--imgsz", "256", "--batch", "8", "--workers", "1", "--patience", "15"],
     },
     "gpu": {
         "build": ["--variants", "15", "--angles=-20,-10,10,20", "--spider-grid", "128", "--workers", "8"],
         "x2b": ["--batch-size", "64", "--epochs", "400"],
         "spider": ["--batch-size", "8", "--epochs", "500"],
         "eval": ["--resolution", "256"],
+        "detector": ["--epochs", "100", "--imgsz", "512", "--batch", "16", "--workers", "8"],
     },
 }
 #: What makes X2B "ours" rather than the paper's (the bundled demo model's additions).
@@ -76,6 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="build-dataset --isocenter for every dataset (default: %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--device", default="auto", help="device of training and evaluation")
+    p.add_argument("--bundle", type=Path, metavar="DIR",
+                   help="after the folds, train the bundled assets on every patient (X2B skeleton with the recipe "
+                        "that held out better, SPIDER, the X2BR detector and template library from the labelled "
+                        "patients) and write them with cards.json (held-out figures from the folds) into DIR, "
+                        "e.g. x2recon/resources/models")
+    p.add_argument("--train-realism", choices=["on", "off"], default="on",
+                   help="build-dataset --xray-realism of the training datasets (the test patient's DRRs are always "
+                        "clean, as in the papers) (default: %(default)s: the bundled models' recipe)")
     a = p.parse_args(argv)
     a.patients = [Path(x) if Path(x).is_dir() else a.data_root / x for x in a.patients.split(",") if x.strip()]
     if len(a.patients) < 2:
@@ -123,7 +137,8 @@ def fold_steps(st: Study, a: argparse.Namespace, held, prof: dict) -> list[dict]
     fold = a.out / held.name
     common = ["--structures", "skeleton", "--isocenter", a.isocenter, "--quiet", *prof["build"]]
     train_ds, test_ds = fold / "train_data", fold / "test_data"
-    st.step(f"{held.name}.build_train", ["build-dataset", "--ct", *others, "--out", str(train_ds), *common])
+    st.step(f"{held.name}.build_train", ["build-dataset", "--ct", *others, "--out", str(train_ds), *common,
+                                         "--xray-realism", a.train_realism])
     test_build = [x for x in common if x != "--variants"]
     if "--variants" in common:  # the held-out patient's own scan only, never a variant of it
         i = common.index("--variants")
@@ -201,11 +216,16 @@ def main(argv=None) -> int:
     a.out = a.out.resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     prof = PROFILES[a.profile]
-    st = Study(a.out, len(a.patients) * (2 + 2 * len(a.methods)))
+    st = Study(a.out, len(a.patients) * (2 + 2 * len(a.methods)) + (7 + len(a.patients) if a.bundle else 0))
     rows = []
     for held in a.patients:
         rows += fold_steps(st, a, held, prof)
     write_results(a.out, rows, a.profile)
+    if a.bundle:
+        from bundle import bundle_steps  # training/bundle.py: the bundled assets from the same recipes
+
+        bundle_steps(st, a, prof, rows)  # adds the demo model's rows
+        write_results(a.out, rows, a.profile)
     return 0
 
 

@@ -2,8 +2,9 @@
 
 The loop owns what the networks share: resuming (weights, optimiser, scheduler and counters from the
 run folder), DDP (sampler epochs, wrapped module, barrier), AMP, the step/epoch budget, validation
-cadence, ``best.safetensors`` by the task's metric, ``last.*`` every ``save_every`` steps and at every
-epoch end, logging (TensorBoard/``log.jsonl``, progress bar), stopping on Ctrl-C/SIGTERM, and the
+cadence, ``best.safetensors`` by the task's metric, ``last.*`` every ``save_every`` steps and at an
+epoch end that validated, ended the run or came ``EPOCH_SAVE_SECONDS`` after the last save (a tiny
+dataset's one-step epochs would otherwise write the whole state every step), logging (TensorBoard/``log.jsonl``, progress bar), stopping on Ctrl-C/SIGTERM, and the
 run's ``summary.json``.
 """
 
@@ -79,6 +80,10 @@ def check_resumable(weights: Path, network: str, model_cfg: dict) -> None:
                               + "); use another --out or --resume never")
 
 
+#: An epoch end writes ``last.*`` only when the last write is at least this old (or it validated / ends the run).
+EPOCH_SAVE_SECONDS = 60.0
+
+
 class _Run:
     """The mutable state of one run: counters, optimiser, scheduler and the checkpoint writer."""
 
@@ -96,6 +101,7 @@ class _Run:
         self.opt = task.make_optimizer(settings)
         self.sched = task.make_scheduler(self.opt)
         self.step, self.epoch, self.best = 0, 0, task.initial_best
+        self.last_saved = time.monotonic()
         if state is not None:
             self._resume(state, log)
 
@@ -117,6 +123,7 @@ class _Run:
         if tag == "last":
             extra = {"scheduler": self.sched.state_dict()} if self.sched is not None else None
             save_state(self.out, self.opt, self.step, self.epoch, self.best, extra)
+            self.last_saved = time.monotonic()
 
     def budget_left(self) -> bool:
         s = self.settings
@@ -175,7 +182,8 @@ def train(task: Task, train_ds, settings: TrainSettings, dist: Dist, config: dic
             val = None
             if validates and not stopped and (run.epoch % max(1, settings.val_every) == 0 or last_round):
                 val = _validate(run, amp_ctx, loader.batch_size, bar, logger)
-            run.checkpoint("last", val)
+            if val is not None or last_round or time.monotonic() - run.last_saved >= EPOCH_SAVE_SECONDS:
+                run.checkpoint("last", val)
             if dist.enabled:
                 torch.distributed.barrier()
             if last_round:

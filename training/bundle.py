@@ -1,0 +1,202 @@
+"""The bundled assets (issue 13 §4), trained by ``cross_patient.py --bundle DIR`` after its folds.
+
+Every asset is trained on *all* the study's patients with the recipe the folds measured, so the
+held-out figures on its card are those of the same recipe trained without the scored patient:
+
+* ``x2b_skeleton.safetensors`` — X2B, ``--structures skeleton``, the X2B recipe (paper's or ours)
+  with the better mean held-out IoU (paper protocol), trained on every patient's training cases
+  (the folds' training datasets merged: each patient's cases were built once, by a fold that did not
+  hold it out);
+* ``spider_skeleton.safetensors`` — SPIDER on the same data;
+* ``detector.safetensors`` and ``templates/`` — the X2BR detector (YOLOv9t, the paper's group classes)
+  and template library, from the patients that carry labels (per-structure boxes and meshes need
+  them; a skeleton has neither).  Their test split is the labelled patients' held-out *variants*, not
+  an unseen patient: the card says so.
+
+``cards.json`` gets one card per asset (training patients, structures, geometry, recipe, the command,
+held-out figures with protocol and case counts, time, machine); an existing card of another asset
+(the demo model's) is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from x2recon.io.atomic import atomic_write_text
+
+#: Patients the bundled demo model (x2b_demo.safetensors) was trained on: deformed copies of chest_lidc0001.
+DEMO_PATIENTS = {"chest_lidc0001", "chest_lidc0001_half"}
+NOT_CLINICAL = "Research demo trained on very few patients on a CPU; not a clinical model."
+
+
+def merge_datasets(sources: list[Path], out: Path) -> list[str]:
+    """Hard-link every finished case of ``sources`` (first occurrence of an id wins) into ``out``."""
+    ids = []
+    for src in sources:
+        for case in sorted((src / "cases").iterdir()):
+            status = src / "status" / f"{case.name}.json"
+            if case.name in ids or not status.is_file() or not (case / "meta.json").is_file():
+                continue
+            shutil.copytree(case, out / "cases" / case.name, copy_function=os.link, dirs_exist_ok=True)
+            (out / "status").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(status, out / "status" / status.name)
+            ids.append(case.name)
+    return ids
+
+
+def labelled(patients: list[Path]) -> list[Path]:
+    """The patients whose folder holds per-structure labels (what a detector and templates need)."""
+    return [p for p in patients if any((p / n).exists() for n in ("labels.nii.gz", "labels_verse.nii.gz", "segmentations"))]
+
+
+def held_out(rows: list[dict], method: str) -> list[dict]:
+    """The folds' rows of ``method``: per held-out patient and protocol, with case and patient counts."""
+    return [{k: r[k] for k in ("held_out", "protocol", "n_train_patients", "n_test_cases", "metrics")}
+            for r in rows if r["method"] == method]
+
+
+def demo_rows(st, a, prof: dict) -> list[dict]:
+    """The bundled demo model scored on every fold's test patient, as the folds' models are (so ``x2recon
+    demo`` can use whichever does better on a patient it never saw; its card says which patients it saw)."""
+    from cross_patient import table_rows
+
+    out = []
+    for p in a.patients:
+        csv_path = a.out / "all" / f"eval_demo_{p.name}.csv"
+        st.step(f"all.eval_demo_{p.name}", ["evaluate", "--model", "demo", "--data", str(a.out / p.name / "test_data"),
+                                            "--split", "all", "--out", str(csv_path), "--device", a.device, "--quiet",
+                                            *prof["eval"]])
+        seen = p.name in DEMO_PATIENTS
+        out += table_rows("x2b_demo", p.name + (" (seen in training)" if seen else ""), 1, csv_path)
+    return out
+
+
+def best_x2b(rows: list[dict]) -> str:
+    """``x2b_paper`` or ``x2b_ours``: the higher mean held-out IoU in the paper's protocol."""
+    def mean_iou(m):
+        v = [r["metrics"].get("iou") for r in rows if r["method"] == m and r["protocol"] == "paper"]
+        v = [x for x in v if x is not None]
+        return sum(v) / len(v) if v else -1.0
+
+    return max(("x2b_ours", "x2b_paper"), key=mean_iou)
+
+
+def machine() -> str:
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.system()})"
+
+
+def bundle_steps(st, a, prof: dict, rows: list[dict]) -> None:
+    """Train, then write the assets and ``cards.json`` into ``a.bundle``."""
+    from cross_patient import train_args
+
+    root = a.out / "all"
+    data = root / "train_data"
+    if not st.record("all.merge").is_file():
+        ids = merge_datasets([a.out / p.name / "train_data" for p in a.patients], data)
+        atomic_write_text(st.record("all.merge"), json.dumps({"step": "all.merge", "cases": ids, "seconds": 0}))
+    st.step("all.manifest", ["manifest", str(data)])
+    rows += demo_rows(st, a, prof)
+    recipe = best_x2b(rows)
+    st.step("all.train_x2b", train_args(recipe, data, root / "runs" / "x2b", prof, a.device))
+    st.step("all.train_spider", train_args("spider", data, root / "runs" / "spider", prof, a.device))
+    lab = labelled(a.patients)
+    if lab:
+        lab_ds = root / "labelled_data"
+        st.step("all.build_labelled", ["build-dataset", "--ct", *map(str, lab), "--out", str(lab_ds), "--quiet",
+                                       "--isocenter", a.isocenter, "--xray-realism", a.train_realism, *prof["build"]])
+        st.step("all.train_detector", ["train", "detector", "--data", str(lab_ds), "--out", str(root / "runs" / "detector"),
+                                       "--device", a.device, "--quiet", *prof["detector"]])
+        st.step("all.templates", ["template", "build", "--data", str(lab_ds), "--out", str(root / "runs" / "templates"),
+                                  "--reference", lab[0].name, "--split", "all", "--quiet"])
+    else:
+        print("no labelled patient: no detector and no template library are bundled", flush=True)
+    install(a, prof, rows, recipe, lab)
+
+
+def _seconds(record: Path) -> float | None:
+    """Wall seconds of a recorded step (None if it did not run here)."""
+    return json.loads(record.read_text())["seconds"] if record.is_file() else None
+
+
+def _checkpoint_card(a, rec_dir: Path, step: str, method: str, rows: list[dict], what: str) -> dict:
+    from x2recon.cli.info import read_info
+
+    ckpt = a.out / "all" / "runs" / step / "best.safetensors"
+    cfg = read_info(ckpt)
+    manifest = json.loads((a.out / "all" / "train_data" / "manifest.json").read_text())
+    build = (cfg.get("dataset") or {}).get("build") or {}
+    command = json.loads((rec_dir / f"all.train_{step}.json").read_text())["command"]
+    return {"what": what, "recipe": method, "command": " ".join(command),
+            "trained_on": {"patients": [p.name for p in a.patients], "cases": len(manifest.get("cases", [])),
+                           "variants_per_patient": _flag(prof_build(a), "--variants"),
+                           "xray_realism": a.train_realism},
+            "structures": "skeleton: all bone from Hounsfield units (--structures skeleton)",
+            "geometry": {k: build[k] for k in ("views", "drr_size", "sdd", "sod", "box_mm", "isocenter") if k in build},
+            "held_out": {"protocol_note": "leave-one-patient-out: the same recipe trained without the scored patient; "
+                                          "its undeformed scan's clean DRRs", "folds": held_out(rows, method)},
+            "train_seconds": _seconds(rec_dir / f"all.train_{step}.json"),
+            "_src": str(ckpt)}
+
+
+def prof_build(a) -> list[str]:
+    from cross_patient import PROFILES
+
+    return PROFILES[a.profile]["build"]
+
+
+def _flag(args: list[str], name: str):
+    return args[args.index(name) + 1] if name in args else None
+
+
+def install(a, prof: dict, rows: list[dict], recipe: str, lab: list[Path]) -> None:
+    """Copy the assets into ``a.bundle`` and merge their cards into its ``cards.json``."""
+    rec = a.out / "steps"
+    dest = a.bundle
+    dest.mkdir(parents=True, exist_ok=True)
+    common = {"not_clinical": True, "note": NOT_CLINICAL, "profile": a.profile, "measured_on": machine()}
+    cards = {"skeleton": dict(_checkpoint_card(a, rec, "x2b", recipe, rows, "X2B: one frontal X-ray → all-bone "
+                                               "occupancy mesh (x2recon reconstruct --model skeleton)"),
+                              file="x2b_skeleton.safetensors"),
+             "spider": dict(_checkpoint_card(a, rec, "spider", "spider", rows, "SPIDER: frontal + lateral X-rays → "
+                                             "CT volume + skeleton labelmap (x2recon spider)"),
+                            file="spider_skeleton.safetensors")}
+    if lab:
+        cards.update(_x2br_cards(a, rec, lab))
+    for card in cards.values():
+        src = Path(card.pop("_src"))
+        target = dest / card["file"]
+        if src.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(src, target)
+        else:
+            shutil.copy2(src, target)
+        card.update(common)
+    path = dest / "cards.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**old, **cards}, indent=1) + "\n")
+    print(f"bundled assets and cards written to {dest}", flush=True)
+
+
+def _x2br_cards(a, rec: Path, lab: list[Path]) -> dict:
+    run = a.out / "all" / "runs"
+    summary = json.loads((run / "detector" / "summary.json").read_text())
+    lib = json.loads((run / "templates" / "library.json").read_text())
+    names = [p.name for p in lab]
+    detector = {"file": "detector.safetensors", "_src": str(run / "detector" / "detector.safetensors"),
+                "what": "X2BR detector: YOLOv9t, the paper's groups (cervical, thoracic, lumbar, ribs) on the X-ray",
+                "trained_on": {"patients": names, "xray_realism": a.train_realism},
+                "command": " ".join(json.loads((rec / "all.train_detector.json").read_text())["command"]),
+                "held_out": {"protocol_note": "test split = deformed variants of the same labelled patient(s); no "
+                                              "unseen labelled patient exists in the shared data",
+                             **{k: summary[k] for k in summary if k.lower().startswith(("map", "metrics", "split", "test"))}},
+                "train_seconds": _seconds(rec / "all.train_detector.json")}
+    templates = {"file": "templates", "_src": str(run / "templates"),
+                 "what": f"X2BR template library: {len(lib.get('structures', lib.get('templates', [])))} structures "
+                         f"meshed from {names[0]}'s labels",
+                 "trained_on": {"patients": names}, "command": " ".join(json.loads((rec / "all.templates.json").read_text())["command"]),
+                 "held_out": "not learnt: meshes of one patient; X2BR's accuracy is the X2B model's and the registration's"}
+    return {"detector": detector, "templates": templates}

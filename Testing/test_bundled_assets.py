@@ -256,7 +256,7 @@ def test_every_asset_is_bundled_with_a_complete_card():
     ("demo", ("x2recon.checkpoint/1", "x2b")),
     pytest.param("skeleton", ("x2recon.checkpoint/1", "x2b"), marks=needs("skeleton")),
     pytest.param("spider", ("x2recon.checkpoint/1", "spider"), marks=needs("spider")),
-    pytest.param("detector", ("x2recon.detector/1", None), marks=needs("detector")),
+    pytest.param("detector", ("x2recon.detector/1", "yolo"), marks=needs("detector")),
     pytest.param("templates", ("x2recon.templates/1", None), marks=needs("templates"))])
 def test_info_of_every_bundled_alias(alias, expect, capsys):
     assert main(["info", alias]) == 0

@@ -135,17 +135,39 @@ def _checkpoint_card(a, rec_dir: Path, step: str, method: str, rows: list[dict],
                            "variants_per_patient": _flag(prof_build(a), "--variants"),
                            "xray_realism": a.train_realism},
             "structures": "skeleton: all bone from Hounsfield units (--structures skeleton)",
-            "geometry": {k: build[k] for k in ("views", "drr_size", "sdd", "sod", "box_mm", "isocenter") if k in build},
+            "geometry": geometry_line(build),
             "held_out": {"protocol_note": "leave-one-patient-out: the same recipe trained without the scored patient; "
                                           "its undeformed scan's clean DRRs", "folds": held_out(rows, method)},
             "train_seconds": _seconds(rec_dir / f"all.train_{step}.json"),
-            "_src": str(ckpt)}
+            "stored": "float16 weights (loaded as float32)", "_src": str(ckpt), "_half": True}
+
+
+def save_half(src: Path, target: Path) -> None:
+    """A network checkpoint re-saved with float16 weights (half the package size; loads as float32)."""
+    from x2recon.nn.checkpoint import load_model, read_config, save_checkpoint
+
+    model, _ = load_model(src)
+    config = {k: v for k, v in read_config(src).items() if k not in ("format", "versions")}
+    save_checkpoint(target, model, config, half=True)
 
 
 def prof_build(a) -> list[str]:
     from cross_patient import PROFILES
 
     return PROFILES[a.profile]["build"]
+
+
+def _geometry_text(data: Path) -> str:
+    """One line of a dataset's geometry (views, DRR size, distances, box) from its first case's meta.json."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    meta = json.loads((data / "cases" / manifest["cases"][0]["case_id"] / "meta.json").read_text())
+    return geometry_line(meta.get("config") or {})
+
+
+def geometry_line(b: dict) -> str:
+    """Views, DRR size, distances, box and isocentre of a build config, as one line."""
+    keys = ("views", "drr_size", "sdd", "sod", "box_size", "isocenter", "xray_realism")
+    return ", ".join(f"{k} {b[k]}" for k in keys if k in b) or "see the dataset's meta.json"
 
 
 def _flag(args: list[str], name: str):
@@ -172,6 +194,8 @@ def install(a, prof: dict, rows: list[dict], recipe: str, lab: list[Path]) -> No
         if src.is_dir():
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(src, target)
+        elif card.pop("_half", False):
+            save_half(src, target)
         else:
             shutil.copy2(src, target)
         card.update(common)
@@ -186,8 +210,11 @@ def _x2br_cards(a, rec: Path, lab: list[Path]) -> dict:
     summary = json.loads((run / "detector" / "summary.json").read_text())
     lib = json.loads((run / "templates" / "library.json").read_text())
     names = [p.name for p in lab]
+    geometry = _geometry_text(a.out / "all" / "labelled_data")
     detector = {"file": "detector.safetensors", "_src": str(run / "detector" / "detector.safetensors"),
                 "what": "X2BR detector: YOLOv9t, the paper's groups (cervical, thoracic, lumbar, ribs) on the X-ray",
+                "structures": "boxes of the builder's groups: cervical, thoracic, lumbar vertebrae, ribs",
+                "geometry": geometry, "recipe": "YOLOv9t from its yaml (no pretrained weights), x2recon train detector",
                 "trained_on": {"patients": names, "xray_realism": a.train_realism},
                 "command": " ".join(json.loads((rec / "all.train_detector.json").read_text())["command"]),
                 "held_out": {"protocol_note": "test split = deformed variants of the same labelled patient(s); no "
@@ -197,6 +224,8 @@ def _x2br_cards(a, rec: Path, lab: list[Path]) -> dict:
     templates = {"file": "templates", "_src": str(run / "templates"),
                  "what": f"X2BR template library: {len(lib.get('structures', lib.get('templates', [])))} structures "
                          f"meshed from {names[0]}'s labels",
+                 "structures": "every labelled rib and vertebra of the reference case", "geometry": geometry,
+                 "recipe": "per structure the reference case's mesh (x2recon template build --reference)",
                  "trained_on": {"patients": names}, "command": " ".join(json.loads((rec / "all.templates.json").read_text())["command"]),
                  "held_out": "not learnt: meshes of one patient; X2BR's accuracy is the X2B model's and the registration's"}
     return {"detector": detector, "templates": templates}

@@ -14,9 +14,10 @@ Which case gives a structure's template
     lacks fall back to the median rule (recorded per structure as ``"fallback"``).
 
 Coordinates
-    Each template is stored twice: ``meshes/<name>.ply`` in LPS millimetres *relative to the source
-    case's reconstruction-box centre* (its imaging isocentre), and ``meshes_box/<name>.ply`` in that
-    box's normalised coordinates ``(p - isocentre) / box_size`` (the networks' space).  A template
+    Each template is stored once, ``meshes/<name>.ply``, in LPS millimetres *relative to the source
+    case's reconstruction-box centre* (its imaging isocentre); ``mesh(name, "box")`` gives it in that
+    box's normalised coordinates ``(p - isocentre) / box_size`` (the networks' space) by dividing by
+    the box size (a second stored copy doubled a bundled library's size).  A template
     thus keeps where the structure sits in a typical chest (its reference position and depth), which
     placement uses when there is no coarse shape to take the depth from.
 
@@ -95,7 +96,8 @@ class TemplateLibrary:
             if space == "mm":
                 m = read_mesh(self.folder / info["file"])
             elif space == "box":
-                m = read_mesh(self.folder / info["file_box"])
+                m = self.mesh(name, "mm")
+                m = trimesh.Trimesh(np.asarray(m.vertices) / self.box_size, m.faces, process=False)
             else:
                 raise ValueError(f"space must be 'mm' or 'box', got {space!r}")
             self._cache[key] = m
@@ -116,9 +118,8 @@ def load_library(folder: str | Path) -> TemplateLibrary:
         raise X2ReconInputError(folder, "not a template library (no library.json); build one with 'x2recon template build'")
     doc = read_document(f, LIBRARY_FORMAT, "template library")
     for name, info in doc.get("structures", {}).items():
-        for key in ("file", "file_box"):
-            if not (folder / info[key]).is_file():
-                raise X2ReconInputError(folder / info[key], f"template mesh of {name} missing")
+        if not (folder / info["file"]).is_file():
+            raise X2ReconInputError(folder / info["file"], f"template mesh of {name} missing")
     return TemplateLibrary(folder, doc)
 
 
@@ -160,21 +161,19 @@ def mesh_record(mesh, rel_vertices: np.ndarray, box_size: float) -> dict:
 
 
 def write_template(out: Path, name: str, rel_vertices: np.ndarray, faces: np.ndarray, box_size: float) -> dict:
-    """Write ``meshes/<name>.ply`` (mm from the box centre) and ``meshes_box/<name>.ply``; its record."""
+    """Write ``meshes/<name>.ply`` (mm from the box centre); its record."""
     import trimesh
 
     from ...io.mesh import write_mesh
 
     m_mm = trimesh.Trimesh(rel_vertices, faces, process=False)
-    m_box = trimesh.Trimesh(rel_vertices / box_size, faces, process=False)
     write_mesh(m_mm, out / "meshes" / f"{name}.ply")
-    write_mesh(m_box, out / "meshes_box" / f"{name}.ply")
     # the record describes the stored (float32) mesh exactly
     from ...io.mesh import read_mesh
 
     stored = read_mesh(out / "meshes" / f"{name}.ply")
     rec = mesh_record(stored, np.asarray(stored.vertices), box_size)
-    rec.update(file=f"meshes/{name}.ply", file_box=f"meshes_box/{name}.ply")
+    rec.update(file=f"meshes/{name}.ply")
     return rec
 
 
@@ -304,7 +303,7 @@ def build_library(
     doc.update(
         box_size=box_size,
         coordinates={"file": "LPS millimetres relative to the reconstruction-box centre (the source case's isocentre)",
-                     "file_box": "normalised box coordinates (p - isocentre) / box_size, in [-1/2, 1/2]^3"},
+                     "box": "normalised box coordinates (p - isocentre) / box_size, in [-1/2, 1/2]^3: file / box_size"},
         selection="median" if reference == "median" else f"case:{reference}",
         selection_rule=("per structure, the case whose mesh volume is closest to the median volume of the cases "
                         "that have it" if reference == "median" else

@@ -25,17 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_MODELS = registry.MODELS_DIR
 
 
-def absent(*aliases: str) -> list[str]:
-    """Which of ``aliases`` are not in the package yet (the assets land after the plumbing)."""
-    return [a for a in aliases if not (PACKAGE_MODELS / ASSETS[a].file /
-                                       ("library.json" if ASSETS[a].kind == "templates" else "")).is_file()]
-
-
-def needs(*aliases: str):
-    """Skip while a bundled file the test runs with is not committed (remove once they all are)."""
-    return pytest.mark.skipif(bool(absent(*aliases)), reason=f"bundled {', '.join(absent(*aliases))} not committed yet")
-
-
 @pytest.fixture
 def models(tmp_path, monkeypatch) -> Path:
     """An empty stand-in for the package's models folder."""
@@ -243,7 +232,6 @@ def test_bundled_models_fit_the_package_budget_and_have_cards():
             assert doc[alias]["held_out"] and doc[alias]["trained_on"], alias
 
 
-@needs(*ASSETS)
 def test_every_asset_is_bundled_with_a_complete_card():
     doc = cards()
     assert set(doc) == set(ASSETS)
@@ -254,17 +242,16 @@ def test_every_asset_is_bundled_with_a_complete_card():
 
 @pytest.mark.parametrize("alias, expect", [
     ("demo", ("x2recon.checkpoint/1", "x2b")),
-    pytest.param("skeleton", ("x2recon.checkpoint/1", "x2b"), marks=needs("skeleton")),
-    pytest.param("spider", ("x2recon.checkpoint/1", "spider"), marks=needs("spider")),
-    pytest.param("detector", ("x2recon.detector/1", "yolo"), marks=needs("detector")),
-    pytest.param("templates", ("x2recon.templates/1", None), marks=needs("templates"))])
+    ("skeleton", ("x2recon.checkpoint/1", "x2b")),
+    ("spider", ("x2recon.checkpoint/1", "spider")),
+    ("detector", ("x2recon.detector/1", "yolo")),
+    ("templates", ("x2recon.templates/1", None))])
 def test_info_of_every_bundled_alias(alias, expect, capsys):
     assert main(["info", alias]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert (doc["format"], doc.get("network")) == expect and doc["card"]["file"] == ASSETS[alias].file
 
 
-@needs("spider")
 def test_spider_runs_with_only_the_bundled_model(chest_half, tmp_path, capsys):
     """x2recon spider without --model: the bundled model's DRR pair of the sample CT (--from-ct) → a CT
     with air and bone and a non-empty skeleton labelmap, on the model's box."""
@@ -289,7 +276,6 @@ def sample_ap(chest_half, tmp_path_factory):
     return png
 
 
-@needs(DEFAULT_BONE_MODEL, "detector", "templates")
 def test_reconstruct_refine_template_runs_with_only_bundled_files(sample_ap, tmp_path, capsys):
     from x2recon.io.mesh import read_mesh
     from x2recon.x2br.detection.detections import read_detections
@@ -305,7 +291,6 @@ def test_reconstruct_refine_template_runs_with_only_bundled_files(sample_ap, tmp
     assert read_detections(tmp_path / "bones_detections.json")
 
 
-@needs("skeleton")
 def test_reconstruct_with_the_bundled_skeleton_model(sample_ap, tmp_path):
     from x2recon.io.mesh import read_mesh
 

@@ -107,7 +107,8 @@ def bundle_steps(st, a, prof: dict, rows: list[dict]) -> None:
     if lab:
         lab_ds = root / "labelled_data"
         st.step("all.build_labelled", ["build-dataset", "--ct", *map(str, lab), "--out", str(lab_ds), "--quiet",
-                                       "--isocenter", a.isocenter, "--xray-realism", a.train_realism, *prof["build"]])
+                                       "--isocenter", a.isocenter, "--xray-realism", a.train_realism,
+                                       *prof.get("labelled", prof["build"])])
         st.step("all.train_detector", ["train", "detector", "--data", str(lab_ds), "--out", str(root / "runs" / "detector"),
                                        "--device", a.device, "--quiet", *prof["detector"]])
         st.step("all.templates", ["template", "build", "--data", str(lab_ds), "--out", str(root / "runs" / "templates"),
@@ -197,7 +198,7 @@ def install(a, prof: dict, rows: list[dict], recipe: str, lab: list[Path]) -> No
         elif card.pop("_half", False):
             save_half(src, target)
         else:
-            shutil.copy2(src, target)
+            shutil.copyfile(src, target)  # the package's mode, not the run's (ultralytics writes 0600)
         card.update(common)
     path = dest / "cards.json"
     old = json.loads(path.read_text()) if path.is_file() else {}

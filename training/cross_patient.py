@@ -55,7 +55,10 @@ PROFILES = {
                    "--hash-log2-size", "16", "--hash-finest", "64", "--batch-size", "2", "--steps", "150",
                    "--epochs", "100000", "--val-every", "10", "--workers", "1", "--threads", "2"],
         "eval": ["--resolution", "64", "--points", "20000"],
-        "detector": ["--epochs", "40", "--imgsz", "256", "--batch", "8", "--workers", "1", "--patience", "15"],
+        "detector": ["--epochs", "120", "--imgsz", "192", "--batch", "8", "--workers", "1"],
+        # the detector's data: more variants and views (9 images of 3 cases overfit: mAP50 0.05 → 0)
+        "labelled": ["--variants", "8", "--angles=-15,15,75,105", "--drr-size", "256", "--x2b-size", "128",
+                     "--spider-grid", "64"],
     },
     "gpu": {
         "build": ["--variants", "15", "--angles=-20,-10,10,20", "--spider-grid", "128", "--workers", "8"],

@@ -6,8 +6,10 @@ AP X-ray, reconstructs the bones from that X-ray with the bundled demo checkpoin
 against the case's ground-truth bone mesh, and writes the mesh, a PNG rendering coloured by the
 distance to ground truth, and the metrics beside the X-ray.
 
-The bundled model is a demo: a light backbone trained on deformed copies of one patient's CT
-(``training/README.md`` has the exact command).  It shows the pipeline, not clinical accuracy.
+The default model is the bundled ``skeleton`` model (``resources.DEFAULT_BONE_MODEL``): a light backbone
+trained on two patients' CTs and their deformed copies (``training/cross_patient.py --bundle``), chosen
+over the ribs + vertebrae ``demo`` model because its recipe did better on a patient it never saw.  It
+shows the pipeline, not clinical accuracy.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from .errors import X2ReconInputError
 from .resources import DEMO_MODEL, bundled_model  # noqa: F401  (re-exported: the demo's model)
 
-DEMO_VARIANT = 90  # the demo dataset used variants 1–15; 90 is a deformation the model never saw
+DEMO_VARIANT = 90  # the bundled models saw variants 1–15 at most; 90 is a deformation none of them saw
 
 
 def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = None, data: str | Path | None = None,

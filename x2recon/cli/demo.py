@@ -22,7 +22,7 @@ def cmd_demo(a) -> int:
           .format(**m))
     print(f"  X-ray:     {s['xray']}\n  mesh:      {s['mesh']}\n  rendering: {s['rendering']}")
     print(f"  reconstruction {s['reconstruction_seconds']:.1f} s, demo total {s['total_seconds']:.1f} s")
-    print("  (a demo model trained on deformed copies of one patient's CT — not a clinical model)")
+    print("  (a research model trained on two patients' CTs for minutes of CPU time — not a clinical model)")
     return 0
 
 
@@ -30,7 +30,8 @@ def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="build a case from the sample data, reconstruct its bones, score and render them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--out", default="x2recon-demo", type=output_dir, help="output folder")
-    d.add_argument("--model", type=model_arg, help="X2B checkpoint (default: the bundled demo model, 'demo')")
+    d.add_argument("--model", type=model_arg, help="X2B checkpoint or bundled alias (default: the bundled 'skeleton' model; 'demo': the ribs + "
+                        "vertebrae demo model)")
     d.add_argument("--data", help="folder holding chest_lidc0001_half/ (default: the copy bundled in the package)")
     d.add_argument("--resolution", type=mise_resolution, default=256, help="final MISE grid, cells per side (32·2^k)")
     d.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")

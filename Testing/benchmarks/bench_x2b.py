@@ -8,8 +8,8 @@ images (the ceiling: X2B cannot train faster than its encoder), (2) the whole X2
 tensors, (3) ``x2recon train`` end to end with data loading from a dataset (``--data``, else one
 built from the sample chest CT into a temporary folder), and prints (2)/(1) and (3)/(1).
 Targets (issue 3): (3) ≥ 80 % of (1) on a GPU.
-``latency`` times ``reconstruct`` (encode + MISE + marching cubes) from a stored DRR, default the
-bundled demo model, and reports MISE's evaluations against a dense grid, wall and CPU seconds, and on
+``latency`` times ``reconstruct`` (encode + MISE + marching cubes) from a stored DRR (default model: the
+default bundled bone model, `skeleton`; `--model demo` for the older one), and reports MISE's evaluations against a dense grid, wall and CPU seconds, and on
 CPU the decoder's FLOPs against a matrix-product rate measured in the same run (its bound).
 Targets (issue 15): ≤ 0.3 s on an H100, ≤ 5 s on 2 CPU cores at 256³.
 """
@@ -239,7 +239,7 @@ def main() -> None:
     t.set_defaults(func=bench_train)
     lat = sub.add_parser("latency")
     lat.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    lat.add_argument("--model", help="checkpoint (default: the bundled demo model)")
+    lat.add_argument("--model", help="checkpoint (default: the default bundled bone model, skeleton)")
     lat.add_argument("--data", help="dataset folder to take the X-ray from (default: a demo-like case)")
     lat.add_argument("--resolution", type=int, default=256)
     lat.add_argument("--repeats", type=int, default=3)

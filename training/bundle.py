@@ -123,7 +123,7 @@ def _seconds(record: Path) -> float | None:
     return json.loads(record.read_text())["seconds"] if record.is_file() else None
 
 
-def _checkpoint_card(a, rec_dir: Path, step: str, method: str, rows: list[dict], what: str) -> dict:
+def _checkpoint_card(a, prof: dict, rec_dir: Path, step: str, method: str, rows: list[dict], what: str) -> dict:
     from x2recon.cli.info import read_info
 
     ckpt = a.out / "all" / "runs" / step / "best.safetensors"
@@ -133,7 +133,7 @@ def _checkpoint_card(a, rec_dir: Path, step: str, method: str, rows: list[dict],
     command = json.loads((rec_dir / f"all.train_{step}.json").read_text())["command"]
     return {"what": what, "recipe": method, "command": " ".join(command),
             "trained_on": {"patients": [p.name for p in a.patients], "cases": len(manifest.get("cases", [])),
-                           "variants_per_patient": _flag(prof_build(a), "--variants"),
+                           "variants_per_patient": _flag(prof["build"], "--variants"),
                            "xray_realism": a.train_realism},
             "structures": "skeleton: all bone from Hounsfield units (--structures skeleton)",
             "geometry": geometry_line(build),
@@ -150,12 +150,6 @@ def save_half(src: Path, target: Path) -> None:
     model, _ = load_model(src)
     config = {k: v for k, v in read_config(src).items() if k not in ("format", "versions")}
     save_checkpoint(target, model, config, half=True)
-
-
-def prof_build(a) -> list[str]:
-    from cross_patient import PROFILES
-
-    return PROFILES[a.profile]["build"]
 
 
 def _geometry_text(data: Path) -> str:
@@ -181,10 +175,10 @@ def install(a, prof: dict, rows: list[dict], recipe: str, lab: list[Path]) -> No
     dest = a.bundle
     dest.mkdir(parents=True, exist_ok=True)
     common = {"not_clinical": True, "note": NOT_CLINICAL, "profile": a.profile, "measured_on": machine()}
-    cards = {"skeleton": dict(_checkpoint_card(a, rec, "x2b", recipe, rows, "X2B: one frontal X-ray → all-bone "
+    cards = {"skeleton": dict(_checkpoint_card(a, prof, rec, "x2b", recipe, rows, "X2B: one frontal X-ray → all-bone "
                                                "occupancy mesh (x2recon reconstruct --model skeleton)"),
                               file="x2b_skeleton.safetensors"),
-             "spider": dict(_checkpoint_card(a, rec, "spider", "spider", rows, "SPIDER: frontal + lateral X-rays → "
+             "spider": dict(_checkpoint_card(a, prof, rec, "spider", "spider", rows, "SPIDER: frontal + lateral X-rays → "
                                              "CT volume + skeleton labelmap (x2recon spider)"),
                             file="spider_skeleton.safetensors")}
     if lab:

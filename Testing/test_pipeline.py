@@ -248,10 +248,11 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 def test_discovery_of_the_shared_data_folder(shared_data):
     cases = {c.case_id: c for c in discover([shared_data])}
     # every CT folder; xray_nih_cxr holds a radiograph, not a CT, and is no case
-    assert {"chest_lidc0001", "chest_lidc0001_half", "head_invesalius", "lumbar_crop_verse", "thoracoabdominal_slab",
-            "wholebody_tcga_thca"} == set(cases)
+    assert {"abdomen_pancreas_cb001", "chest_lidc0001", "chest_lidc0001_half", "chest_lungdx_a0001", "head_invesalius",
+            "lumbar_crop_verse", "thoracoabdominal_slab", "wholebody_tcga_thca"} == set(cases)
     assert cases["chest_lidc0001"].labels.endswith("labels.nii.gz")
-    assert cases["head_invesalius"].labels is None and cases["wholebody_tcga_thca"].labels is None
+    for unlabelled in ("head_invesalius", "wholebody_tcga_thca", "abdomen_pancreas_cb001", "chest_lungdx_a0001"):
+        assert cases[unlabelled].labels is None, unlabelled
 
 
 def test_list_file_and_explicit_labels(tmp_path, chest_half):

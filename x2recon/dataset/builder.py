@@ -206,11 +206,12 @@ def select_shard(cases: list[CaseInput], shard: tuple[int, int] | None) -> list[
 
 
 def _run_one(inp: CaseInput, out: str, config_dict: dict, threads: int) -> CaseResult:
-    """Worker entry point (pickled by process pools and Dask)."""
-    import torch
+    """Worker entry point (pickled by process pools and Dask): ``threads`` torch threads for the case, and
+    the worker's own setting back afterwards (a Dask worker may run tasks as threads of a shared process)."""
+    from ..nn.device import torch_threads
 
-    torch.set_num_threads(max(1, threads))
-    res = build_case(inp, Path(out) / "cases", config=BuildConfig.from_dict(config_dict))
+    with torch_threads(threads):
+        res = build_case(inp, Path(out) / "cases", config=BuildConfig.from_dict(config_dict))
     _write_status(Path(out), inp, res)
     return res
 

@@ -18,7 +18,7 @@ CPU path (torch).  All rays of a chunk advance one crossing per iteration as a h
 operations; finished rays are dropped (compaction) every few iterations.  The volume is padded by
 one zero voxel so that a ray that rounding carries one step past its exit reads 0, never out of
 bounds.  Chunks of rays run in a thread pool whose threads each set torch to one intra-op thread
-(the OpenMP thread count is per calling thread, so the caller's setting is untouched): no operation
+(``nn.device.single_threaded_pool``, which leaves the caller's and the process's setting as they were): no operation
 opens an OpenMP region, which on a loaded machine stalls at every barrier (we measured 10–25×
 slow-downs of the same loop with per-operation OpenMP), and the pool uses ``torch.get_num_threads()``
 cores.  Chunks of 32768 rays keep the Python overhead per operation small and the state in cache.
@@ -34,7 +34,7 @@ CUDA tensors.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import CancelledError
+from ..nn.device import single_threaded_pool
 
 #: Stand-in for "never crosses" (finite, so that 0 × BIG stays 0 in masked updates).
 BIG = 1e30
@@ -239,7 +240,7 @@ def trace_torch(
 
     workers = max(1, min(threads or torch.get_num_threads(), len(slices))) if dev.type == "cpu" else 1
     done = 0
-    with ThreadPoolExecutor(workers, initializer=_single_threaded_ops) as pool:
+    with single_threaded_pool(workers) as pool:
         pending = {pool.submit(run, sl) for sl in slices}
         try:
             while pending:
@@ -253,11 +254,6 @@ def trace_torch(
         finally:
             stop.set()
     return out
-
-
-def _single_threaded_ops() -> None:
-    """Pool workers run torch ops on one thread each (OpenMP settings are per calling thread)."""
-    torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------- public

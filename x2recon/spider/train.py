@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..dataset.torch_data import dataset_build_config, has_split
-from ..train.common import TrainSettings, setup
+from ..io.documents import recorded_path
+from ..train.common import TrainSettings, session
 from ..train.loop import Task, train
 from .network import SpiderConfig, build_spider, spider_loss
 
@@ -105,21 +106,21 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
     from ..dataset.spider_data import SpiderDataset
 
     data = Path(data)
-    dist = setup(settings)
-    ds_kw = dict(views=model_cfg.views, classes=model_cfg.classes, image_size=model_cfg.image_size,
-                 hu_range=(model_cfg.hu_min, model_cfg.hu_max))
-    train_ds = SpiderDataset(data, train_split, n_points=n_points, augment=augment,
-                             foreground_fraction=foreground_fraction, seed=settings.seed, **ds_kw)
-    val_ds = SpiderDataset(data, val_split, augment=False, **ds_kw) if has_split(data, val_split) else None
-    config = {
-        "network": "spider",
-        "model": model_cfg.to_dict(),
-        "dataset": {"root": str(data.resolve()), "train_cases": len(train_ds), "build": dataset_build_config(data)},
-        "training": {**settings.to_dict(), "n_points": n_points, "lambda": lam, "optimizer": optimizer,
-                     "lr_step_epochs": lr_step_epochs, "lr_gamma": lr_gamma,
-                     "foreground_fraction": foreground_fraction, "augment": augment, "preset": preset,
-                     "world_size": dist.world},
-    }
-    task = SpiderTask(model_cfg, val_ds, dist, lam=lam, optimizer=optimizer, lr_step_epochs=lr_step_epochs,
-                      lr_gamma=lr_gamma)
-    return train(task, train_ds, settings, dist, config, log=log)
+    with session(settings) as dist:
+        ds_kw = dict(views=model_cfg.views, classes=model_cfg.classes, image_size=model_cfg.image_size,
+                     hu_range=(model_cfg.hu_min, model_cfg.hu_max))
+        train_ds = SpiderDataset(data, train_split, n_points=n_points, augment=augment,
+                                 foreground_fraction=foreground_fraction, seed=settings.seed, **ds_kw)
+        val_ds = SpiderDataset(data, val_split, augment=False, **ds_kw) if has_split(data, val_split) else None
+        config = {
+            "network": "spider",
+            "model": model_cfg.to_dict(),
+            "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data)},
+            "training": {**settings.recorded(), "n_points": n_points, "lambda": lam, "optimizer": optimizer,
+                         "lr_step_epochs": lr_step_epochs, "lr_gamma": lr_gamma,
+                         "foreground_fraction": foreground_fraction, "augment": augment, "preset": preset,
+                         "world_size": dist.world},
+        }
+        task = SpiderTask(model_cfg, val_ds, dist, lam=lam, optimizer=optimizer, lr_step_epochs=lr_step_epochs,
+                          lr_gamma=lr_gamma)
+        return train(task, train_ds, settings, dist, config, log=log)

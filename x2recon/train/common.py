@@ -17,10 +17,12 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..io.atomic import atomic_path, atomic_write_text
+from ..io.documents import recorded_path
 
 
 @dataclass
@@ -46,6 +48,15 @@ class TrainSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def recorded(self) -> dict:
+        """The settings as a checkpoint records them: the run folder and a ``--resume`` file by name only
+        (a checkpoint travels; this machine's folders do not)."""
+        d = self.to_dict()
+        d["out"] = recorded_path(d["out"])
+        if d["resume"] not in ("auto", "never"):
+            d["resume"] = recorded_path(d["resume"])
+        return d
+
 
 @dataclass
 class Dist:
@@ -53,6 +64,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    threads_before: int = 0  # torch's CPU threads before --threads changed them (restored by teardown)
 
     @property
     def main(self) -> bool:
@@ -64,7 +76,8 @@ class Dist:
 
 
 def setup(settings: TrainSettings) -> Dist:
-    """Device and (under torchrun) the process group: NCCL on CUDA, Gloo on CPU."""
+    """Device and (under torchrun) the process group: NCCL on CUDA, Gloo on CPU.  ``settings.threads``
+    sets torch's CPU threads until ``teardown`` (which restores the caller's)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,17 +91,30 @@ def setup(settings: TrainSettings) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(settings.seed + rank)
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, before)
+
+
+@contextlib.contextmanager
+def session(settings: TrainSettings) -> Iterator[Dist]:
+    """``setup`` … ``teardown``, also when the run fails (the process group closed, torch's threads back)."""
+    dist = setup(settings)
+    try:
+        yield dist
+    finally:
+        teardown(dist)
 
 
 def teardown(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if dist.threads_before and torch.get_num_threads() != dist.threads_before:
+        torch.set_num_threads(dist.threads_before)
 
 
 def autocast(settings: TrainSettings, device: torch.device):

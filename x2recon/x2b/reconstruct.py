@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +25,7 @@ from ..errors import CancelledError, X2ReconInputError
 from ..geometry import ProjectionGeometry
 from ..mesh.extract import MIN_COMPONENT_MM3, MeshError, drop_small_components, ensure_watertight
 from ..mesh.mise import mise
-from ..nn.device import resolve_device  # noqa: F401  (also imported from here by the CLI, demo and Slicer)
+from ..nn.device import resolve_device, single_threaded_pool  # noqa: F401  (resolve_device: also imported from here by the CLI, demo and Slicer)
 from ..io.xray import XRay
 
 
@@ -120,7 +119,7 @@ class OccupancyField:
         workers = min(torch.get_num_threads(), len(slices)) if self.cpu_chunk else 1
         if workers <= 1:
             return np.concatenate([self._prob_chunk(pts[sl]) for sl in slices])
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with single_threaded_pool(workers) as pool:
             return np.concatenate(list(pool.map(lambda sl: self._prob_chunk(pts[sl]), slices)))
 
     def logit_and_grad(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dataset.torch_data import dataset_build_config, has_split
-from ..train.common import TrainSettings, setup
+from ..io.documents import recorded_path
+from ..train.common import TrainSettings, session
 from ..train.loop import Task, train
 from .network import X2BConfig, build_model
 
@@ -89,20 +90,20 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
     from ..dataset.torch_data import OccupancyDataset, ValidationDataset
 
     data = Path(data)
-    dist = setup(settings)
-    views = model_cfg.views
-    train_ds = OccupancyDataset(data, train_split, kind=model_cfg.kind, views=views, image_size=model_cfg.image_size,
-                                n_points=n_points, augment=augment, seed=settings.seed)
-    val_ds = None
-    if has_split(data, val_split):
-        val_ds = ValidationDataset(data, val_split, kind=model_cfg.kind, views=views, image_size=model_cfg.image_size,
-                                   seed=settings.seed)
-    config = {
-        "network": model_cfg.kind,
-        "model": model_cfg.to_dict(),
-        "dataset": {"root": str(data.resolve()), "train_cases": len(train_ds), "build": dataset_build_config(data)},
-        "training": {**settings.to_dict(), "n_points": n_points, "pretrained": pretrained, "augment": augment,
-                     "preset": preset, "world_size": dist.world},
-    }
-    task = X2BTask(model_cfg, pretrained, val_ds if dist.main else None, dist)
-    return train(task, train_ds, settings, dist, config, log=log)
+    with session(settings) as dist:
+        views = model_cfg.views
+        train_ds = OccupancyDataset(data, train_split, kind=model_cfg.kind, views=views, image_size=model_cfg.image_size,
+                                    n_points=n_points, augment=augment, seed=settings.seed)
+        val_ds = None
+        if has_split(data, val_split):
+            val_ds = ValidationDataset(data, val_split, kind=model_cfg.kind, views=views, image_size=model_cfg.image_size,
+                                       seed=settings.seed)
+        config = {
+            "network": model_cfg.kind,
+            "model": model_cfg.to_dict(),
+            "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data)},
+            "training": {**settings.recorded(), "n_points": n_points, "pretrained": recorded_path(pretrained),
+                         "augment": augment, "preset": preset, "world_size": dist.world},
+        }
+        task = X2BTask(model_cfg, pretrained, val_ds if dist.main else None, dist)
+        return train(task, train_ds, settings, dist, config, log=log)

@@ -47,6 +47,7 @@ import numpy as np
 
 from ...errors import X2ReconInputError
 from ...io.atomic import atomic_write_text
+from ...io.documents import recorded_path
 from .detections import Detection
 from .offline import TRAIN_OVERRIDES, import_ultralytics, strip_online_callbacks
 
@@ -474,7 +475,7 @@ def _finish(run: Path, root: Path, staged: dict, ev: dict, callbacks: _Callbacks
     st = _read_json(state_path) or {}
     weights = export_weights(ev["best"], run / "detector.safetensors", extra={
         "imgsz": _train_imgsz(run, imgsz), "classes_mode": classes, "views": staged["views"],
-        "dataset": str(root.resolve()), "eval": {"split": ev["split"], "mAP50": float(box.map50),
+        "dataset": recorded_path(root), "eval": {"split": ev["split"], "mAP50": float(box.map50),
                                                  "mAP50-95": float(box.map)}})
     summary = {
         "format": SUMMARY_FORMAT, "stopped": False, "model": callbacks.model, "data": str(root.resolve()),
@@ -531,7 +532,7 @@ def export_weights(pt_path: str | Path, out_path: str | Path, extra: dict | None
         "model_yaml": model.yaml,
         "names": [names[i] for i in range(len(names))],
         "stride": [float(s) for s in torch.as_tensor(model.stride).flatten()],
-        "source": str(pt_path),
+        "source": recorded_path(pt_path),
         "versions": _versions(),
         **(extra or {}),
     }

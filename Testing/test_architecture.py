@@ -1,8 +1,9 @@
 """The package's shape, checked from its source with ``ast`` (nothing is imported).
 
 DESIGN.md's Layout: building blocks never use a method package (x2b, spider, x2br) nor the front ends
-(cli, slicer, demo); method packages never use the front ends; no import circles; no function over 80
-lines except the ones listed below with their reason.
+(cli, slicer, demo); method packages never use the front ends; no import circles (at module level, through
+imports inside functions, between the package's top-level parts, and among training/'s scripts); no
+function over 80 lines except the ones listed below with their reason.
 """
 import ast
 import pathlib
@@ -10,6 +11,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "x2recon"
+TRAINING = ROOT.parent / "training"
 BUILDING_BLOCKS = ("geometry", "io", "drr", "dataset", "mesh", "metrics", "registration", "nn",
                    "train", "structures", "errors")
 METHODS = ("x2b", "spider", "x2br")
@@ -137,14 +139,15 @@ def test_graph_sees_relative_and_function_level_imports():
     assert "x2recon.nn.checkpoint" not in graph["x2recon.x2b.evaluate"]["top"]
 
 
-def _module_level_edges(graph) -> dict[str, set[str]]:
-    """Module-level imports, each also through the packages it runs first (importing ``a.b.c`` runs
-    ``a/__init__`` and ``a/b/__init__``); a package and its own submodules are not a circle (an
-    ``__init__`` re-exporting its submodules, a submodule reaching its partly initialised package)."""
+def _module_level_edges(graph, key: str = "top") -> dict[str, set[str]]:
+    """Module-level imports (``key="all"``: also those inside functions), each also through the packages
+    it runs first (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__``); a package and its own
+    submodules are not a circle (an ``__init__`` re-exporting its submodules, a submodule reaching its
+    partly initialised package)."""
     edges = {}
     for m, g in graph.items():
         targets = set()
-        for t in g["top"]:
+        for t in g[key]:
             parts = t.split(".")
             targets.update(".".join(parts[:k]) for k in range(2, len(parts) + 1))
         edges[m] = {t for t in targets if t in graph and t != m and not _is_ancestor(m, t) and not _is_ancestor(t, m)}
@@ -153,6 +156,61 @@ def _module_level_edges(graph) -> dict[str, set[str]]:
 
 def test_no_import_cycles_at_module_level():
     assert _cycles(_module_level_edges(_graph())) == []
+
+
+def test_no_import_cycles_through_imports_inside_functions():
+    """A deferred import still ties two modules together (x2br.template.library ↔ skel was such a pair)."""
+    assert _cycles(_module_level_edges(_graph(), "all")) == []
+
+
+def _part_edges(graph) -> dict[str, set[str]]:
+    """Top-level parts of the package (``geometry``, ``io``, ``drr`` …; ``x2recon`` for its ``__init__``) →
+    the parts they import, at any level."""
+    edges = {}
+    for m, g in graph.items():
+        part = _group(m) or "x2recon"
+        edges.setdefault(part, set()).update((_group(t) or "x2recon") for t in g["all"])
+        edges[part].discard(part)
+    return edges
+
+
+def test_no_import_cycles_between_the_package_parts():
+    """Data flows one way between the parts: ``geometry`` → ``io.image`` while ``io.xray`` → ``geometry``
+    was a circle, though no two modules formed one."""
+    assert _cycles(_part_edges(_graph())) == []
+
+
+def _training_edges() -> dict[str, set[str]]:
+    """training/'s scripts import each other by bare name (the folder is on ``sys.path``), at any level."""
+    scripts = {p.stem: p for p in sorted(TRAINING.glob("*.py"))}
+    edges = {}
+    for name, path in scripts.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+        edges[name] = (found & set(scripts)) - {name}
+    return edges
+
+
+def test_no_import_cycles_among_the_training_scripts():
+    """(bundle.py ↔ cross_patient.py was one; what both use lives in recipes.py.)"""
+    edges = _training_edges()
+    assert edges["cross_patient"] >= {"recipes", "bundle"}  # the graph sees bare-name and deferred imports
+    assert _cycles(edges) == []
+
+
+def test_cycle_checks_see_the_circles_they_forbid():
+    """The checks above on hand-made graphs: a deferred pair of modules, and two parts through different modules."""
+    graph = {"x2recon.a.m": {"top": set(), "all": {"x2recon.b.n"}}, "x2recon.b.n": {"top": set(), "all": set()},
+             "x2recon.b.k": {"top": set(), "all": {"x2recon.a.m"}}}
+    assert _cycles(_module_level_edges(graph, "all")) == []
+    assert _cycles(_part_edges(graph)) == [["a", "b"]]
+    graph["x2recon.b.n"]["all"] = {"x2recon.a.m"}
+    assert _cycles(_module_level_edges(graph, "all")) == [["x2recon.a.m", "x2recon.b.n"]]
+    assert _cycles(_module_level_edges(graph)) == []
 
 
 @pytest.mark.parametrize("layer, forbidden", [

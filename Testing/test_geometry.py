@@ -7,6 +7,7 @@ import pytest
 
 from x2recon.errors import X2ReconInputError
 from x2recon.geometry import ProjectionGeometry
+from x2recon.io.xray import write_geometry
 
 ISO = np.array([12.0, -30.0, 450.0])
 
@@ -85,7 +86,7 @@ def test_box_mapping_round_trip_and_bounds():
 def test_json_round_trip(tmp_path):
     g = ProjectionGeometry.from_view(-15, ISO, size=(300, 200), kind="parallel", box_size=256)
     f = tmp_path / "g.json"
-    g.to_json(f)
+    write_geometry(g, f)
     h = ProjectionGeometry.from_json(f)
     assert h == g and h.kind == "parallel" and h.size == (300, 200) and h.name == "-15"
     pts = ISO + np.random.default_rng(4).normal(0, 50, (20, 3))

@@ -11,7 +11,7 @@ from x2recon.drr.render import render_drr, write_drr
 from x2recon.errors import X2ReconInputError
 from x2recon.geometry import ProjectionGeometry
 from x2recon.io.image import write_png16
-from x2recon.io.xray import read_xray, xray_from_array
+from x2recon.io.xray import read_xray, write_geometry, xray_from_array
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, drr_files):
     import shutil
 
     shutil.copyfile(folder / "LAT.png", tmp_path / "moved.png")
-    ProjectionGeometry.from_view("AP", size=(128, 128)).to_json(tmp_path / "moved.json")
+    write_geometry(ProjectionGeometry.from_view("AP", size=(128, 128)), tmp_path / "moved.json")
     cases.append((tmp_path / "moved.png", "geometry is for 128×128"))
     for path, words in cases:
         with pytest.raises(X2ReconInputError) as e:

@@ -26,6 +26,8 @@ import platform
 import shutil
 from pathlib import Path
 
+from recipes import table_rows, train_args
+
 from x2recon.io.atomic import atomic_write_text
 
 #: Patients the bundled demo model (x2b_demo.safetensors) was trained on: deformed copies of chest_lidc0001.
@@ -62,8 +64,6 @@ def held_out(rows: list[dict], method: str) -> list[dict]:
 def demo_rows(st, a, prof: dict) -> list[dict]:
     """The bundled demo model scored on every fold's test patient, as the folds' models are (so ``x2recon
     demo`` can use whichever does better on a patient it never saw; its card says which patients it saw)."""
-    from cross_patient import table_rows
-
     out = []
     for p in a.patients:
         csv_path = a.out / "all" / f"eval_demo_{p.name}.csv"
@@ -91,8 +91,6 @@ def machine() -> str:
 
 def bundle_steps(st, a, prof: dict, rows: list[dict]) -> None:
     """Train, then write the assets and ``cards.json`` into ``a.bundle``."""
-    from cross_patient import train_args
-
     root = a.out / "all"
     data = root / "train_data"
     if not st.record("all.merge").is_file():

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from .errors import X2ReconInputError
-from .io.image import MAX_PIXELS
 
 #: Default chest radiography set-up (PA chest: 180 cm source–image distance, 43 cm × 43 cm detector
 #: rendered at 512²).  The isocentre (patient midline) sits 200 mm in front of the detector: more
@@ -47,6 +46,9 @@ CHEST_DEFAULTS: dict[str, Any] = dict(
 
 #: Largest detector side (pixels) and the source's least distance from the detector plane (mm).
 MAX_SIDE = 16384
+#: the largest image x2recon reads or renders: 2^28 pixels (16384²; 512 MiB as 16-bit, 1 GiB as float32).
+#: Radiographs are at most ~4300² (43 cm at 0.1 mm); anything larger is checked before it is decoded.
+MAX_PIXELS = 1 << 28
 MIN_SOURCE_DISTANCE_MM = 1.0
 
 NAMED_VIEWS = {"AP": (0.0, False), "LAT": (90.0, False), "PA": (180.0, True)}
@@ -394,13 +396,9 @@ class ProjectionGeometry:
         except (KeyError, TypeError, ValueError) as e:
             raise X2ReconInputError(path, f"invalid geometry: {e}") from None
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            from .io.atomic import atomic_write_text
-
-            atomic_write_text(path, text)
-        return text
+    def to_json(self) -> str:
+        """The geometry as JSON text (``io.xray.write_geometry`` writes it to a file)."""
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "ProjectionGeometry":

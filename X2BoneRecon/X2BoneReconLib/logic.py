@@ -205,6 +205,7 @@ class X2BoneReconLogic:
         if refine == "template":
             detector, templates = or_bundled(detector, "detector"), or_bundled(templates, "templates")
         cfg = self.model_config(model_path)
+        from x2recon.io.xray import write_geometry
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
         self.placements = [x.placement for x in xrays]
         self.check_resolution(resolution)
@@ -216,7 +217,7 @@ class X2BoneReconLogic:
         args: list[str] = []
         for x, (png, js, opt_img, opt_geom) in zip(xrays, files):
             write_png16(np.round(np.clip(x.image, 0, 1) * 65535).astype(np.uint16), out / png)
-            x.geometry.to_json(out / js)
+            write_geometry(x.geometry, out / js)
             args += [opt_img, str(out / png), opt_geom, str(out / js)]
         if refine not in ("none", "template"):
             raise ValueError(f"refine must be 'none' or 'template', got {refine!r}")

@@ -1,7 +1,7 @@
 """render_drr: CT (HU) + ProjectionGeometry → DRR (line integrals, 16-bit display image, metadata).
 
 Files of one DRR (``write_drr``/``read_drr``), all written atomically:
-``<stem>.png`` 16-bit display image, ``<stem>.json`` the geometry (``ProjectionGeometry.to_json``),
+``<stem>.png`` 16-bit display image, ``<stem>.json`` the geometry (``io.xray.write_geometry``),
 ``<stem>_mu.npy`` float32 line integrals Σ μ·mm (dimensionless).
 """
 
@@ -17,7 +17,9 @@ import numpy as np
 from ..errors import X2ReconInputError
 from ..geometry import ProjectionGeometry
 from ..io.atomic import atomic_path
+from ..io.image import area_matrix
 from ..io.volume import Volume
+from ..io.xray import write_geometry
 from .attenuation import MU_AIR, MU_WATER, hu_to_mu
 from .display import to_display, to_uint16
 
@@ -50,16 +52,6 @@ class DRRImage:
             geometry=self.geometry.resized(w, h),
             mapping={**self.mapping, "resized_from": [W, H], "resampling": "area"},
         )
-
-
-def area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of exact area resampling: output pixel j averages the input over
-    ``[j, j + 1) · n_in / n_out`` (input pixel i covers ``[i, i + 1)``), fractional overlaps included."""
-    edges = np.arange(n_out + 1) * (n_in / n_out)
-    lo, hi = edges[:-1, None], edges[1:, None]
-    i = np.arange(n_in)[None, :]
-    overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
-    return overlap / overlap.sum(1, keepdims=True)
 
 
 def resolve_device(device: str) -> str:
@@ -190,7 +182,7 @@ def write_drr(img: DRRImage, folder: str | Path, stem: str) -> list[Path]:
     if (w, h) != tuple(img.geometry.size):
         raise ValueError(f"DRR image is {w}×{h} but its geometry is {img.geometry.size[0]}×{img.geometry.size[1]}")
     write_png16(img.display, png)
-    img.geometry.to_json(js)
+    write_geometry(img.geometry, js)
     written = [png, js]
     if img.line_integral is not None:
         with atomic_path(npy) as tmp:

@@ -7,12 +7,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import X2ReconInputError
+from ..geometry import MAX_PIXELS
 from .atomic import atomic_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: the largest image x2recon reads or renders: 2^28 pixels (16384²; 512 MiB as 16-bit, 1 GiB as float32).
-#: Radiographs are at most ~4300² (43 cm at 0.1 mm); anything larger is checked before it is decoded.
-MAX_PIXELS = 1 << 28
+
+
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of exact area resampling: output pixel j averages the input over
+    ``[j, j + 1) · n_in / n_out`` (input pixel i covers ``[i, i + 1)``), fractional overlaps included."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    i = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+    return overlap / overlap.sum(1, keepdims=True)
 
 
 def check_pixel_count(width: int, height: int, what: str, path=None) -> None:

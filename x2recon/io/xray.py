@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import X2ReconInputError
 from ..geometry import CHEST_DEFAULTS, ProjectionGeometry
-from .image import read_grey_2d, read_png
+from .atomic import atomic_write_text
+from .image import area_matrix, read_grey_2d, read_png
 
 MIN_SIZE = 32
 PNG_SUFFIXES = (".png",)
@@ -85,8 +86,6 @@ class XRay:
 
     def resized(self, size: int) -> "XRay":
         """Area-resampled to ``size``² (the network's input), geometry resized to match."""
-        from ..drr.render import area_matrix
-
         H, W = self.image.shape
         if (W, H) == (size, size):
             return self
@@ -106,6 +105,12 @@ def _stem(path: Path) -> Path:
         if suf and name.lower().endswith(suf):
             return path.with_name(name[: -len(suf)])
     return path
+
+
+def write_geometry(geometry: ProjectionGeometry, path: str | Path) -> Path:
+    """``geometry`` as JSON in ``path`` (atomically), as ``read_xray --geometry`` and ``sidecar_geometry`` read it."""
+    atomic_write_text(path, geometry.to_json())
+    return Path(path)
 
 
 def sidecar_geometry(path: str | Path) -> Path | None:

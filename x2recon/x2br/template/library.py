@@ -38,7 +38,8 @@ import numpy as np
 
 from ...errors import CancelledError, X2ReconInputError
 from ...io.atomic import atomic_write_text
-from ...io.documents import read_document
+from ...io.documents import read_document, recorded_path
+from .store import write_template
 
 LIBRARY_FORMAT = "x2recon.templates/1"
 SKIP_MESHES = ("bones", "bones_box")
@@ -138,43 +139,6 @@ def _structure_order() -> dict[str, int]:
     from ...structures import totalseg_v2
 
     return {n: i for i, n in enumerate(totalseg_v2().values())}
-
-
-def mesh_record(mesh, rel_vertices: np.ndarray, box_size: float) -> dict:
-    """Numbers library.json keeps for a template (mm relative to the box centre)."""
-    lo, hi = rel_vertices.min(0), rel_vertices.max(0)
-    vol = float(abs(mesh.volume)) if mesh.is_watertight else float("nan")
-    try:
-        c = np.asarray(mesh.center_mass) if mesh.is_watertight and vol > 0 else rel_vertices.mean(0)
-    except Exception:
-        c = rel_vertices.mean(0)
-    return {
-        "volume_mm3": round(vol, 3),
-        "centroid_mm": [round(float(x), 4) for x in c],
-        "bounds_mm": [[round(float(x), 4) for x in lo], [round(float(x), 4) for x in hi]],
-        "extent_mm": [round(float(x), 4) for x in hi - lo],
-        "n_vertices": int(len(mesh.vertices)),
-        "n_faces": int(len(mesh.faces)),
-        "watertight": bool(mesh.is_watertight),
-        "inside_box": bool(np.all(np.abs(rel_vertices / box_size) <= 0.5 + 1e-9)),
-    }
-
-
-def write_template(out: Path, name: str, rel_vertices: np.ndarray, faces: np.ndarray, box_size: float) -> dict:
-    """Write ``meshes/<name>.ply`` (mm from the box centre); its record."""
-    import trimesh
-
-    from ...io.mesh import write_mesh
-
-    m_mm = trimesh.Trimesh(rel_vertices, faces, process=False)
-    write_mesh(m_mm, out / "meshes" / f"{name}.ply")
-    # the record describes the stored (float32) mesh exactly
-    from ...io.mesh import read_mesh
-
-    stored = read_mesh(out / "meshes" / f"{name}.ply")
-    rec = mesh_record(stored, np.asarray(stored.vertices), box_size)
-    rec.update(file=f"meshes/{name}.ply")
-    return rec
 
 
 def _dataset_inventory(root: Path, split: str) -> tuple[list[str], dict, dict, float]:
@@ -288,7 +252,7 @@ def build_library(
             rec.update(source="dataset", source_case=chosen, selection=rule, covers=[name],
                        candidates=len(available[name]), median_volume_mm3=round(med, 3))
             structures_doc[name] = rec
-        doc.update(dataset=str(root.resolve()), split=split, cases=cases)
+        doc.update(dataset=recorded_path(root), split=split, cases=cases)
     if skel is not None:
         from .skel import add_skel_parts
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import X2ReconInputError
+from ...io.documents import recorded_path
 
 #: SKEL body → (library part name, what it covers).
 SKEL_PARTS: dict[str, tuple[str, list[str]]] = {
@@ -141,7 +142,7 @@ def add_skel_parts(folder: str | Path, out: Path, structures_doc: dict, *, box_s
     """
     from ...mesh.extract import MeshError, ensure_watertight
     from ...structures import group_of, resolve_structures
-    from .library import write_template
+    from .store import write_template
 
     from ...io.mesh import read_mesh
 
@@ -187,7 +188,7 @@ def add_skel_parts(folder: str | Path, out: Path, structures_doc: dict, *, box_s
                                "scale": 1.0}
         rec = write_template(out, part, rel, np.asarray(mesh.faces), box_size)
         rec.update(source="skel", source_case=None, skel_body=body, selection="skel",
-                   covers=covers or [part], skel_file=str(files[body].resolve()))
+                   covers=covers or [part], skel_file=recorded_path(files[body]))
         if watertight_note:
             rec["note"] = f"not watertight: {watertight_note}"
         if part in structures_doc and structures_doc[part].get("source") == "dataset":
@@ -196,6 +197,6 @@ def add_skel_parts(folder: str | Path, out: Path, structures_doc: dict, *, box_s
                 k: rec[k] for k in ("source", "source_case", "skel_body", "selection", "covers", "skel_file")}
         structures_doc[part] = rec
         parts[body] = part
-    return {"folder": str(Path(folder).resolve()), "axes": axes, "units": units, "parts": parts,
+    return {"folder": recorded_path(folder), "axes": axes, "units": units, "parts": parts,
             "alignment": alignment, "skipped_bodies": skipped,
             "note": "SKEL has no separate vertebrae or ribs: its thorax is one part (skel_thorax)"}

@@ -299,3 +299,82 @@ def test_reconstruct_with_the_bundled_skeleton_model(sample_ap, tmp_path):
                  "--resolution", "32", "--device", "cpu", "--quiet"]) == 0
     m = read_mesh(out)
     assert len(m.faces) > 100 and np.isfinite(m.vertices).all()
+
+
+# ------------------------------------------------------------------ no build-machine paths in what ships
+def _records(f: Path):
+    """A bundled file's records: a JSON file's content, or a .safetensors file's metadata (JSON values parsed)."""
+    if f.suffix == ".json":
+        return json.loads(f.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(f), "np") as h:
+        meta = h.metadata() or {}
+    return {k: json.loads(v) if v.lstrip().startswith(("{", "[")) else v for k, v in meta.items()}
+
+
+def test_no_bundled_file_records_a_folder_of_the_machine_it_was_built_on():
+    from x2recon.io.documents import absolute_paths
+
+    files = sorted(f for f in PACKAGE_MODELS.rglob("*") if f.suffix in (".json", ".safetensors"))
+    assert {f.name for f in files} >= {"cards.json", "library.json", "x2b_skeleton.safetensors", "x2b_demo.safetensors",
+                                       "spider_skeleton.safetensors", "detector.safetensors"}
+    found = {f.relative_to(PACKAGE_MODELS).as_posix(): absolute_paths(_records(f)) for f in files}
+    assert {k: v for k, v in found.items() if v} == {}
+    skeleton = _records(PACKAGE_MODELS / "x2b_skeleton.safetensors")["x2recon"]
+    assert skeleton["dataset"]["root"] == "all/train_data"  # relative to the study folder it was built in
+
+
+def test_absolute_paths_are_found_in_values_and_command_lines():
+    from x2recon.io.documents import absolute_paths, without_machine_paths
+
+    doc = {"root": "/home/me/study/all/train_data", "cmd": "x2recon train x2b --data /home/me/study/all/train_data "
+           "--out=/tmp/run --steps 5", "other": ["C:\\Users\\me\\ct.nii.gz", "~/x.nii.gz", "x2recon.checkpoint/1",
+                                                 "rel/ative", "/", 3]}
+    assert absolute_paths(doc) == ["/home/me/study/all/train_data", "/home/me/study/all/train_data", "/tmp/run",
+                                   "C:\\Users\\me\\ct.nii.gz", "~/x.nii.gz"]
+    clean = without_machine_paths(doc, "/home/me/study")
+    assert clean == {"root": "all/train_data", "cmd": "x2recon train x2b --data all/train_data --out=run --steps 5",
+                     "other": ["ct.nii.gz", "x.nii.gz", "x2recon.checkpoint/1", "rel/ative", "/", 3]}
+    assert absolute_paths(clean) == []
+
+
+def test_the_bundle_step_rewrites_records_and_keeps_the_weights_byte_for_byte(tmp_path):
+    """training/bundle.py's make_portable (run by the bundle step, and once on the committed files)."""
+    import struct
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from x2recon.nn.checkpoint import read_config, save_checkpoint
+
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        import bundle
+    finally:
+        sys.path.remove(str(REPO / "training"))
+    study = tmp_path / "study"
+    dest = tmp_path / "models"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 1))
+    config = {"network": "x2b", "model": {"hidden": 5}, "dataset": {"root": str(study / "all" / "train_data")},
+              "training": {"out": str(study / "all" / "runs" / "x2b"), "pretrained": "/elsewhere/w.safetensors"}}
+    ckpt = save_checkpoint(dest / "x2b_skeleton.safetensors", model, config, half=True)
+    (dest / "cards.json").write_text(json.dumps({"skeleton": {"command": f"x2recon train x2b --data {study}/all/d"}},
+                                                indent=1) + "\n")
+
+    def data_section(p: Path) -> bytes:
+        b = p.read_bytes()
+        return b[8 + struct.unpack("<Q", b[:8])[0]:]
+
+    before, tensors = data_section(ckpt), load_file(str(ckpt))
+    assert sorted(f.name for f in bundle.make_portable(dest, study)) == ["cards.json", "x2b_skeleton.safetensors"]
+    assert data_section(ckpt) == before
+    after = load_file(str(ckpt))
+    assert all(torch.equal(after[k], tensors[k]) and after[k].dtype == torch.float16 for k in tensors)
+    cfg = read_config(ckpt)
+    assert cfg["dataset"]["root"] == "all/train_data" and cfg["training"]["out"] == "all/runs/x2b"
+    assert cfg["training"]["pretrained"] == "w.safetensors"
+    assert json.loads((dest / "cards.json").read_text())["skeleton"]["command"] == "x2recon train x2b --data all/d"
+    assert bundle.make_portable(dest, study) == []  # nothing left to change

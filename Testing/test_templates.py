@@ -75,6 +75,9 @@ def test_library_from_dataset(ribs_dataset, library):
     assert again.doc == library.doc and again.names == library.names
     assert again.doc["format"] == "x2recon.templates/1" and again.doc["selection"] == "case:chest_v01"
     assert "versions" in again.doc["provenance"] and again.doc["cases"] == ["chest", "chest_v01"]
+    from x2recon.io.documents import absolute_paths
+
+    assert again.doc["dataset"] == ribs_dataset.name and absolute_paths(again.doc) == []  # a library travels
 
 
 def test_median_rule_and_structure_selection(ribs_dataset, tmp_path):
@@ -150,6 +153,9 @@ def test_skel_parts(ribs_dataset, tmp_path):
     assert {"skel_thorax", "lumbar"} <= set(lib.names)
     assert lib.covers("skel_thorax") == ["ribs", "thoracic", "sternum", "costal_cartilages"]
     assert lib.doc["skel"]["skipped_bodies"] == ["tibia_r"] and lib.doc["skel"]["units"] == "m"
+    from x2recon.io.documents import absolute_paths
+
+    assert lib.doc["skel"]["folder"] == "skel" and absolute_paths(lib.doc) == []  # SKEL files by name only
     # aligned on the dataset templates it covers: its box is theirs (one isotropic factor)
     covered = [n for n in lib.names if n.startswith(("rib_", "vertebrae_T"))]
     lo = np.min([lib.info(n)["bounds_mm"][0] for n in covered], 0)

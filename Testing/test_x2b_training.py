@@ -48,8 +48,12 @@ def test_overfits_one_case_on_cpu(tiny_x2b_dataset, tiny_x2b_model):
 
     from x2recon.dataset.occupancy import load_points
 
+    from x2recon.io.documents import absolute_paths
+
     model, conf = load_model(tiny_x2b_model)
     assert conf["dataset"]["build"]["x2b_size"] == 64 and conf["training"]["step"] == TINY_X2B_STEPS
+    # the checkpoint names its dataset and run folder, never this machine's paths (a checkpoint travels)
+    assert conf["dataset"]["root"] == tiny_x2b_dataset.name and absolute_paths(conf) == []
     item = ValidationDataset(tiny_x2b_dataset, "train", views=["AP"], image_size=64, n_uniform=50_000)[0]
     pts, occ = load_points(tiny_x2b_dataset / "cases" / "chest" / "points.npz")
     with torch.no_grad():

@@ -61,6 +61,27 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *, h
     return path
 
 
+def rewrite_metadata(path: str | Path, change) -> Path:
+    """Replace a ``.safetensors`` file's metadata by ``change(metadata)`` (a dict of strings), keeping every
+    tensor byte for byte: the header is re-serialised, the data section copied unchanged (its offsets are
+    relative to its own start).  Written atomically."""
+    import struct
+
+    from ..io.atomic import atomic_write_bytes
+
+    path = Path(path)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    meta = change(dict(header.pop("__metadata__", None) or {}))
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("safetensors metadata maps strings to strings")
+    text = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned, as safetensors writes it
+    atomic_write_bytes(path, struct.pack("<Q", len(text)) + text + data[8 + n:])
+    return path
+
+
 def read_config(path: str | Path) -> dict:
     """The JSON config of a checkpoint, without loading its weights.  Anything that is not an x2recon
     checkpoint with a ``network`` name and a ``model`` table is a ``CheckpointError`` naming the file

@@ -50,3 +50,21 @@ def test_every_profile_names_existing_scripts_that_accept_json():
                 script = BENCH / args[0]
                 assert script.is_file(), name
                 assert "add_json_arg" in script.read_text(), f"{args[0]} takes no --json"
+
+
+def test_the_runner_works_from_any_folder(tmp_path, monkeypatch, capsys):
+    """From another folder: the benchmark runs from the repository root, finds its figures, and ``--out``
+    is the caller's (every bench was 'FAILED (exit 0 …)' when the two were resolved against different folders)."""
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    monkeypatch.setattr(run_all, "profiles", lambda device, quick: {
+        "mise": ["bench_mise.py", "--resolution0", "8", "--steps", "1"]})
+    assert run_all.main(["--device", "cpu", "--only", "mise", "--out", "results"]) == 0
+    report = json.loads((caller / "results" / "benchmarks.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["mise"] and "error" not in report["runs"][0]
+    assert report["figures"] and report["figures"][0]["figure"].startswith("MISE 16³")
+    md = (caller / "results" / "benchmarks.md").read_text()
+    assert "FAILED" not in md and "`bench_mise.py --resolution0 8 --steps 1 --json mise.json`" in md
+    assert str(tmp_path) not in md  # the table names no folder of this machine
+    assert not (run_all.ROOT / "results").exists()

@@ -8,7 +8,8 @@ the figures each writes with ``--json``, and writes ``DIR/benchmarks.json`` and 
 (figure, ours, peer, ratio, target, device, peak memory; date and commit in the header).  The README's
 performance table is that Markdown.  A benchmark that fails or whose peer is not installed still gets
 its row, saying so — nothing is left out silently.  Peers are real packages: ``pip install -e ".[bench]"``.
-Not collected by pytest.
+Runs from any folder: the scripts are found beside this file and run from the repository root, ``--out``
+is taken relative to the folder it is called from.  Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -69,19 +70,25 @@ def profiles(device: str, quick: bool) -> dict[str, list[str]]:
 
 def run_one(name: str, args: list[str], out: Path, timeout: float) -> tuple[list[dict], dict]:
     """Run one benchmark; its records, and a run summary (seconds, exit code, log file)."""
+    out = Path(out).resolve()  # the benchmark runs in ROOT: every path it gets is absolute
     rec_path, log_path = out / f"{name}.json", out / f"{name}.log"
     rec_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(HERE / args[0]), *args[1:], "--json", str(rec_path)]
+    env = dict(os.environ)
+    if env.get("X2RECON_SHARED_DATA"):  # a relative data folder means the caller's folder, not ROOT
+        env["X2RECON_SHARED_DATA"] = str(Path(env["X2RECON_SHARED_DATA"]).resolve())
     t = time.perf_counter()
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     seconds = time.perf_counter() - t
-    run = {"name": name, "command": " ".join(cmd[1:]), "seconds": round(seconds, 1), "rc": rc, "log": log_path.name}
+    # the table names the command as run in Testing/benchmarks/, without this machine's folders
+    run = {"name": name, "command": " ".join([*args, "--json", rec_path.name]), "seconds": round(seconds, 1), "rc": rc,
+           "log": log_path.name}
     records = json.loads(rec_path.read_text()) if rec_path.is_file() else []
     if rc != 0 or not records:
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
@@ -123,14 +130,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
-    ap.add_argument("--out", type=Path, default=Path("benchmark-results"), help="folder for the JSON, Markdown and logs")
+    ap.add_argument("--out", type=Path, default=Path("benchmark-results"),
+                    help="folder for the JSON, Markdown and logs, relative to the current folder (default: %(default)s)")
     ap.add_argument("--only", default="", help="comma list of benchmark names (default: all)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    a.out = a.out.resolve()
     if a.device is None:
         import torch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .common import non_negative_int, positive_float, positive_int
 
@@ -18,14 +19,17 @@ def cmd_compare(a) -> int:
     if a.tau is not None and not a.tau > 0:
         raise X2ReconInputError("--tau", f"must be positive, got {a.tau}")
     pred, gt = read_mesh(a.pred), read_mesh(a.gt)
-    if not abs(gt.volume) > 0:
-        raise X2ReconInputError(a.gt, "the ground-truth mesh encloses no volume (IoU needs a closed mesh)")
     tau = a.tau if a.tau is not None else (PAPER_TAU if a.protocol == "paper" else WORLD_TAU_OF_BOX * DEFAULT_BOX_MM)
     kw = {"tau": tau} if a.protocol == "paper" else {"tau_mm": tau}
-    res = score(pred, gt, (a.protocol,), n_points=a.points, seed=a.seed, **kw)
+    # the meshes are checked (empty, collapsed, open ground truth, no volume: errors naming the file) and
+    # inward-wound shells turned outward, which the notes say
+    res = score(pred, gt, (a.protocol,), n_points=a.points, seed=a.seed, names=(str(a.pred), str(a.gt)), **kw)
     out = {"protocol": a.protocol, "units": "ground truth's longest bounding-box edge = 1" if a.protocol == "paper"
            else "mm", **res[a.protocol], "maxe": res["maxe"], "maye": res["maye"], "maze": res["maze"],
-           "axis_error_units": "mm", "n_points": a.points, "seed": a.seed, "pred": str(a.pred), "gt": str(a.gt)}
+           "axis_error_units": "mm", "n_points": a.points, "seed": a.seed, "pred": str(a.pred), "gt": str(a.gt),
+           "notes": res["notes"]}
+    for note in res["notes"]:
+        print(f"x2recon compare: note: {note}", file=sys.stderr)
     print(json.dumps(out, indent=1))
     return 0
 
@@ -39,7 +43,9 @@ def add_parsers(sub) -> None:
                     "IoU on uniform points in the 1.1x padded unit box, voxel IoU on its 32^3 grid (voxels the "
                     "surface crosses count as occupied), Chamfer-L1 / F-score / NC on surface samples in those "
                     "units. world: the same in mm, IoU over both meshes' joint bounding box. maxe/maye/maze "
-                    "(after ICP) are in mm in both. Meshes: STL, PLY, OBJ, OFF or VTK in the same frame.")
+                    "(after ICP) are in mm in both. Meshes: STL, PLY, OBJ, OFF or VTK in the same frame, of "
+                    "either winding (inward-wound shells are scored turned outward; 'notes' says so). An empty, "
+                    "collapsed or volume-less mesh, or an open ground truth, is an error.")
     p.add_argument("pred", help="the reconstruction's mesh file")
     p.add_argument("gt", help="the ground-truth mesh file (closed)")
     p.add_argument("--protocol", choices=["paper", "world"], default="paper",

@@ -3,8 +3,10 @@
 Inside/outside by the generalised winding number (libigl's fast winding number, ``igl.fast_winding_number``
 in libigl 2.6): on a closed, outward-wound mesh it is 1 inside and 0 outside (≈ 0.3 M points/s here;
 trimesh's ray-based ``contains`` is far slower without embree), and where structures of the merged
-bone mesh overlap it is 2, so ``> ½`` gives their union.  Points are stored as Occupancy Networks
-store them: float16 coordinates and bit-packed occupancies in an ``.npz``.
+bone mesh overlap it is 2, so ``|w| > ½`` gives their union.  The absolute value makes the test
+independent of the winding a mesh file was written with (inward-wound: −1 inside); a file that mixes
+windings is oriented first where it enters (``mesh.orient.orient_outward``, the metrics).  Points are
+stored as Occupancy Networks store them: float16 coordinates and bit-packed occupancies in an ``.npz``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def winding_number(mesh: trimesh.Trimesh, points: np.ndarray, chunk: int = 4_000
 
 
 def inside(mesh: trimesh.Trimesh, points: np.ndarray, chunk: int = 4_000_000) -> np.ndarray:
-    """Boolean occupancy of ``points`` (N, 3): winding number > ½ (union of overlapping parts)."""
-    return winding_number(mesh, points, chunk) > 0.5
+    """Boolean occupancy of ``points`` (N, 3): |winding number| > ½ (union of overlapping parts, either
+    winding)."""
+    return np.abs(winding_number(mesh, points, chunk)) > 0.5
 
 
 def sample_occupancy(mesh_world: trimesh.Trimesh, geometry, n: int = 100_000, near_surface_fraction: float = 0.5,

@@ -9,6 +9,11 @@
 * Per-axis errors after ICP (maxe, maye, maze): the reconstruction is rigidly aligned to the ground
   truth by ICP, then the mean absolute x, y, z differences to the nearest ground-truth points.
 
+Inside tests do not depend on the winding a mesh was written with: :func:`scorable` turns inward-wound
+shells outward (``mesh.orient``) and names what cannot be scored — no triangles, a mesh collapsed to a
+point or a line, no enclosed volume, an open ground truth — and an IoU with nothing inside either mesh
+is an error, never 1.
+
 Distances are in the units of the meshes given.  The papers report Chamfer-L1 and F-score with each
 ground truth normalised into the unit box, per-axis errors in mm: ``metrics.protocol`` scores both
 that protocol and ours (mm) — use it for figures to compare with the papers.
@@ -21,6 +26,56 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
+
+from ..errors import X2ReconInputError
+
+
+def scorable(mesh: trimesh.Trimesh, name: str, *, closed: bool, scale: float | None = None
+             ) -> tuple[trimesh.Trimesh, list[str]]:
+    """``mesh`` made ready for inside tests (closed shells wound outward, ``mesh.orient.orient_outward``;
+    an indexed file whose shells do not share vertices is merged first) and notes on what was done.
+
+    ``X2ReconInputError`` naming ``name`` when it cannot be scored: no triangles; collapsed (longest
+    bounding-box edge ≤ 1e-6 ``scale``, or area ≤ 1e-12 ``scale``²; ``scale``: the other mesh's size, by
+    default its own); encloses no volume; or, with ``closed``, open edges (a ground truth: inside and
+    outside of an open surface are not defined).  An open mesh without ``closed`` is scored with a note:
+    the winding number is only approximately 0/1 near its holes."""
+    from ..mesh.extract import signed_volume
+    from ..mesh.orient import orient_outward, shells
+
+    if len(mesh.faces) == 0:
+        raise X2ReconInputError(name, "mesh is empty (no triangles): nothing to score")
+    extent = float(np.max(np.ptp(np.asarray(mesh.vertices, np.float64), axis=0)))
+    ref = extent if scale is None else float(scale)
+    if not (extent > 1e-6 * ref and float(mesh.area) > 1e-12 * ref ** 2):
+        raise X2ReconInputError(name, f"mesh is degenerate: its {len(mesh.faces):,} triangles span {extent:.3g} mm "
+                                      f"and cover {float(mesh.area):.3g} mm² (collapsed to a point or a line); "
+                                      "its scores would mean nothing")
+    notes = []
+    s = shells(mesh)
+    if s.open_edges:
+        merged = mesh.copy()
+        merged.merge_vertices()
+        s_merged = shells(merged)
+        if s_merged.open_edges == 0:
+            mesh, s = merged, s_merged
+    flat = not abs(float(s.volume.sum())) > 1e-9 * ref ** 3
+    if s.open_edges:
+        edges = f"{s.open_edges:,} open edges, {int((~s.closed).sum())} of {len(s)} pieces open"
+        if flat:
+            raise X2ReconInputError(name, f"mesh encloses no volume (not closed: {edges}): IoU needs a solid")
+        what = f"mesh is not closed ({edges})"
+        if closed:
+            raise X2ReconInputError(name, f"{what}: IoU needs a closed ground truth to tell inside from outside; "
+                                          "close its holes first")
+        notes.append(f"{name}: {what}: its inside test is approximate near the holes")
+    mesh, turned = orient_outward(mesh)
+    if turned:
+        notes.append(f"{name}: {turned} of {len(s)} shells were wound inward (negative volume) and were scored "
+                     "turned outward")
+    if not signed_volume(mesh) > 1e-9 * ref ** 3:
+        raise X2ReconInputError(name, "mesh encloses no volume (flat or open): IoU needs a solid")
+    return mesh, notes
 
 
 def sample_surface(mesh: trimesh.Trimesh, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -72,10 +127,13 @@ def fscore_from_distances(d_pg: np.ndarray, d_gp: np.ndarray, tau: float) -> tup
 
 
 def iou_occupancy(occ_pred: np.ndarray, occ_gt: np.ndarray) -> float:
-    """IoU of two boolean occupancy arrays over the same points (1.0 when both are empty)."""
+    """IoU of two boolean occupancy arrays over the same points; ``ValueError`` when neither has a point
+    inside (the IoU of two empty sets is undefined — scoring it 1 called inward-wound meshes perfect)."""
     a, b = np.asarray(occ_pred, bool), np.asarray(occ_gt, bool)
     union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    if union == 0:
+        raise ValueError(f"IoU undefined: none of the {a.size:,} points is inside either mesh")
+    return float(np.logical_and(a, b).sum() / union)
 
 
 def iou_points(pred: trimesh.Trimesh, gt: trimesh.Trimesh, n: int = 100_000, seed: int = 0,
@@ -156,13 +214,18 @@ class MeshMetrics:
 
 
 def mesh_metrics(pred: trimesh.Trimesh, gt: trimesh.Trimesh, *, n_points: int = 100_000, tau: float = 0.02,
-                 scale: float = 1.0, seed: int = 0) -> MeshMetrics:
+                 scale: float = 1.0, seed: int = 0, names: tuple[str, str] = ("prediction", "ground truth")
+                 ) -> MeshMetrics:
     """All mesh metrics of the papers' tables for one reconstruction.
 
     ``scale`` divides distances for Chamfer-L1 and F-score (e.g. the reconstruction box edge in mm:
     "box units", one fixed length for every case — not the papers' per-case normalisation, which
-    ``metrics.protocol.score`` applies); per-axis errors stay in mesh units.
+    ``metrics.protocol.score`` applies); per-axis errors stay in mesh units.  Both meshes go through
+    :func:`scorable` (the ground truth must be closed; errors name ``names``); an IoU with nothing inside
+    the ground truth is an error.
     """
+    gt, _ = scorable(gt, names[1], closed=True)
+    pred, _ = scorable(pred, names[0], closed=False, scale=float(np.max(np.ptp(gt.vertices, axis=0))))
     p, pn = sample_surface(pred, n_points, seed)
     g, gn = sample_surface(gt, n_points, seed + 1)
     cd, acc, comp = chamfer_l1(p / scale, g / scale)

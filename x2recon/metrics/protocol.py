@@ -20,6 +20,11 @@ same surface samples serve both protocols (uniform by area stays uniform under a
 case's paper Chamfer-L1 is its world Chamfer-L1 divided by the ground truth's longest edge, and normal
 consistency is the same number in both.
 
+Both meshes are checked and oriented first (``metrics.mesh.scorable``): inward-wound shells are scored
+turned outward (a note says so), and a mesh that cannot be scored is an error naming it — no
+triangles, collapsed to a point or a line, no enclosed volume, an open ground truth, a ground truth
+with none of the IoU points inside (an IoU of two empty sets is never reported as 1).
+
 A ground truth may be *cut to a box* (:meth:`Solid.clipped`): its solid is the mesh ∩ box and its
 surface that solid's, capped on the box's faces as a reconstruction is capped where bone leaves the
 box, so a structure partly outside the reconstruction box is scored on what the network could predict.
@@ -32,8 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import trimesh
 
+from ..errors import X2ReconInputError
 from .mesh import (axis_errors_after_icp, chamfer_from_distances, fscore_from_distances, iou_occupancy,
-                   normal_consistency_of_pairs, sample_surface)
+                   normal_consistency_of_pairs, sample_surface, scorable)
 
 PROTOCOLS = ("paper", "world")
 #: ONet: IoU points uniform in the unit box grown by this fraction (edge 1.1).
@@ -57,26 +63,37 @@ AXIS_COLUMNS = ("maxe", "maye", "maze")
 @dataclass(frozen=True)
 class Solid:
     """A mesh to score: ``surface`` is what gets sampled, the solid is ``mesh`` (closed) ∩ the box ``lo``–``hi``
-    (no box: the whole mesh)."""
+    (no box: the whole mesh).  Made by :meth:`whole` / :meth:`clipped`, which check and orient the mesh
+    (``metrics.mesh.scorable``); ``name`` is what errors call it, ``notes`` what was done to it."""
 
     mesh: trimesh.Trimesh
     surface: trimesh.Trimesh
     lo: np.ndarray | None = None
     hi: np.ndarray | None = None
+    name: str = "mesh"
+    notes: tuple = ()
 
     @classmethod
-    def whole(cls, mesh: trimesh.Trimesh) -> "Solid":
-        return cls(mesh, mesh)
+    def whole(cls, mesh: trimesh.Trimesh, name: str = "prediction", *, closed: bool = False,
+              scale: float | None = None) -> "Solid":
+        """``mesh`` checked and oriented (``scorable``; ``closed``: refuse open edges, as a ground truth)."""
+        mesh, notes = scorable(mesh, name, closed=closed, scale=scale)
+        return cls(mesh, mesh, name=name, notes=tuple(notes))
 
     @classmethod
-    def clipped(cls, mesh: trimesh.Trimesh, lo, hi) -> "Solid":
-        """``mesh`` cut to the axis-aligned box ``lo``–``hi`` (the mesh itself when it lies inside)."""
+    def clipped(cls, mesh: trimesh.Trimesh, lo, hi, name: str = "ground truth") -> "Solid":
+        """A closed ground truth ``mesh``, checked and oriented, cut to the axis-aligned box ``lo``–``hi``
+        (the mesh itself when it lies inside)."""
         from ..dataset.box_coverage import clip_solid
 
         lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        mesh, notes = scorable(mesh, name, closed=True)
         if np.all(mesh.bounds[0] >= lo) and np.all(mesh.bounds[1] <= hi):
-            return cls.whole(mesh)
-        return cls(mesh, clip_solid(mesh, lo, hi), lo, hi)
+            return cls(mesh, mesh, name=name, notes=tuple(notes))
+        surface = clip_solid(mesh, lo, hi)
+        if len(surface.faces) == 0:
+            raise X2ReconInputError(name, "the mesh lies entirely outside the reconstruction box: nothing to score")
+        return cls(mesh, surface, lo, hi, name, tuple(notes))
 
     @property
     def is_clipped(self) -> bool:
@@ -99,8 +116,8 @@ class Solid:
         mesh = unit.apply_mesh(self.mesh)
         surface = mesh if self.surface is self.mesh else unit.apply_mesh(self.surface)
         if not self.is_clipped:
-            return Solid(mesh, surface)
-        return Solid(mesh, surface, unit.apply(self.lo), unit.apply(self.hi))
+            return Solid(mesh, surface, name=self.name, notes=self.notes)
+        return Solid(mesh, surface, unit.apply(self.lo), unit.apply(self.hi), self.name, self.notes)
 
 
 @dataclass(frozen=True)
@@ -222,12 +239,20 @@ def score_paper(pred: Solid, gt: Solid, samples: Samples, *, n_points: int = 100
     p, g = pred.moved(unit), gt.moved(unit)
     lo, hi = np.full(3, -0.5 - PAPER_PADDING / 2), np.full(3, 0.5 + PAPER_PADDING / 2)
     pts = np.random.default_rng(seed + 2).uniform(lo, hi, size=(n_points, 3))
-    out = {"iou": iou_occupancy(p.inside(pts), g.inside(pts)),
+    out = {"iou": iou_occupancy(p.inside(pts), _nonempty(g, g.inside(pts), "paper")),
            "iou_vox": iou_occupancy(voxel_occupancy(p, lo, hi, PAPER_VOXELS, True),
                                     voxel_occupancy(g, lo, hi, PAPER_VOXELS, True))}
     out.update(samples.surface_scores(unit.scale, tau))
     out["scale_mm"] = unit.scale
     return out
+
+
+def _nonempty(gt: Solid, occ: np.ndarray, protocol: str) -> np.ndarray:
+    """``occ``, the ground truth's occupancy of the IoU points — an error naming it when none is inside."""
+    if not occ.any():
+        raise X2ReconInputError(gt.name, f"none of the {occ.size:,} IoU points of the {protocol} protocol is inside "
+                                         "the ground truth: its IoU would mean nothing")
+    return occ
 
 
 def world_region(pred: Solid, gt: Solid, box=None) -> np.ndarray:
@@ -244,7 +269,7 @@ def score_world(pred: Solid, gt: Solid, samples: Samples, *, tau_mm: float, n_po
     """The world protocol's metrics in mm (see the module doc)."""
     lo, hi = world_region(pred, gt, box)
     pts = np.random.default_rng(seed + 2).uniform(lo, hi, size=(n_points, 3))
-    out = {"iou": iou_occupancy(pred.inside(pts), gt.inside(pts)),
+    out = {"iou": iou_occupancy(pred.inside(pts), _nonempty(gt, gt.inside(pts), "world")),
            "iou_vox": iou_occupancy(voxel_occupancy(pred, lo, hi, voxels, False),
                                     voxel_occupancy(gt, lo, hi, voxels, False))}
     out.update(samples.surface_scores(1.0, tau_mm))
@@ -253,17 +278,21 @@ def score_world(pred: Solid, gt: Solid, samples: Samples, *, tau_mm: float, n_po
 
 def score(pred: trimesh.Trimesh | Solid, gt: trimesh.Trimesh | Solid, protocols=PROTOCOLS, *,
           n_points: int = 100_000, seed: int = 0, tau: float = PAPER_TAU, tau_mm: float | None = None,
-          box=None, world_voxels: int = WORLD_VOXELS) -> dict:
+          box=None, world_voxels: int = WORLD_VOXELS, names: tuple[str, str] = ("prediction", "ground truth")
+          ) -> dict:
     """Metrics of ``pred`` against ``gt`` in each of ``protocols``: ``{"paper": {...}, "world": {...},
-    "maxe": …, "maye": …, "maze": …}`` (axis errors in mm).  ``box`` ((lo, hi), mm): the reconstruction
-    box — the ground truth is cut to it and the world IoUs are scored inside it; ``tau_mm``: the world
-    F-score threshold (default 0.02 × the box edge, or × 384 mm without a box)."""
+    "maxe": …, "maye": …, "maze": …, "gt_clipped": …, "notes": [...]}`` (axis errors in mm).  ``box``
+    ((lo, hi), mm): the reconstruction box — the ground truth is cut to it and the world IoUs are scored
+    inside it; ``tau_mm``: the world F-score threshold (default 0.02 × the box edge, or × 384 mm without
+    a box).  Meshes are checked and oriented as the module doc says (errors name ``names``); ``notes``:
+    what was done to them (inward shells turned, an open prediction)."""
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; use {', '.join(PROTOCOLS)}")
-    pred = pred if isinstance(pred, Solid) else Solid.whole(pred)
     if not isinstance(gt, Solid):
-        gt = Solid.whole(gt) if box is None else Solid.clipped(gt, *box)
+        gt = Solid.whole(gt, names[1], closed=True) if box is None else Solid.clipped(gt, *box, name=names[1])
+    if not isinstance(pred, Solid):
+        pred = Solid.whole(pred, names[0], scale=float(np.max(gt.bounds[1] - gt.bounds[0])))
     samples = Samples.draw(pred, gt, n_points, seed)
     out: dict = {}
     if "paper" in protocols:
@@ -276,6 +305,7 @@ def score(pred: trimesh.Trimesh | Solid, gt: trimesh.Trimesh | Solid, protocols=
                                    voxels=world_voxels)
     out.update(zip(AXIS_COLUMNS, axis_errors_after_icp(samples.pred, samples.gt)))
     out["gt_clipped"] = gt.is_clipped
+    out["notes"] = [*gt.notes, *pred.notes]
     return out
 
 

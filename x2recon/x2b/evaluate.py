@@ -121,8 +121,10 @@ class _Scorer:
 
         box = rec.geometry.box_bounds()
         if self.case != folder:
-            self.gt, self.case = Solid.clipped(read_mesh(folder / "meshes" / "bones.ply"), *box), folder
-        res = score(mesh, self.gt, n_points=self.n_points, box=box, tau_mm=WORLD_TAU_OF_BOX * rec.geometry.box_size)
+            path = folder / "meshes" / "bones.ply"
+            self.gt, self.case = Solid.clipped(read_mesh(path), *box, name=str(path)), folder
+        res = score(mesh, self.gt, n_points=self.n_points, box=box, tau_mm=WORLD_TAU_OF_BOX * rec.geometry.box_size,
+                    names=(f"{method} reconstruction of {folder.name} ({'+'.join(vs)})", str(self.gt.name)))
         return {"case": folder.name, "view": "+".join(vs), "method": method, **flat_row(res), "seconds": seconds,
                 "faces": len(mesh.faces)}
 

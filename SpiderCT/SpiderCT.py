@@ -101,7 +101,7 @@ if parameterNodeWrapper is not None:
 
 def ensure_dependencies(testing: bool = False) -> bool:
     """Install what reconstruction needs after asking (in ``testing`` mode: without asking); see
-    ``x2recon.slicer.process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    ``x2recon.slicer.process.ensure_dependencies`` (torch only through PyTorchUtils)."""
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing, requester="SpiderCT")
 
 

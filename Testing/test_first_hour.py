@@ -217,9 +217,10 @@ def test_evaluate_writes_its_csv_in_the_working_directory(clone_only_demo, tmp_p
     package = bundled_model().parent
     before = set(package.iterdir())
     monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", "--model", "demo", "--data", str(data), "--resolution", "32", "--points", "2000",
+    # the model the demo built its case for (the default, skeleton): another model's settings would be refused
+    assert main(["evaluate", "--model", "skeleton", "--data", str(data), "--resolution", "32", "--points", "2000",
                  "--quiet"]) == 0
-    csv = tmp_path / "evaluate_x2b_demo_test.csv"
+    csv = tmp_path / "evaluate_x2b_skeleton_test.csv"
     assert csv.is_file() and "chest_lidc0001_half_v90" in csv.read_text()
     assert f"per-case results: {csv}" in capsys.readouterr().out
     assert set(package.iterdir()) == before  # nothing written into the installed package

@@ -286,7 +286,10 @@ def xnode_model(scene):
 
 # ------------------------------------------------------------------------------------- compare
 def test_compare_with_a_segmentation_equals_the_metrics(logic, scene, drr, direct, ground_truth):
-    from x2recon.metrics.mesh import mesh_metrics, vertex_distances
+    """The table holds ``x2recon evaluate``'s scores in both protocols: the ground truth cut to the model's
+    reconstruction box, world F-score at 0.02 × its edge."""
+    from x2recon.metrics.mesh import vertex_distances
+    from x2recon.metrics.protocol import flat_row, score
 
     labels, vert_mesh, whole_mesh = ground_truth
     xnode = drr_to_volume_node(drr, scene, "chest AP")
@@ -305,14 +308,17 @@ def test_compare_with_a_segmentation_equals_the_metrics(logic, scene, drr, direc
     values = logic.table_values(table)
     pred = model_node_to_mesh(model)
     box = drr.geometry.box_size
-    expected = mesh_metrics(pred, vert_mesh, n_points=N_POINTS, scale=box).to_dict()
+    expected = flat_row(score(pred, vert_mesh, n_points=N_POINTS, box=drr.geometry.box_bounds(), tau_mm=0.02 * box))
     d = vertex_distances(pred.vertices, vert_mesh)
     expected.update(mean_distance_mm=d.mean(), max_distance_mm=d.max(), box_size_mm=box)
-    assert [r[1] for r in metric_rows()] == list(values)
-    for key, label in metric_rows():
-        assert values[label] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), label
-    assert {"IoU", "Chamfer-L1 (box units)", "F-score@0.02", "NC", "maxe (mm)", "maye (mm)", "maze (mm)",
+    rows = metric_rows(0.02, 0.02 * box)
+    assert [r[1] for r in rows] == list(values)
+    for key, label in rows:
+        assert values[label] == pytest.approx(float(expected[key]), rel=1e-6, abs=1e-9), label
+    assert {"IoU (paper)", "IoU (world)", "Chamfer-L1 (paper, unit box)", "Chamfer-L1 (world, mm)",
+            "F-score@0.02 (paper)", "F-score@7.68 mm (world)", "NC", "maxe (mm)", "maye (mm)", "maze (mm)",
             "Mean surface distance (mm)", "Max surface distance (mm)"} <= set(values)
+    assert not any("box units" in label for label in values)
     assert table.GetTable().GetNumberOfColumns() == 2
 
     # the heat map: distances on the model's points, active, coloured, with a legend
@@ -340,8 +346,14 @@ def test_compare_with_a_segmentation_equals_the_metrics(logic, scene, drr, direc
         logic.reference_mesh(seg, "rib_right_3")
 
 
-def test_compare_with_a_model_node_and_with_itself(logic, scene, ground_truth):
-    from x2recon.metrics.mesh import mesh_metrics, vertex_distances
+def test_compare_with_a_model_node_and_with_itself(logic, scene, ground_truth, tmp_path, capsys):
+    """A model node without geometry is scored whole, as ``x2recon compare`` scores two mesh files: the
+    panel's paper and world rows are that command's JSON, protocol by protocol."""
+    import json
+
+    from x2recon.cli import main
+    from x2recon.io.mesh import write_mesh
+    from x2recon.metrics.mesh import vertex_distances
 
     _, vert_mesh, _ = ground_truth
     moved = vert_mesh.copy()
@@ -349,18 +361,41 @@ def test_compare_with_a_model_node_and_with_itself(logic, scene, ground_truth):
     gt_node = mesh_to_model_node(vert_mesh.vertices, vert_mesh.faces, scene, "gt model")
     pred_node = mesh_to_model_node(moved.vertices, moved.faces, scene, "prediction")
     values = logic.table_values(logic.compare(pred_node, gt_node, n_points=N_POINTS, box_size=300.0))
-    expected = mesh_metrics(moved, vert_mesh, n_points=N_POINTS, scale=300.0)
-    assert values["IoU"] == pytest.approx(expected.iou, rel=1e-6) and values["IoU"] < 0.9
-    assert values["Chamfer-L1 (box units)"] == pytest.approx(expected.chamfer_l1, rel=1e-6)
-    assert values["maze (mm)"] == pytest.approx(expected.maze, rel=1e-6)
-    assert values["Box size (mm)"] == 300.0
+    write_mesh(moved, tmp_path / "pred.ply")
+    write_mesh(vert_mesh, tmp_path / "gt.ply")
+    cli = {}
+    for protocol, tau in (("paper", "0.02"), ("world", "6")):  # world: 0.02 × the 300 mm box
+        capsys.readouterr()
+        assert main(["compare", str(tmp_path / "pred.ply"), str(tmp_path / "gt.ply"), "--protocol", protocol,
+                     "--points", str(N_POINTS), "--tau", tau]) == 0
+        cli[protocol] = json.loads(capsys.readouterr().out)
+    for protocol in ("paper", "world"):
+        c = cli[protocol]
+        assert values[f"IoU ({protocol})"] == pytest.approx(c["iou"], rel=1e-6)
+        assert values[f"IoU(vox) ({protocol}, {'32' if protocol == 'paper' else '64'}³)"] == pytest.approx(c["iou_vox"], rel=1e-6)
+    assert values["IoU (paper)"] < 0.9
+    assert values["Chamfer-L1 (paper, unit box)"] == pytest.approx(cli["paper"]["chamfer_l1"], rel=1e-6)
+    assert values["Chamfer-L1 (world, mm)"] == pytest.approx(cli["world"]["chamfer_l1"], rel=1e-6)
+    assert values["F-score@0.02 (paper)"] == pytest.approx(cli["paper"]["fscore"], rel=1e-6)
+    assert values["F-score@6 mm (world)"] == pytest.approx(cli["world"]["fscore"], rel=1e-6)
+    assert values["maze (mm)"] == pytest.approx(cli["paper"]["maze"], rel=1e-6)
+    # the protocols' relation: paper distances are world mm over the ground truth's longest edge
+    edge = float(np.max(vert_mesh.extents))
+    assert values["Ground truth's longest edge (mm)"] == pytest.approx(edge, rel=1e-6)
+    assert values["Chamfer-L1 (paper, unit box)"] == pytest.approx(values["Chamfer-L1 (world, mm)"] / edge, rel=1e-6)
+    assert 0.0 < values["Chamfer-L1 (world, mm)"] <= 4.0 + 1e-6  # a 4 mm shift moves no point further
+    assert values["Box size (mm)"] == 300.0 and values["Ground truth cut to the box (1 = yes)"] == 0.0
     d = point_scalars(pred_node, DISTANCE_ARRAY)
     np.testing.assert_allclose(d, vertex_distances(moved.vertices, vert_mesh), atol=1e-9)
     assert 0.5 < d.max() <= 4.0 + 1e-6
 
     same = logic.table_values(logic.compare(gt_node, gt_node, n_points=N_POINTS))
-    assert same["IoU"] == pytest.approx(1.0) and same["Max surface distance (mm)"] < 1e-6
-    assert same["Chamfer-L1 (box units)"] < 0.01 and same["F-score@0.02"] == pytest.approx(1.0)
+    assert same["IoU (paper)"] == pytest.approx(1.0) and same["IoU (world)"] == pytest.approx(1.0)
+    assert same["Max surface distance (mm)"] < 1e-6
+    # against itself only the sampling remains: ~1 mm between two sets of 5 000 samples of the vertebrae
+    assert same["Chamfer-L1 (world, mm)"] < 2.0 and same["Chamfer-L1 (paper, unit box)"] < 0.02
+    assert same["F-score@0.02 (paper)"] > 0.9  # 0.02 of the vertebrae's longest edge: ~2 mm
+    assert same["F-score@7.68 mm (world)"] == pytest.approx(1.0)  # no geometry: 0.02 × the default 384 mm box
     assert np.abs(point_scalars(gt_node, DISTANCE_ARRAY)).max() < 1e-6
 
 
@@ -424,7 +459,7 @@ def test_structure_colours_are_stable_and_distinct():
 
 
 def test_compare_methods_puts_each_reconstruction_in_a_column(logic, scene, ground_truth):
-    from x2recon.metrics.mesh import mesh_metrics
+    from x2recon.metrics.protocol import score
 
     labels, vert, whole = ground_truth
     a = mesh_to_model_node(vert.vertices, vert.faces, scene, "X2B result")
@@ -434,9 +469,11 @@ def test_compare_methods_puts_each_reconstruction_in_a_column(logic, scene, grou
     t = table.GetTable()
     assert [t.GetColumnName(i) for i in range(t.GetNumberOfColumns())] == ["Metric", "X2B", "X2BR"]
     rows = {t.GetColumnByName("Metric").GetValue(i): i for i in range(t.GetNumberOfRows())}
-    assert t.GetColumnByName("X2B").GetValue(rows["IoU"]) > 0.99  # the truth itself
-    expect = mesh_metrics(whole, vert, n_points=N_POINTS, scale=384.0).iou
-    assert t.GetColumnByName("X2BR").GetValue(rows["IoU"]) == pytest.approx(expect, abs=0.03)
+    assert t.GetColumnByName("X2B").GetValue(rows["IoU (paper)"]) > 0.99  # the truth itself
+    expect = score(whole, vert, n_points=N_POINTS)
+    for protocol in ("paper", "world"):
+        got = t.GetColumnByName("X2BR").GetValue(rows[f"IoU ({protocol})"])
+        assert got == pytest.approx(expect[protocol]["iou"], rel=1e-6)
 
 
 def test_refine_command_needs_the_detector_and_templates(logic, scene, drr, checkpoints, tmp_path, no_bundled):

@@ -39,8 +39,18 @@ from x2recon.slicer.process import python_slicer
 from x2recon.slicer.widget import PanelWidget
 
 REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements.txt"
-#: Import names of what reconstruction and comparison need.
-REQUIRED_MODULES = ("torch", "timm", "safetensors", "SimpleITK", "scipy", "trimesh", "igl", "skimage", "tqdm", "pyfqmr")
+#: Import names of what reconstruction and comparison need (torchvision: timm imports it).
+REQUIRED_MODULES = ("torch", "torchvision", "timm", "safetensors", "SimpleITK", "scipy", "trimesh", "igl", "skimage",
+                    "tqdm", "pyfqmr")
+#: Refine with template (X2BR) only: the YOLO detector's package, installed when that option is used.
+REFINE_REQUIREMENTS = Path(__file__).parent / "Resources" / "requirements-x2br.txt"
+REFINE_MODULES = ("ultralytics",)
+REFINE_QUESTION = (
+    "Refine with template (X2BR) runs a YOLO detector from the ultralytics package, which is not installed. "
+    "ultralytics is licensed under AGPL-3.0 (X2Recon itself is Apache-2.0). Install it now?\n"
+    "Your PyTorch (torch, torchvision) is kept as it is. Without ultralytics, reconstruct without "
+    "'Refine with template'."
+)
 
 
 class X2BoneRecon(ScriptedLoadableModule):
@@ -51,18 +61,24 @@ class X2BoneRecon(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["X2Recon developers"]
         self.parent.helpText = (
-            "Reconstructs the bones (ribs, vertebrae, costal cartilages — what the model was trained on) from one "
-            "X-ray with an X2B model, or from a frontal and a lateral X-ray with an X2B2 model.<br>"
+            "Reconstructs bone from one X-ray with an X2B model, or from a frontal and a lateral X-ray with an X2B2 "
+            "model: the structures the model was trained on (the bundled default, <tt>skeleton</tt>, gives all bone "
+            "as one surface; the bundled <tt>demo</tt> model ribs, vertebrae and costal cartilages). The bundled "
+            "models are research demos trained on two patients or fewer, not clinical models.<br>"
             "<b>Reconstruct</b>: choose the X-ray volume node (a DRR from X2DatasetBuilder carries its geometry; "
-            "for other radiographs choose their view, which places them in the default chest geometry) and the model "
-            "file (.safetensors; it starts with the bundled model, and X2BR's detector and template library with the "
-            "bundled ones, so nothing needs training first). The bone model appears in the 3D view in the X-ray's world coordinates, so it "
-            "overlays the CT a DRR was made from.<br>"
+            "other radiographs (choose their view) are placed from their lung fields, and the log says what was assumed and how to give "
+            "the real spacing and distances) and the model file (.safetensors; it starts with the bundled model, and "
+            "X2BR's detector and template library with the bundled ones, so nothing needs training first). The bone "
+            "model appears in the 3D view in the X-ray's world coordinates, so it overlays the CT a DRR was made "
+            "from. <b>Refine with template</b> (X2BR) needs the ultralytics package (AGPL-3.0), installed on first "
+            "use after asking.<br>"
             "<b>Compare with ground truth</b>: choose a segmentation (all segments, or the named structures) or a "
-            "model: the table lists IoU, Chamfer-L1 and F-score@0.02 (in units of the reconstruction box, as the "
-            "papers), normal consistency, per-axis errors after ICP and surface distances (mm); the model is "
-            "coloured by each vertex's distance to the ground truth, with a colour legend.<br>"
-            "The same runs without Slicer: <tt>x2recon reconstruct --xray AP.png --model m.safetensors --out bones.stl</tt>."
+            "model: the table lists IoU, IoU(vox), Chamfer-L1 and F-score in the papers' protocol (each ground truth "
+            "scaled to a longest edge of 1, F-score@0.02) and in world units (mm, F-score at 0.02 × the box edge), "
+            "normal consistency, per-axis errors after ICP and surface distances (mm); the model is coloured by each "
+            "vertex's distance to the ground truth, with a colour legend.<br>"
+            "The same runs without Slicer: <tt>x2recon reconstruct --xray AP.png --model skeleton --out bones.stl</tt>, "
+            "<tt>x2recon compare bones.stl gt.stl --protocol paper</tt>."
         )
         self.parent.acknowledgementText = (
             "Methods follow X2BR (bone reconstruction from a single X-ray: X2B occupancy network, metrics as "
@@ -98,8 +114,15 @@ if parameterNodeWrapper is not None:
 
 def ensure_dependencies(testing: bool = False) -> bool:
     """Install what reconstruction needs after asking (in ``testing`` mode: without asking); see
-    ``x2recon.slicer.process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    ``x2recon.slicer.process.ensure_dependencies`` (torch and torchvision only through PyTorchUtils)."""
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing, requester="X2BoneRecon")
+
+
+def ensure_refine_dependencies(testing: bool = False) -> bool:
+    """ultralytics for *Refine with template*, after a question that names its licence; asked only when a
+    reconstruction with that option starts."""
+    return slicer_process.ensure_dependencies(REFINE_REQUIREMENTS, REFINE_MODULES, testing=testing,
+                                              requester="X2BoneRecon (Refine with template)", question=REFINE_QUESTION)
 
 
 class X2BoneReconWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -160,6 +183,10 @@ class X2BoneReconWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservatio
     def onReconstruct(self):
         if not self.ensureDependencies():
             return
+        if self.ui.refineCheckBox.checked and not ensure_refine_dependencies():
+            self.log("Refine with template needs ultralytics, which was not installed: reconstruct without it, "
+                     "or install it when asked")
+            return
         xray = self.ui.xraySelector.currentNode()
         model_path = self.chosenFile(self.ui.modelPathLineEdit)
 
@@ -219,8 +246,9 @@ class X2BoneReconWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservatio
             self.ui.metricsTableView.setMRMLTableNode(table)
             values = self.logic.table_values(table)
             self.log(f"{table.GetName()}: " + " | ".join(
-                f"{k} {v:.4g}" for k, v in values.items() if k in ("IoU", "Chamfer-L1 (box units)", "F-score@0.02",
-                                                                    "NC", "Mean surface distance (mm)")))
+                f"{k} {v:.4g}" for k, v in values.items() if k in ("IoU (paper)", "Chamfer-L1 (paper, unit box)",
+                                                                    "IoU (world)", "Chamfer-L1 (world, mm)", "NC",
+                                                                    "Mean surface distance (mm)")))
             model.GetDisplayNode().SetVisibility(True)
 
 
@@ -270,6 +298,6 @@ class X2BoneReconTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.all(b[:, 0] >= ras.min(0) - 1e-4) and np.all(b[:, 1] <= ras.max(0) + 1e-4))
         table = logic.compare(model, model, n_points=2000)
         values = logic.table_values(table)
-        self.assertAlmostEqual(values["IoU"], 1.0, places=6)
+        self.assertAlmostEqual(values["IoU (paper)"], 1.0, places=6)
         self.assertLess(values["Max surface distance (mm)"], 1e-6)
         self.delayDisplay("X2BoneRecon self-test passed")

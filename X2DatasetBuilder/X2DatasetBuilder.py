@@ -94,7 +94,7 @@ def missing_modules() -> list[str]:
 
 def ensure_dependencies(testing: bool = False) -> bool:
     """Install what x2recon needs after asking (in ``testing`` mode: without asking); see
-    ``x2recon.slicer.process.ensure_dependencies`` (torch through PyTorchUtils when installed)."""
+    ``x2recon.slicer.process.ensure_dependencies`` (torch only through PyTorchUtils)."""
     return slicer_process.ensure_dependencies(REQUIREMENTS, REQUIRED_MODULES, testing=testing)
 
 

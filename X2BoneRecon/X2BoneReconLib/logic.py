@@ -52,27 +52,34 @@ X2B_MESH_FILE, PARTS_DIR, DETECTIONS_FILE = "bones_x2b.ply", "bones_parts", "bon
 X2BR_ATTRIBUTE = "x2recon.x2br.refine"
 
 
-def metric_rows(tau: float = 0.02) -> list[tuple[str, str]]:
-    """``(key, label)`` of the metrics table's rows, in the papers' order; units in the labels.
-    Chamfer-L1, accuracy/completeness and F-score are in box units: distances ÷ the reconstruction
-    box edge (the world frame scaled by one fixed length — not the papers' per-case normalisation of
-    each ground truth into the unit box, which ``x2recon compare --protocol paper`` and ``x2recon
-    evaluate`` report); per-axis errors after ICP and surface distances in mm."""
-    t = f"{tau:g}"
+def metric_rows(tau: float = 0.02, tau_mm: float = 7.68) -> list[tuple[str, str]]:
+    """``(key, label)`` of the metrics table's rows, in the papers' order, each labelled with its protocol
+    (``x2recon.metrics.protocol``, as ``x2recon evaluate`` and ``x2recon compare`` report them): *paper* —
+    the ground truth centred and scaled to a longest edge of 1 (X2BR §4.3), F-score@``tau``; *world* — mm
+    where the bones are, F-score at ``tau_mm`` (0.02 × the box edge).  NC is the same number in both;
+    per-axis errors after ICP and surface distances are in mm."""
+    t, tm = f"{tau:g}", f"{tau_mm:.3g}"
     return [
-        ("iou", "IoU"),
-        ("chamfer_l1", "Chamfer-L1 (box units)"),
-        ("fscore", f"F-score@{t}"),
-        ("normal_consistency", "NC"),
+        ("paper_iou", "IoU (paper)"),
+        ("paper_iou_vox", "IoU(vox) (paper, 32³)"),
+        ("paper_chamfer_l1", "Chamfer-L1 (paper, unit box)"),
+        ("paper_fscore", f"F-score@{t} (paper)"),
+        ("world_iou", "IoU (world)"),
+        ("world_iou_vox", "IoU(vox) (world, 64³)"),
+        ("world_chamfer_l1", "Chamfer-L1 (world, mm)"),
+        ("world_fscore", f"F-score@{tm} mm (world)"),
+        ("paper_normal_consistency", "NC"),
         ("maxe", "maxe (mm)"),
         ("maye", "maye (mm)"),
         ("maze", "maze (mm)"),
         ("mean_distance_mm", "Mean surface distance (mm)"),
         ("max_distance_mm", "Max surface distance (mm)"),
-        ("accuracy", "Accuracy (box units)"),
-        ("completeness", "Completeness (box units)"),
-        ("precision", f"Precision@{t}"),
-        ("recall", f"Recall@{t}"),
+        ("world_accuracy", "Accuracy (world, mm)"),
+        ("world_completeness", "Completeness (world, mm)"),
+        ("world_precision", f"Precision@{tm} mm (world)"),
+        ("world_recall", f"Recall@{tm} mm (world)"),
+        ("paper_scale_mm", "Ground truth's longest edge (mm)"),
+        ("gt_clipped", "Ground truth cut to the box (1 = yes)"),
         ("box_size_mm", "Box size (mm)"),
     ]
 
@@ -369,19 +376,11 @@ class X2BoneReconLogic:
         side)."""
         import vtk
 
-        from x2recon.metrics.mesh import mesh_metrics, vertex_distances
-
         if not model_nodes:
             raise _input_error(None, "choose at least one reconstructed model node")
         gt = self.reference_mesh(reference_node, structures)
-        columns = {}
-        for label, node in model_nodes.items():
-            pred = model_node_to_mesh(node)
-            box = self.box_size_of(node)
-            m = mesh_metrics(pred, gt, n_points=int(n_points), tau=tau, scale=box).to_dict()
-            d = vertex_distances(pred.vertices, gt)
-            m.update(mean_distance_mm=float(d.mean()), max_distance_mm=float(d.max()), box_size_mm=box)
-            columns[label] = m
+        columns = {label: self.scores(model_node_to_mesh(node), gt, node, n_points=n_points, tau=tau)[0]
+                   for label, node in model_nodes.items()}
         if table_node is None:
             table_node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{' vs '.join(model_nodes)} vs "
                                                                           f"{reference_node.GetName()} metrics")
@@ -389,7 +388,7 @@ class X2BoneReconLogic:
         table.Initialize()
         col_m = vtk.vtkStringArray()
         col_m.SetName("Metric")
-        rows = metric_rows(tau)
+        rows = metric_rows(tau, next(iter(columns.values()))["world_fscore_tau"])
         for _, label in rows:
             col_m.InsertNextValue(label)
         table.AddColumn(col_m)
@@ -448,37 +447,59 @@ class X2BoneReconLogic:
 
     def compare(self, model_node, reference_node, structures=None, n_points: int = 100_000, tau: float = 0.02,
                 box_size: float | None = None, max_distance: float | None = None, table_node=None):
-        """Score ``model_node`` against ``reference_node`` with the papers' metrics → table node (one
-        row per metric, units in the labels), and show the distance from each of the model's vertices
-        to the reference surface on the model (point array ``"Distance (mm)"``, colour map, legend).
+        """Score ``model_node`` against ``reference_node`` in the paper and world protocols → table node
+        (one row per metric, protocol and units in the labels), and show the distance from each of the
+        model's vertices to the reference surface on the model (point array ``"Distance (mm)"``, colour
+        map, legend).
 
-        ``box_size``: the reconstruction box edge in mm that Chamfer-L1 and F-score distances are
-        divided by (box units, not the papers' per-case unit box; default: from the model's geometry
-        attribute, else the chest default 384 mm);
-        ``max_distance``: top of the colour range in mm (default: the 95th percentile of the distances).
+        The reconstruction box comes from the model's geometry attribute (as ``x2recon evaluate``: the
+        ground truth is cut to it, the world IoUs are scored inside it); a model without one is scored
+        whole, as ``x2recon compare`` does.  ``box_size``: the box edge in mm whose 0.02 is the world
+        F-score threshold (default: the geometry's, else 384 mm); ``max_distance``: top of the colour
+        range in mm (default: the 95th percentile of the distances).
         """
-        from x2recon.metrics.mesh import mesh_metrics, vertex_distances
-
         if model_node is None:
             raise _input_error(None, "choose the reconstructed model node")
         pred = model_node_to_mesh(model_node)
         gt = self.reference_mesh(reference_node, structures)
-        box = self.box_size_of(model_node) if box_size is None else float(box_size)
-        m = mesh_metrics(pred, gt, n_points=int(n_points), tau=tau, scale=box).to_dict()
-        d = vertex_distances(pred.vertices, gt)
-        m.update(mean_distance_mm=float(d.mean()), max_distance_mm=float(d.max()), box_size_mm=box)
+        m, d = self.scores(pred, gt, model_node, n_points=n_points, tau=tau, box_size=box_size)
         table = self.metrics_table(m, model_node, reference_node, tau, table_node)
         self.show_distance_map(model_node, d, max_distance)
         return table
 
+    def scores(self, pred, gt, model_node, n_points: int = 100_000, tau: float = 0.02, box_size: float | None = None):
+        """``(metrics, distances)``: ``x2recon.metrics.protocol.score`` in both protocols as one flat row
+        (``paper_*``, ``world_*``, maxe/maye/maze, ``gt_clipped``) plus the surface distances (mm) and box
+        size, and each vertex's distance to ``gt`` (the heat map)."""
+        from x2recon.metrics.mesh import vertex_distances
+        from x2recon.metrics.protocol import WORLD_TAU_OF_BOX, flat_row, score
+
+        geometry = self.geometry_of(model_node)
+        box = geometry.box_bounds() if geometry is not None else None
+        edge = float(box_size) if box_size is not None else self.box_size_of(model_node)
+        m = flat_row(score(pred, gt, n_points=int(n_points), tau=tau, tau_mm=WORLD_TAU_OF_BOX * edge, box=box))
+        m["gt_clipped"] = float(m["gt_clipped"])
+        d = vertex_distances(pred.vertices, gt)
+        m.update(mean_distance_mm=float(d.mean()), max_distance_mm=float(d.max()), box_size_mm=edge)
+        return m, d
+
     @staticmethod
-    def box_size_of(model_node) -> float:
-        from x2recon.geometry import CHEST_DEFAULTS, ProjectionGeometry
+    def geometry_of(model_node):
+        """The imaging geometry a reconstructed model node carries (attribute ``x2recon.geometry``), else None."""
+        from x2recon.geometry import ProjectionGeometry
 
         text = model_node.GetAttribute(GEOMETRY_ATTRIBUTE)
-        if text:
-            return ProjectionGeometry.from_json(text).box_size
-        log.info("X2BoneRecon: %s has no geometry; box units use the default %g mm box",
+        return ProjectionGeometry.from_json(text) if text else None
+
+    @classmethod
+    def box_size_of(cls, model_node) -> float:
+        """The reconstruction box edge of the model's geometry, else the chest default (384 mm)."""
+        from x2recon.geometry import CHEST_DEFAULTS
+
+        geometry = cls.geometry_of(model_node)
+        if geometry is not None:
+            return geometry.box_size
+        log.info("X2BoneRecon: %s has no geometry; the world F-score threshold uses the default %g mm box",
                  model_node.GetName(), CHEST_DEFAULTS["box_size"])
         return float(CHEST_DEFAULTS["box_size"])
 
@@ -495,7 +516,7 @@ class X2BoneReconLogic:
         col_m, col_v = vtk.vtkStringArray(), vtk.vtkDoubleArray()
         col_m.SetName("Metric")
         col_v.SetName("Value")
-        for key, label in metric_rows(tau):
+        for key, label in metric_rows(tau, metrics["world_fscore_tau"]):
             col_m.InsertNextValue(label)
             col_v.InsertNextValue(float(metrics[key]))
         table.AddColumn(col_m)

@@ -7,7 +7,8 @@
   entry and environment of that process; ``parse_progress_line`` reads the ``X2RECON_PROGRESS
   <percent> <message>`` lines the CLI prints with ``--progress-lines``;
 * ``missing_modules`` and ``ensure_dependencies``: install x2recon's requirements inside Slicer on
-  first use, after asking.
+  first use, after asking — torch and torchvision only through the PyTorch extension's PyTorchUtils,
+  and never a pip step that could install, upgrade or replace what Slicer provides (``SLICER_PROVIDED``).
 
 Only the standard library is imported here (``slicer`` and ``PyTorchUtils`` inside the functions
 that need the application), so a module can import it before x2recon's requirements are installed.
@@ -24,8 +25,11 @@ import subprocess
 import time
 from pathlib import Path
 
-#: Provided by Slicer itself (or by PyTorchUtils): never installed or upgraded by the modules.
+#: Provided by Slicer itself (torch and torchvision by the PyTorch extension's PyTorchUtils): never
+#: installed, upgraded or replaced by the modules' pip steps.
 SLICER_PROVIDED = ["torch", "torchvision", "SimpleITK", "vtk", "numpy"]
+#: Import names that come from PyTorchUtils (a torch + torchvision pair matched to the GPU driver), never from pip.
+TORCH_MODULES = ("torch", "torchvision")
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -265,37 +269,31 @@ def missing_modules(modules) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-def ensure_dependencies(requirements: str | Path, modules, testing: bool = False, requester: str = "X2Recon") -> bool:
+def ensure_dependencies(requirements: str | Path, modules, testing: bool = False, requester: str = "X2Recon",
+                        question: str | None = None) -> bool:
     """Install what x2recon needs inside Slicer after asking (in ``testing`` mode: without asking).
 
-    ``modules``: import names to check; ``requirements``: the module's ``Resources/requirements.txt``.
-    torch comes from the PyTorch extension's PyTorchUtils when it is installed (a CUDA build that
-    matches the driver), else from pip; the rest through ``slicer.pydeps.pip_ensure`` (Slicer ≥ 5.11)
-    or ``slicer.util.pip_install``.  Returns False when the user declines.
+    ``modules``: import names to check; ``requirements``: the module's ``Resources/requirements.txt``;
+    ``question``: a consent question asked before anything is installed (e.g. naming a licence), instead
+    of the generic one.  torch and torchvision come from the PyTorch extension's PyTorchUtils (installed
+    together, matched to the GPU driver); without that extension nothing is installed and the user is
+    told to install it.  The rest goes through ``slicer.pydeps.pip_ensure`` (Slicer ≥ 5.11) with
+    ``SLICER_PROVIDED`` skipped, else ``slicer.util.pip_install`` with a constraints file that pins them
+    (``slicer_constraints``).  Returns False when the user declines or PyTorch is missing.
     """
     import slicer
 
     missing = missing_modules(modules)
     if not missing:
         return True
-    if "torch" in missing:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=not testing,
-                                                              torchVersionRequirement=">=2.1") is None:
-                return False
-        else:
-            if not testing and not slicer.util.confirmOkCancelDisplay(
-                f"{requester} needs PyTorch, which is not installed. Install it now (CPU or the default CUDA build; "
-                "install the PyTorch extension for a build matched to your GPU)?"
-            ):
-                return False
-            slicer.util.pip_install("torch>=2.1")
-    if not [m for m in missing_modules(modules) if m != "torch"]:
+    if question is not None and not testing and not slicer.util.confirmOkCancelDisplay(question):
+        return False
+    if any(m in TORCH_MODULES for m in missing) and not _install_torch(testing, requester):
+        return False
+    rest = [m for m in missing_modules(modules) if m not in TORCH_MODULES]
+    if not rest:
         return True
+    ask = question is None and not testing
     try:
         import slicer.pydeps as pydeps
     except ImportError:
@@ -303,14 +301,51 @@ def ensure_dependencies(requirements: str | Path, modules, testing: bool = False
     if pydeps is not None:
         try:
             pydeps.pip_ensure(pydeps.load_requirements(Path(requirements)), skip_packages=SLICER_PROVIDED,
-                              prompt_install=not testing, skip_in_testing=False, requester=requester)
+                              prompt_install=ask, skip_in_testing=False, requester=requester)
         except RuntimeError:  # the user declined
             return False
         return True
-    if not testing and not slicer.util.confirmOkCancelDisplay(
-        f"{requester} needs Python packages that are not installed: {', '.join(missing_modules(modules))}.\n"
+    if ask and not slicer.util.confirmOkCancelDisplay(
+        f"{requester} needs Python packages that are not installed: {', '.join(rest)}.\n"
         "Install them now? (This can take several minutes.)"
     ):
         return False
-    slicer.util.pip_install(["-r", str(requirements)])
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="x2recon_pip_") as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text("\n".join(slicer_constraints()) + "\n", encoding="utf-8")
+        slicer.util.pip_install(["-r", str(requirements), "-c", str(constraints)])
     return True
+
+
+def _install_torch(testing: bool, requester: str) -> bool:
+    """torch + torchvision through PyTorchUtils (after its own question); without the PyTorch extension,
+    say how to get it and install nothing."""
+    import slicer
+
+    try:
+        import PyTorchUtils
+    except ImportError:
+        slicer.util.errorDisplay(
+            f"{requester} needs PyTorch (torch and torchvision), which is not installed. Install the PyTorch "
+            "extension (Extensions Manager), restart Slicer and try again: it installs a torch build that "
+            "matches your GPU driver.")
+        return False
+    return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=not testing,
+                                                         torchVersionRequirement=">=2.1") is not None
+
+
+def slicer_constraints() -> list[str]:
+    """pip constraints that keep Slicer's own packages as they are: each ``SLICER_PROVIDED`` distribution
+    pinned to its installed version, and one that is not installed made unsatisfiable (``<0``), so that a
+    pip step fails rather than install it (torch and torchvision come from PyTorchUtils)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for name in SLICER_PROVIDED:
+        try:
+            lines.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name}<0")
+    return lines

@@ -32,3 +32,19 @@ def test_demo_reproduces_the_pinned_figures(tmp_path):
     m = run_demo(tmp_path / "demo", resolution=64, device="cpu", log=lambda *a: None)["metrics"]
     off = {k: (round(m[k], 4), v) for k, v in PINNED.items() if abs(m[k] - v) > TOLERANCE[k]}
     assert not off, f"demo figures moved (got, pinned): {off}"
+
+
+def test_demo_footer_says_what_each_model_was_trained_on():
+    """The demo's last line names the model and its training patients from the model's own card (the
+    ``demo`` model saw one patient, ``skeleton`` two), and claims nothing for a file without a card."""
+    from x2recon.demo import model_note
+    from x2recon.resources import bundled, card
+
+    for alias in ("demo", "skeleton"):
+        note = model_note(bundled(alias))
+        patients = card(alias)["trained_on"]["patients"]
+        assert f"'{alias}'" in note and all(p in note for p in patients) and "not a clinical model" in note
+    assert "one patient's CT" in model_note(bundled("demo"))
+    assert "2 patients' CTs" in model_note(bundled("skeleton"))
+    other = model_note("runs/x2b/best.safetensors")
+    assert "not a bundled model" in other and "patient" not in other

@@ -2,9 +2,10 @@
 
 It builds one case from the sample chest CT — an anatomical variant (a random smooth deformation
 of the CT and its labels, seeded by a variant number the demo model never trained on) — renders its
-AP X-ray, reconstructs the bones from that X-ray with the bundled demo checkpoint, scores the mesh
+AP X-ray, reconstructs the bones from that X-ray with a bundled model (default ``skeleton``), scores the mesh
 against the case's ground-truth bone mesh, and writes the mesh, a PNG rendering coloured by the
-distance to ground truth, and the metrics beside the X-ray.
+distance to ground truth, and the metrics (``metrics.json``) beside the X-ray; the case it built stays
+in ``cases/``.
 
 The default model is the bundled ``skeleton`` model (``resources.DEFAULT_BONE_MODEL``): a light backbone
 trained on two patients' CTs and their deformed copies (``training/cross_patient.py --bundle``), chosen
@@ -23,6 +24,20 @@ from .errors import X2ReconInputError
 from .resources import DEMO_MODEL, bundled_model  # noqa: F401  (re-exported: the demo's model)
 
 DEMO_VARIANT = 90  # the bundled models saw variants 1–15 at most; 90 is a deformation none of them saw
+
+
+def model_note(model_path) -> str:
+    """One line saying what the demo's model is: for a bundled one, from its card (alias, training patients,
+    not clinical); for any other file, that no card describes it."""
+    from .resources.registry import alias_of, card
+
+    alias = alias_of(model_path)
+    if alias is None:
+        return f"(model {model_path}: not a bundled model, so no card says what it was trained on)"
+    patients = card(alias)["trained_on"]["patients"]
+    whom = "one patient's CT" if len(patients) == 1 else f"{len(patients)} patients' CTs"
+    return (f"(the bundled '{alias}' model: a research model trained on {whom} ({', '.join(patients)}), "
+            f"not a clinical model; 'x2recon info {alias}' shows its card)")
 
 
 def run_demo(out: str | Path = "x2recon-demo", *, model: str | Path | None = None, data: str | Path | None = None,

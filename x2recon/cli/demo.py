@@ -10,7 +10,7 @@ from ..resources import model_arg
 
 
 def cmd_demo(a) -> int:
-    from ..demo import run_demo
+    from ..demo import model_note, run_demo
 
     s = run_demo(a.out, model=a.model, data=a.data, resolution=a.resolution, device=a.device,
                  watertight=not a.no_watertight)
@@ -22,7 +22,7 @@ def cmd_demo(a) -> int:
           .format(**m))
     print(f"  X-ray:     {s['xray']}\n  mesh:      {s['mesh']}\n  rendering: {s['rendering']}")
     print(f"  reconstruction {s['reconstruction_seconds']:.1f} s, demo total {s['total_seconds']:.1f} s")
-    print("  (a research model trained on two patients' CTs for minutes of CPU time — not a clinical model)")
+    print(f"  {model_note(s['model'])}")
     return 0
 
 

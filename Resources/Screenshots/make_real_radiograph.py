@@ -7,7 +7,7 @@ placement found (cyan), the reconstruction box's outline (yellow) and the recons
 projected through the same geometry (red), and the mesh rendering from ``--render``.  The projection
 overlay shows how the reconstruction lies on this patient's anatomy, which a rendering alone cannot.
 
-    python Resources/Screenshots/make_real_radiograph.py --xray ../shared/data/xray_nih_cxr/00000001_000.png \\
+    python Resources/Screenshots/make_real_radiograph.py --xray $X2RECON_SHARED_DATA/xray_nih_cxr/00000001_000.png \\
         --model skeleton --out Resources/Screenshots/x2b_skeleton_real_radiograph.png
 """
 

@@ -5,9 +5,9 @@
 Runs each ``bench_*.py`` in its own process with the settings of the chosen profile (``--quick``:
 sizes that finish in a few minutes on 2 CPU cores; otherwise the issue's sizes, e.g. 512³ DRRs), collects
 the figures each writes with ``--json``, and writes ``DIR/benchmarks.json`` and ``DIR/benchmarks.md``
-(figure, ours, peer, ratio, target, device, peak memory; date and commit in the header).  The README's
-performance table is that Markdown.  A benchmark that fails or whose peer is not installed still gets
-its row, saying so — nothing is left out silently.  Peers are real packages: ``pip install -e ".[bench]"``.
+(figure, ours, peer, ratio, target, device, peak memory; date and commit in the header).  The
+performance table of docs/benchmarks.md is that Markdown.  A benchmark that fails or whose peer is not
+installed still gets its row, saying so — nothing is left out silently.  Peers are real packages: ``pip install -e ".[bench]"``.
 Runs from any folder: the scripts are found beside this file and run from the repository root, ``--out``
 is taken relative to the folder it is called from.  Not collected by pytest.
 """
@@ -111,7 +111,7 @@ def fmt(v: float | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The table the README shows."""
+    """The table docs/benchmarks.md shows."""
     lines = [f"Benchmarks — {report['date']}, commit {report['commit']}, profile {report['profile']}",
              "", "| figure | ours | peer | peer's | ratio (> 1: ours better) | target | device | peak GiB |",
              "|---|---|---|---|---|---|---|---|"]

@@ -26,8 +26,8 @@ PRESETS = ("ours", "paper")
 def add_preset_option(parser, what: str) -> None:
     """``--preset ours|paper``: ``paper`` sets every value ``what`` names; explicit flags still win."""
     parser.add_argument("--preset", default="ours", choices=PRESETS,
-                        help=f"ours: our defaults; paper: every value {what} (README: 'Defaults that differ "
-                             "from the papers'). Options given explicitly override the preset")
+                        help=f"ours: our defaults; paper: every value {what} (docs/training.md: 'Defaults that "
+                             "differ from the papers'). Options given explicitly override the preset")
 
 
 def preset_help(table: dict, dest: str, text: str = "") -> str:

@@ -87,7 +87,7 @@ def add_parsers(sub) -> None:
                     "\nParameters keep Hirose's names (bcpd program letters in brackets). Unset ones: CPD takes "
                     "Myronenko's defaults; BCPD/GBCPD take ours (β 0.7, λ 50, γ 0.3, GBCPD τ 0.2: chosen by "
                     "Testing/benchmarks/bench_registration_sweep.py on real bones, where Hirose's β = λ = 2, "
-                    "γ = 1, τ = 1 drag a rib onto its neighbour; README 'Registration'). Prints a JSON summary.",
+                    "γ = 1, τ = 1 drag a rib onto its neighbour; docs/registration.md). Prints a JSON summary.",
         epilog="example: x2recon register template.ply x2b_bones.ply --method gbcpd --beta 1 --lambda 20 "
                "--downsample 5000 --out registered.ply")
     p.add_argument("source", help="mesh (.stl .ply .obj .off .vtk) or points (a point cloud in those formats, or "

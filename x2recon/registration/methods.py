@@ -32,8 +32,8 @@ PARAMETERS = {
 
 #: Defaults of ``register`` (so of ``x2recon register`` and X2BR) where they differ from Hirose's program
 #: (β = λ = 2, γ = 1, τ = 1), which the functions ``bcpd``/``gbcpd`` keep. Chosen by the worst case over
-#: three real bone deformations (Testing/benchmarks/bench_registration_sweep.py, table in README
-#: "Registration"): neighbouring ribs pulled apart 12–18 mm, a bent T6–T9 segment, a vertebra scaled 10 %.
+#: three real bone deformations (Testing/benchmarks/bench_registration_sweep.py, table in
+#: docs/registration.md): neighbouring ribs pulled apart 12–18 mm, a bent T6–T9 segment, a vertebra scaled 10 %.
 #: γ 0.3 (σ starts small, so each point is drawn to its near neighbours first) is what stops a rib from
 #: being dragged onto its neighbour (Hirose's defaults: 15 mm error there; γ 0.3: < 0.1 mm); λ 50 (stiffer
 #: than 2, softer than 200) was best over the β × λ grid; τ 0.2 (a fifth geodesic) lets the separate

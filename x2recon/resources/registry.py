@@ -69,7 +69,7 @@ ASSETS: dict[str, Asset] = {a.alias: a for a in (
 #: Aliases ``--model`` accepts (network checkpoints).
 MODEL_ALIASES = tuple(a for a, asset in ASSETS.items() if asset.kind == "checkpoint")
 #: The bone model ``x2recon demo`` and the X2BoneRecon panel use when none is chosen: the one whose recipe
-#: scored better on a patient it never saw (README, "Beyond one patient"): on wholebody_tcga_thca the
+#: scored better on a patient it never saw (docs/training.md, "Cross-patient study"): on wholebody_tcga_thca the
 #: skeleton recipe trained without it gave paper-protocol IoU 0.108 / Chamfer-L1 0.036 / F 0.37 against the
 #: demo model's 0.091 / 0.044 / 0.30 (world: 12.0 vs 14.6 mm), both having seen only chest_lidc0001.
 DEFAULT_BONE_MODEL = "skeleton"

@@ -77,6 +77,9 @@ class ProjectionGeometry:
     isocenter: np.ndarray = field(default_factory=lambda: np.zeros(3))
     box_size: float = CHEST_DEFAULTS["box_size"]
     name: str = ""
+    #: how the isocentre was chosen (``build-dataset --isocenter``: structures, thorax, ct); "" when unknown.
+    #: Not part of the camera (equality ignores it): it lets ``reconstruct`` name a box placed unlike the model's.
+    isocenter_mode: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "source", _vec(self.source, "source"))
@@ -374,6 +377,7 @@ class ProjectionGeometry:
             "isocenter": self.isocenter.tolist(),
             "box_size": self.box_size,
             "coordinates": "LPS mm; pixel (col, row), centre of pixel [r, c] at (c, r)",
+            **({"isocenter_mode": self.isocenter_mode} if self.isocenter_mode else {}),
         }
 
     @classmethod
@@ -392,6 +396,7 @@ class ProjectionGeometry:
                 isocenter=d.get("isocenter", (0, 0, 0)),
                 box_size=d.get("box_size", CHEST_DEFAULTS["box_size"]),
                 name=d.get("name", ""),
+                isocenter_mode=str(d.get("isocenter_mode", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise X2ReconInputError(path, f"invalid geometry: {e}") from None

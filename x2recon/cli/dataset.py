@@ -217,6 +217,8 @@ def cmd_build_dataset(a) -> int:
 
 
 def cmd_drr(a) -> int:
+    from dataclasses import replace
+
     from ..drr.render import render_drr, write_drr
     from ..geometry import ProjectionGeometry
     from ..io.volume import read_ct
@@ -228,6 +230,8 @@ def cmd_drr(a) -> int:
         iso = ct.corners_world().mean(axis=0) if a.isocenter is None else a.isocenter
         geom = ProjectionGeometry.from_view(a.view, iso, sdd=a.sdd, sod=a.sod, size=(a.size, a.size),
                                             detector_mm=a.detector_mm, kind=a.beam)
+        if a.isocenter is None:  # recorded, so reconstruct can say when a model's box was centred otherwise
+            geom = replace(geom, isocenter_mode="ct")
     img = render_drr(ct, geom, device=a.device, clahe=not a.no_clahe)
     out = Path(a.out)
     stem = out.name.removesuffix(".png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..resources import model_arg
@@ -17,18 +18,38 @@ def default_csv(model: str | Path, split: str) -> Path:
 
 
 def cmd_evaluate(a) -> int:
-    from ..x2b.evaluate import evaluate_model, summary_table
+    from ..dataset.lock import dataset_read_lock
     from ..nn.checkpoint import read_config
 
     cfg = read_config(a.model)
+    root = Path(a.data)
+    # a build, shard or manifest rewrite still writing the dataset: refuse (or wait) rather than score part of it;
+    # the shared lock then keeps builds out while the cases are scored
+    waiting = lambda holder: print(f"x2recon evaluate: {root}: waiting for {holder} to finish writing it",
+                                   file=sys.stderr, flush=True)
+    with dataset_read_lock(root, wait=a.wait, on_wait=waiting):
+        return _evaluate(a, cfg, root)
+
+
+def _evaluate(a, cfg: dict, root: Path) -> int:
+    from ..dataset.model_fit import check_fit
+    from ..dataset.torch_data import read_split
+    from ..x2b.evaluate import evaluate_model, summary_table
+
+    # the model against the data, before any work: structures, geometry, which cases it trained on
+    fit = check_fit(cfg, root, read_split(root, a.split), allow_mismatch=a.allow_mismatch)
+    fit.trained_on = _card_patients(a.model)
+    for line in (fit.warning(), fit.seen_note()):
+        if line:
+            print(line, file=sys.stderr, flush=True)
     out_csv = Path(a.out) if a.out else default_csv(a.model, a.split)
     if cfg["network"] == "spider":
         from ..spider.evaluate import evaluate_spider, spider_tables
 
-        rows = evaluate_spider(a.model, a.data, split=a.split, device=a.device, out_csv=out_csv,
-                               volume_dir=a.meshes, progress=not a.quiet)
+        rows = evaluate_spider(a.model, root, split=a.split, device=a.device, out_csv=out_csv,
+                               volume_dir=a.meshes, progress=not a.quiet, fit=fit)
         print(spider_tables(rows, method="SPIDER" if cfg["model"]["decoder"] == "shared" else
-                            f"SPIDER ({cfg['model']['decoder']})"))
+                            f"SPIDER ({cfg['model']['decoder']})", note=fit.title()))
         print(f"per-case results: {out_csv}")
         return 0
     refiners = []
@@ -38,12 +59,23 @@ def cmd_evaluate(a) -> int:
         need_x2br_inputs(a, allow_ground_truth=True)
         refiners = template_refiners(a.detector, a.templates,
                                      [m.strip() for m in a.registration.split(",") if m.strip()], device=a.device)
-    rows = evaluate_model(a.model, a.data, split=a.split, views=views(a.views) or None, resolution=a.resolution,
+    rows = evaluate_model(a.model, root, split=a.split, views=views(a.views) or None, resolution=a.resolution,
                           device=a.device, n_points=a.points, out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet,
-                          refiners=refiners)
-    print(summary_table(rows, method=cfg["network"].upper()))
+                          refiners=refiners, fit=fit)
+    print(summary_table(rows, method=cfg["network"].upper(), note=fit.title()))
     print(f"per-case results: {out_csv}")
     return 0
+
+
+def _card_patients(model) -> str:
+    """A bundled model's training patients as its card names them ("" for any other model): what evaluate can
+    still say about a model that predates recorded training cases."""
+    from ..resources.registry import alias_of, card
+    from ..sample_data import BUNDLED_CASES
+
+    alias = alias_of(model)
+    patients = ((card(alias).get("trained_on") or {}).get("patients") or []) if alias else []
+    return ", ".join(f"{p} (the sample CT)" if p in BUNDLED_CASES else str(p) for p in patients)
 
 
 def add_parsers(sub) -> None:
@@ -53,7 +85,10 @@ def add_parsers(sub) -> None:
                                    "Chamfer-L1, F-score, normal consistency in the paper's protocol - each ground "
                                    "truth scaled to a longest edge of 1 - and in mm, against the ground truth cut to "
                                    "the reconstruction box, maxe/maye/maze in mm; SPIDER: PSNR, SSIM, Dice, HD95, CD, "
-                                   "missed classes counted).",
+                                   "missed classes counted). First the model is checked against the data: structures "
+                                   "and geometry that differ from its training data's are an error (--allow-mismatch: "
+                                   "a warning in every table title), and the titles and the CSV's seen_in_training "
+                                   "column say which cases the model trained on.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, type=model_arg,
                    help="checkpoint (.safetensors), or 'demo' for the bundled X2B demo model")
@@ -72,5 +107,10 @@ def add_parsers(sub) -> None:
                                       "case's own boxes (scores the registration alone, Table 3)")
     p.add_argument("--templates", help="X2BR: template library (x2recon template build)")
     p.add_argument("--registration", default="gbcpd,cpd", help="X2BR: registration methods to score (Table 3)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="score a model on data built with other structures or geometry than it was trained on (by "
+                        "default an error naming each difference); every table title then carries a warning")
+    p.add_argument("--wait", action="store_true", help="if a build or manifest rewrite is writing the dataset, wait "
+                   "for it instead of stopping (scoring a dataset while it is written scores part of it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)

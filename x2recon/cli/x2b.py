@@ -121,9 +121,10 @@ def cmd_reconstruct(a) -> int:
     from ..nn.checkpoint import read_config
 
     try:  # the header only: an X-ray without geometry is placed in the model's training geometry
-        trained = model_geometry(read_config(a.model))
+        header = read_config(a.model)
+        trained = model_geometry(header)
     except Exception:  # an unreadable model is reported by load_model below, after the inputs are checked
-        trained = None
+        header, trained = None, None
     xrays = [read_xray(a.xray, view=a.view, geometry=a.geometry, pixel_spacing=a.pixel_spacing, sdd=a.sdd,
                        sod=a.sod, model_geometry=trained)]  # inputs first: cheap, before the model loads
     if a.lateral:
@@ -131,6 +132,7 @@ def cmd_reconstruct(a) -> int:
     for path, x in zip((a.xray, a.lateral), xrays):  # what the geometry is and where it came from, never silent
         if x.placement is not None and (x.placement.assumed or not a.quiet):
             print(f"{Path(path).name}: {x.placement.text()}")
+        _warn_geometry_misfit(header, path, x)
     if a.refine == "template":
         for line in bundled_x2br_inputs(a):  # which detector and templates, never silent
             print(line)
@@ -165,6 +167,17 @@ def cmd_reconstruct(a) -> int:
         render_png(rec.mesh, a.render, title=Path(a.xray).name)
         print(a.render)
     return 0
+
+
+def _warn_geometry_misfit(cfg: dict | None, path, xray) -> None:
+    """One warning line when an X-ray's geometry (its JSON, or where placement put it) is not the one the model
+    was trained with: which values differ and what that does to the mesh."""
+    from ..dataset.model_fit import xray_differences
+
+    diffs = xray_differences(cfg, xray.geometry) if cfg else []
+    if diffs:
+        print(f"warning: {Path(path).name}: geometry differs from the model's training geometry — "
+              + "; ".join(diffs), file=sys.stderr, flush=True)
 
 
 def add_parsers(sub) -> None:

@@ -68,6 +68,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def voxel_sha256(vol: Volume) -> str:
+    """Checksum of a volume's voxels (with their shape and type): the same scan read from any file format
+    gives the same value, so evaluation can tell a case a model was trained on (``dataset.model_fit``)."""
+    a = np.ascontiguousarray(vol.array)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.data)
+    return h.hexdigest()
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -339,6 +348,7 @@ class _Case:
     iso: np.ndarray | None = None
     t_stage: dict = field(default_factory=dict)
     cpu_stage: dict = field(default_factory=dict)  # CPU seconds of this process (all threads) per stage
+    ct_sha256: str | None = None  # voxel checksum of the scan (before any deformation): the case's identity
 
     def geometry(self, view: str):
         return self.cfg.geometry(view, self.iso)
@@ -381,7 +391,7 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
     if c.inp.variant > 0:  # seeded by the case, never by process state: the same bytes in any run
         deformation = random_deformation(variant_seed(c.cfg, c.inp.base_id, c.inp.variant), ct)
         ct = deformation.apply(ct, kind="ct")
-    c.ct = ct
+    c.ct, c.ct_sha256 = ct, voxel_sha256(ct0)
     if not c.stages.finished("segment"):
         c.check_cancel()
         c.report(0.03, "segmenting")
@@ -523,7 +533,7 @@ def _write_meta(c: _Case, fp: dict) -> dict:
         "case_id": c.inp.case_id,
         "base_id": c.inp.base_id,
         "variant": c.inp.variant,
-        "inputs": {"ct": c.inp.ct, "labels": c.inp.labels},
+        "inputs": {"ct": c.inp.ct, "labels": c.inp.labels, "ct_sha256": c.ct_sha256},
         "fingerprint": fp,
         "config": c.cfg.to_dict(),
         "segmentation": {"source": info["source"], "names": info["names"], "missing": info["missing"]},

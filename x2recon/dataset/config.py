@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..geometry import CHEST_DEFAULTS, ProjectionGeometry
 from ..structures import DEFAULT_STRUCTURES, resolve_structures
@@ -79,8 +79,9 @@ class BuildConfig:
         return [v for v in out if not (v in seen or seen.add(v))]
 
     def geometry(self, view: str, isocenter) -> ProjectionGeometry:
-        """The DRR geometry of one view around ``isocenter`` (LPS mm)."""
-        return ProjectionGeometry.from_view(
+        """The DRR geometry of one view around ``isocenter`` (LPS mm), which records how the isocentre was
+        chosen (``isocenter_mode``)."""
+        return replace(ProjectionGeometry.from_view(
             view,
             isocenter,
             sdd=self.sdd,
@@ -89,7 +90,7 @@ class BuildConfig:
             detector_mm=self.detector_mm,
             kind=self.beam,
             box_size=self.box_size,
-        )
+        ), isocenter_mode=self.isocenter)
 
     @classmethod
     def from_preset(cls, preset: str = "ours", **explicit) -> "BuildConfig":

@@ -55,6 +55,55 @@ def _acquire(path: Path, exclusive: bool, wait: bool, what: str) -> int:
 
 
 @contextlib.contextmanager
+def dataset_read_lock(root: str | Path, *, wait: bool = False, what: str = "evaluate", on_wait=None):
+    """Hold ``root``'s lock shared for the ``with`` block, as a reader (``x2recon evaluate``): while a build,
+    a shard or a manifest rewrite holds the dataset, refuse — its cases and splits are still changing, and
+    scoring it would score part of it — or with ``wait`` wait for them (``on_wait(holder)`` is called first).
+    Holding it keeps builds out until the block ends.  A read-only dataset is locked through a read-only
+    descriptor (no holder line written); one that no build ever locked (no ``.lock``) has nothing to wait for."""
+    root = Path(root)
+    fds: list[int] = []
+    try:
+        for path in [root / ".lock", *sorted(root.glob(".lock.shard-*"))]:
+            fd, writable = _open_reader(path, create=path.name == ".lock" and (root / "cases").is_dir())
+            if fd is None:
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(path)
+                if not wait:
+                    raise X2ReconInputError(root, f"dataset is being written by {holder}: scoring it now would "
+                                            "score a partial dataset; wait for it to finish, or pass --wait to "
+                                            "wait for it") from None
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            if writable and path.name == ".lock":
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"x2recon {what} (reading), pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+
+
+def _open_reader(path: Path, create: bool) -> tuple[int | None, bool]:
+    """(descriptor, writable) of a lock file for a reader: read-write where allowed (``create``: made if
+    missing), else read-only; (None, False) when it does not exist and cannot be made."""
+    try:
+        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666), True
+    except OSError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY), False
+    except OSError:
+        return None, False
+
+
+@contextlib.contextmanager
 def dataset_lock(out: str | Path, *, shard: tuple[int, int] | None = None, wait: bool = False, what: str = "build"):
     """Hold ``out``'s writer lock (see module docstring) for the ``with`` block."""
     out = Path(out)

@@ -16,28 +16,39 @@ case's target grid, so the evaluation resolution is the dataset's ``spider_grid`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ..errors import CancelledError
 from ..metrics.report import mean_std, write_csv
 
+if TYPE_CHECKING:
+    from ..dataset.model_fit import ModelFit
+
 
 def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "test", device: str = "auto",
                     chunk: int = 1 << 18, out_csv: str | Path | None = None, volume_dir: str | Path | None = None,
-                    progress: bool = True, cancel: Callable[[], bool] | None = None) -> list[dict]:
-    """One row per case: psnr, ssim, mean dice/hd95/chamfer and per-class ``dice:<class>`` etc."""
+                    progress: bool = True, cancel: Callable[[], bool] | None = None,
+                    fit: "ModelFit | None" = None) -> list[dict]:
+    """One row per case: psnr, ssim, mean dice/hd95/chamfer, per-class ``dice:<class>`` etc., and whether the
+    model was trained on the case.  ``fit``: the model checked against the split (``dataset.model_fit``); by
+    default it is checked here, before any work: a class with no structure in the data, or (unless allowed) a
+    geometry mismatch, is an error."""
     import time
 
+    from ..dataset.model_fit import NOT_RECORDED, check_fit
     from ..dataset.spider_data import SpiderDataset
     from ..dataset.spider_targets import box_grid
+    from ..dataset.torch_data import read_split
     from ..io.volume import write_volume
     from ..metrics.volume import volume_metrics
-    from ..nn.checkpoint import load_model
+    from ..nn.checkpoint import load_model, read_config
     from ..nn.device import resolve_device
     from .inference import predict_grid
 
+    if fit is None:
+        fit = check_fit(read_config(model_path), Path(data), read_split(data, split))
     dev = resolve_device(device)
     model, cfg = load_model(model_path, dev, network="spider")
     mc = model.cfg
@@ -65,7 +76,8 @@ def evaluate_spider(model_path: str | Path, data: str | Path, *, split: str = "t
         m = volume_metrics(hu, ct, lab.cpu().numpy() if lab is not None else None, cls if lab is not None else None,
                            spacing=(h, h, h), labels=labels, hu_window=(mc.hu_min, mc.hu_max), empty_penalty=penalty)
         row = {"case": case.case_id, "psnr": m.psnr, "ssim": m.ssim, "dice": m.mean_dice, "hd95": m.mean_hd95,
-               "chamfer": m.mean_chamfer, "seconds": seconds, "penalty_mm": penalty}
+               "chamfer": m.mean_chamfer, "seconds": seconds, "penalty_mm": penalty,
+               "seen_in_training": fit.seen.get(case.case_id, NOT_RECORDED)}
         for c in mc.classes if labels else []:
             row[f"dice:{c}"] = m.dice.get(c, np.nan)
             row[f"hd95:{c}"] = m.hd95.get(c, np.nan)
@@ -97,9 +109,11 @@ def miss_penalty(box_size: float) -> float:
     return float(np.sqrt(3.0) * box_size)
 
 
-def spider_tables(rows: list[dict], method: str = "SPIDER") -> str:
+def spider_tables(rows: list[dict], method: str = "SPIDER", note: str = "") -> str:
     """Table 1 layout (PSNR dB, SSIM %, Dice %, HD95 mm, CD mm; mean ± std over cases) and Table 2
-    (per class: cases that missed it, Dice %, HD95, CD, and their average); n beside every mean ± std."""
+    (per class: cases that missed it, Dice %, HD95, CD, and their average); n beside every mean ± std.
+    ``note`` (``ModelFit.title()``: a mismatch warning, how many cases were seen in training) ends the
+    first line and every table title."""
     def f(key, scale=1.0, digits=2, rs=rows):
         vals = [r.get(key) for r in rs]
         m, s = mean_std(vals)
@@ -107,14 +121,15 @@ def spider_tables(rows: list[dict], method: str = "SPIDER") -> str:
         return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f} (n={n})"
 
     penalties = sorted({float(r["penalty_mm"]) for r in rows if "penalty_mm" in r})
-    note = (f"HD95/CD of a class present in only one labelmap = the box diagonal, "
-            f"{'/'.join(f'{p:.0f}' for p in penalties)} mm") if penalties else ""
-    lines = [f"{method}: n = {len(rows)} cases" + (f"; {note}" if note else ""), "",
-             "Table 1 — method | PSNR (dB) ↑ | SSIM (%) ↑ | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓",
+    penalty = (f"HD95/CD of a class present in only one labelmap = the box diagonal, "
+               f"{'/'.join(f'{p:.0f}' for p in penalties)} mm") if penalties else ""
+    fit = f" ({note})" if note else ""
+    lines = [f"{method}: n = {len(rows)} cases" + "".join(f"; {x}" for x in (note, penalty) if x), "",
+             f"Table 1{fit} — method | PSNR (dB) ↑ | SSIM (%) ↑ | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓",
              " | ".join([method, f("psnr"), f("ssim", 100), f("dice", 100), f("hd95"), f("chamfer")])]
     classes = [k.split(":", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("dice:")]
     if classes:
-        lines += ["", f"Table 2 — structure | missed (cases) | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓  ({method})"]
+        lines += ["", f"Table 2{fit} — structure | missed (cases) | Dice (%) ↑ | HD95 (mm) ↓ | CD (mm) ↓  ({method})"]
         for c in classes:
             missed = sum(int(r.get(f"missed:{c}", 0) or 0) for r in rows)
             lines.append(" | ".join([c, f"{missed}/{len(rows)}", f(f"dice:{c}", 100), f(f"hd95:{c}"),

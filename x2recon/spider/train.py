@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..dataset.model_fit import training_cases
 from ..dataset.torch_data import dataset_build_config, has_split
 from ..io.documents import recorded_path
 from ..train.common import TrainSettings, session
@@ -115,7 +116,8 @@ def train_spider(data: str | Path, settings: TrainSettings, model_cfg: SpiderCon
         config = {
             "network": "spider",
             "model": model_cfg.to_dict(),
-            "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data)},
+            "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data),
+                        "training_cases": training_cases(data, train_split)},
             "training": {**settings.recorded(), "n_points": n_points, "lambda": lam, "optimizer": optimizer,
                          "lr_step_epochs": lr_step_epochs, "lr_gamma": lr_gamma,
                          "foreground_fraction": foreground_fraction, "augment": augment, "preset": preset,

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..errors import CancelledError, X2ReconInputError
 from ..metrics.report import mean_std, write_csv  # noqa: F401  (write_csv: also the CLI's)
+
+if TYPE_CHECKING:
+    from ..dataset.model_fit import ModelFit
 
 PAPER_LABELS = {"iou": "IoU ↑", "iou_vox": "IoU(vox 32³) ↑", "chamfer_l1": "Chamfer-L1 ↓", "fscore": "F-score@0.02 ↑",
                 "normal_consistency": "NC ↑"}
@@ -58,16 +61,22 @@ class Refiner(Protocol):
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "test", views: list[str] | None = None,
                    resolution: int = 128, device: str = "auto", n_points: int = 100_000, out_csv: str | Path | None = None,
                    mesh_dir: str | Path | None = None, progress: bool = True,
-                   cancel: Callable[[], bool] | None = None, refiners: list[Refiner] = ()) -> list[dict]:
-    """One row per reconstruction (case, view(s), method, metrics, seconds); written to ``out_csv`` as it goes.
+                   cancel: Callable[[], bool] | None = None, refiners: list[Refiner] = (),
+                   fit: "ModelFit | None" = None) -> list[dict]:
+    """One row per reconstruction (case, view(s), method, metrics, seconds, whether the model was trained on
+    the case); written to ``out_csv`` as it goes.
 
     ``refiners`` each add a row after every X2B row — X2BR's registrations (``x2br.evaluate.template_refiners``,
-    paper Tables 1–3)."""
-    from ..dataset.torch_data import load_view
-    from ..nn.checkpoint import load_model
+    paper Tables 1–3).  ``fit``: the model checked against the split (``dataset.model_fit.check_fit``); by
+    default it is checked here, before any work, and a mismatch of structures or geometry is an error."""
+    from ..dataset.model_fit import NOT_RECORDED, check_fit
+    from ..dataset.torch_data import load_view, read_split
+    from ..nn.checkpoint import load_model, read_config
     from .reconstruct import reconstruct, resolve_device
 
     root = Path(data)
+    if fit is None:
+        fit = check_fit(read_config(model_path), root, read_split(root, split))
     dev = resolve_device(device)
     model, cfg = load_model(model_path, dev, network=("x2b", "x2b2"))
     mc = model.cfg
@@ -82,9 +91,9 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
         xrays = [load_view(folder, v, mc.image_size) for v in vs]
         rec = reconstruct(model, xrays, resolution=resolution, device=dev)
         row = scorer(folder, vs, rec, rec.mesh, cfg["network"].upper(), rec.seconds)
-        rows.append(row)
         _write_mesh(mesh_dir, rec.mesh, f"{cid}_{'+'.join(vs)}")
-        rows += [_refined_row(scorer, refiner, folder, vs, rec, xrays, mesh_dir) for refiner in refiners]
+        for r in [row] + [_refined_row(scorer, refiner, folder, vs, rec, xrays, mesh_dir) for refiner in refiners]:
+            rows.append({**r, "seen_in_training": fit.seen.get(cid, NOT_RECORDED)})
         if out_csv is not None:
             write_csv(rows, out_csv)
         if bar is not None:
@@ -140,18 +149,20 @@ def _refined_row(scorer: _Scorer, refiner: Refiner, folder: Path, vs, rec, xrays
     return scorer(folder, vs, rec, mesh, refiner.label, rec.seconds + seconds)
 
 
-def summary_table(rows: list[dict], method: str = "X2B") -> str:
+def summary_table(rows: list[dict], method: str = "X2B", note: str = "") -> str:
     """The paper's layout, once per protocol, each table titled with its protocol and n: Table 1 (IoU,
     IoU(vox), Chamfer-L1, F-score, NC) in the paper's and the world protocol, Table 2 (maxe, maye, maze
     in mm), and Table 3 (the registration methods, paper protocol) when X2BR rows are there; every
-    line is mean ± std over its n reconstructions (rows where a method failed are not counted)."""
+    line is mean ± std over its n reconstructions (rows where a method failed are not counted).
+    ``note`` (``ModelFit.title()``: a mismatch warning, how many cases were seen in training) ends every
+    title."""
     methods = list(dict.fromkeys(r.get("method", method) for r in rows)) or [method]
     by = {m: [r for r in rows if r.get("method", method) == m and not _nan(r.get("paper_iou"))] for m in methods}
     cases = {m: len({r["case"] for r in rs}) for m, rs in by.items()}
     clipped = sum(1 for r in rows if str(r.get("gt_clipped")) == "True")
     gt_note = f"GT clipped to the box ({clipped} of {len(rows)} cut)"
     n_all = ", ".join(f"{m}: n = {len(by[m])} reconstructions of {cases[m]} cases" for m in methods)
-    n_title = f"n = {len({r['case'] for r in rows})} cases, {gt_note}"
+    n_title = f"n = {len({r['case'] for r in rows})} cases, {gt_note}" + (f"; {note}" if note else "")
     taus = sorted({float(r["world_fscore_tau"]) for rs in by.values() for r in rs if "world_fscore_tau" in r})
     world = {**WORLD_LABELS, "fscore": WORLD_LABELS["fscore"].format(tau="/".join(f"{t:g}" for t in taus) or "?")}
 

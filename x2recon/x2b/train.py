@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..dataset.model_fit import training_cases
 from ..dataset.torch_data import dataset_build_config, has_split
 from ..io.documents import recorded_path
 from ..train.common import TrainSettings, session
@@ -101,7 +102,8 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
         config = {
             "network": model_cfg.kind,
             "model": model_cfg.to_dict(),
-            "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data)},
+            "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data),
+                        "training_cases": training_cases(data, train_split)},
             "training": {**settings.recorded(), "n_points": n_points, "pretrained": recorded_path(pretrained),
                          "augment": augment, "preset": preset, "world_size": dist.world},
         }

@@ -13,7 +13,7 @@ Every step runs ``python -m x2recon.cli ...`` in a subprocess and, once it succe
 ``<out>/steps/<step>.json`` (command, seconds); a step whose record exists is skipped, so running the
 same command again resumes (training steps also resume inside themselves: ``--resume auto``).
 Profiles size the run: ``smoke`` (minutes, for the test), ``cpu`` (2 CPU cores, about an hour for
-two patients), ``gpu`` (the papers' sizes).  See training/README.md, "Cross-patient study".
+two patients), ``gpu`` (the papers' sizes).  See docs/training.md, "Cross-patient study: leave one patient out".
 """
 
 from __future__ import annotations

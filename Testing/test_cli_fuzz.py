@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -132,9 +133,39 @@ ROWS = [
     ("detect-out-is-folder", "detect {ok_png} --detector {text} --out {adir}", ["--out", "a_folder"]),
 ]
 
+# issue 20 §8: inputs too large, mislabelled or ambiguous (Testing/test_input_limits.py holds the finer tests)
+ROWS += [
+    ("drr-ct-over-voxel-limit", f"drr --ct {{big_ct}} --out {OUT}/x.png", ["big_ct.nii", "1024×1024×800", "268 M voxels"]),
+    ("drr-ct-float64-over-voxel-limit", f"drr --ct {{big_f64}} --out {OUT}/x.png", ["big_f64.nii", "MAX_VOLUME_VOXELS"]),
+    ("drr-ct-rescaled-twice", f"drr --ct {{twice_ct}} --out {OUT}/x.png", ["twice.nii.gz", "applied twice"]),
+    ("drr-ct-int8-clipped", f"drr --ct {{int8_ct}} --out {OUT}/x.png", ["int8.nii.gz", "no voxels above 300 HU"]),
+    ("drr-ct-mirrored-sform", f"drr --ct {{mirrored_ct}} --out {OUT}/x.png", ["mirrored.nii", "mirror images"]),
+    ("drr-geometry-latin1", f"drr --ct {CT} --geometry {{latin1_geom}} --out {OUT}/x.png",
+     ["latin1_geometry.json", "not UTF-8"]),
+    ("drr-geometry-nested", f"drr --ct {CT} --geometry {{nested_geom}} --out {OUT}/x.png",
+     ["nested_geometry.json", "nested 100,000 levels"]),
+    ("drr-geometry-box-nan", f"drr --ct {CT} --geometry {{nan_box_geom}} --out {OUT}/x.png",
+     ["nan_box_geometry.json", "box_size", "nan"]),
+    ("drr-geometry-box-1e9", f"drr --ct {CT} --geometry {{huge_box_geom}} --out {OUT}/x.png",
+     ["huge_box_geometry.json", "box_size", "1e+09"]),
+    ("build-dataset-threshold-hu-nan", f"build-dataset --ct {CT} --out {OUT}/ds --threshold-hu nan",
+     ["--threshold-hu", "nan"]),
+    ("build-dataset-box-size-1e9", f"build-dataset --ct {CT} --out {OUT}/ds --box-size 1e9", ["--box-size", "1e9"]),
+    ("drr-sdd-1e9", f"drr --ct {CT} --sdd 1e9 --out {OUT}/x.png", ["--sdd", "1e9"]),
+    ("build-dataset-list-missing", f"build-dataset --ct {{missing_list}} --out {OUT}/ds",
+     ["missing_list.txt", "not found", "(7 of 7 listed paths are missing)"]),
+    ("build-dataset-list-latin1", f"build-dataset --ct {{latin1_list}} --out {OUT}/ds", ["latin1_list.txt", "not UTF-8"]),
+    ("register-10m-face-source", f"register {{big_stl}} {{mesh}} --out {OUT}/r.ply",
+     ["big.stl", "10,000,000 triangles", "1,000,000 points"]),
+    ("register-10m-face-target-cpd", f"register {{mesh}} {{big_stl}} --method cpd --out {OUT}/r.ply",
+     ["big.stl", "target has 10,000,000 triangles"]),
+    ("register-stl-header-lies", f"register {{lie_stl}} {{mesh}} --out {OUT}/r.ply", ["lie.stl", "announces 1,000 triangles"]),
+]
+
 if "compare" in COMMAND_MODULES:
     ROWS += [("compare-missing", "compare {missing} {mesh}", ["missing.nii.gz", "not found"]),
-             ("compare-text", "compare {text} {mesh}", ["notes.txt"])]
+             ("compare-text", "compare {text} {mesh}", ["notes.txt"]),
+             ("compare-stl-header-lies", "compare {lie_stl} {mesh}", ["lie.stl", "announces 1,000 triangles"])]
 
 # commands that must refuse an --out in a read-only folder before doing anything
 READ_ONLY_ROWS = [
@@ -172,8 +203,68 @@ def _checkpoint_with_config(path: Path, text: str) -> Path:
     return path
 
 
+def _limit_inputs(root: Path, big: Path, shared_data: Path) -> dict:
+    """Issue 20 §8's inputs: header-only CTs over the voxel limit, CTs whose HU cannot be right (from the lumbar
+    crop), a mirrored sform, geometry JSON in Latin-1 / nested / with an absurd box, CT lists with missing paths
+    or in Latin-1, a sparse 10 M-triangle STL (in ``big``, outside the snapshotted tree) and an STL whose header
+    lies.  All small or sparse: nothing here allocates more than the lumbar crop."""
+    import numpy as np
+    import SimpleITK as sitk
+    import trimesh
+
+    from x2recon.geometry import ProjectionGeometry
+    from x2recon.io.mesh import write_mesh
+
+    f = {}
+    for name, dtype in (("big_ct", np.int16), ("big_f64", np.float64)):
+        small = sitk.GetImageFromArray(np.zeros((2, 2, 2), dtype))
+        small.SetSpacing((0.5, 0.5, 0.5))
+        sitk.WriteImage(small, str(root / f"{name}.nii"))
+        hdr = bytearray((root / f"{name}.nii").read_bytes()[:352])
+        struct.pack_into("<4h", hdr, 40, 3, 1024, 1024, 800)  # a 0.5 mm CT's header without its 1.6–6.7 GB
+        f[name] = root / f"{name}.nii"
+        f[name].write_bytes(bytes(hdr))
+    img = sitk.ReadImage(str(shared_data / "lumbar_crop_verse" / "ct.nii.gz"))
+    hu = sitk.GetArrayFromImage(img)
+    for name, arr in (("twice_ct", (hu.astype(np.int32) - 1024).clip(-2048, None).astype(np.int16)),
+                      ("int8_ct", hu.clip(-128, 127).astype(np.int8))):
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        f[name] = root / f"{name.removesuffix('_ct')}.nii.gz"
+        sitk.WriteImage(out, str(f[name]))
+    sitk.WriteImage(img, str(root / "mirrored.nii"))
+    raw = bytearray((root / "mirrored.nii").read_bytes())
+    srow = np.array(struct.unpack("<12f", raw[280:328])).reshape(3, 4)
+    srow[:, 0] *= -1  # the sform mirrored against the qform
+    raw[280:328] = struct.pack("<12f", *srow.ravel())
+    f["mirrored_ct"] = root / "mirrored.nii"
+    f["mirrored_ct"].write_bytes(bytes(raw))
+    geometry = ProjectionGeometry.from_view("AP", (0, 0, 0), size=(64, 64)).to_dict()
+    f["latin1_geom"] = root / "latin1_geometry.json"
+    f["latin1_geom"].write_bytes(json.dumps({**geometry, "name": "salle Ménard"}, ensure_ascii=False).encode("latin-1"))
+    f["nested_geom"] = root / "nested_geometry.json"
+    f["nested_geom"].write_text("[" * 100_000 + "]" * 100_000)
+    for name, box in (("nan_box_geom", float("nan")), ("huge_box_geom", 1e9)):
+        f[name] = root / f"{name.removesuffix('_geom')}_geometry.json"
+        f[name].write_text(json.dumps({**geometry, "box_size": box}))
+    f["missing_list"] = root / "missing_list.txt"
+    f["missing_list"].write_text("\ufeff# seven scans\n" + "".join(f"/nowhere/ct_{i}.nii.gz\n" for i in range(7)))
+    f["latin1_list"] = root / "latin1_list.txt"
+    f["latin1_list"].write_bytes("/data/Pérez/ct.nii.gz\n".encode("latin-1"))
+    f["big_stl"] = big / "big.stl"
+    with open(f["big_stl"], "wb") as fh:  # sparse: 500 MB announced, no block written
+        fh.write(b"binary STL".ljust(80) + struct.pack("<I", 10_000_000))
+        fh.truncate(84 + 50 * 10_000_000)
+    f["lie_stl"] = root / "lie.stl"
+    write_mesh(trimesh.creation.icosphere(1), f["lie_stl"])  # 80 triangles
+    data = bytearray(f["lie_stl"].read_bytes())
+    data[80:84] = struct.pack("<I", 1000)
+    f["lie_stl"].write_bytes(bytes(data))
+    return f
+
+
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory, chest_half):
+def tree(tmp_path_factory, chest_half, shared_data):
     """A scratch tree of bad (and a few good) inputs; returns the names the rows format with."""
     import numpy as np
     import torch
@@ -212,6 +303,7 @@ def tree(tmp_path_factory, chest_half):
     f["adir"].mkdir()
     f["mesh"] = root / "sphere.ply"
     trimesh.creation.icosphere(2).export(f["mesh"])
+    f.update(_limit_inputs(root, tmp_path_factory.mktemp("fuzz_big"), shared_data))
     return {k: str(v) for k, v in f.items()}
 
 
@@ -241,6 +333,7 @@ def _check(code, err: str, expect: list[str], fmt: dict, before: dict, root: Pat
     assert code not in (0, None), f"exit {code}; stderr: {err[-500:]}"
     assert "Traceback" not in err, err[-2000:]
     assert "error:" in err, err[-500:]
+    assert not re.search(r"\bnp\.\w+\(|\barray\(", err), f"a numpy repr in the message: {err[-500:]}"
     for e in expect:
         assert e.format(**fmt) in err, f"{e!r} not in {err[-500:]!r}"
     assert snapshot(root) == before, "files outside --out changed"

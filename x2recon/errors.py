@@ -22,5 +22,27 @@ class X2ReconInputError(ValueError):
         return type(self), (self.path, self.problem)
 
 
+def plain(value) -> str:
+    """``value`` as a user reads it in a message: numpy scalars and arrays as plain numbers and lists
+    (never ``np.float64(0.0)`` or ``array([...])``), floats to 6 significant digits."""
+    if hasattr(value, "tolist"):  # numpy scalar or array, torch tensor
+        value = value.tolist()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(plain(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return str(value)
+
+
+def without_numpy_reprs(text: str) -> str:
+    """``text`` with numpy reprs that slipped into a message written plainly: ``np.float64(0.5)`` → ``0.5``,
+    ``array([1., 2.])`` → ``[1., 2.]`` (the CLI's last step before printing an error)."""
+    import re
+
+    text = re.sub(r"\bnp\.(?:float|int|uint|bool|complex|str)\w*\(([^()]*)\)", r"\1", text)
+    return re.sub(r"\barray\((\[[^()]*\])(?:,\s*dtype=\w+)?\)", r"\1", text)
+
+
 class CancelledError(RuntimeError):
     """A long operation was cancelled by the user (progress callback returned False)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import X2ReconInputError
+from .errors import X2ReconInputError, plain
 
 #: Default chest radiography set-up (PA chest: 180 cm source–image distance, 43 cm × 43 cm detector
 #: rendered at 512²).  The isocentre (patient midline) sits 200 mm in front of the detector: more
@@ -56,10 +56,33 @@ NAMED_VIEWS = {"AP": (0.0, False), "LAT": (90.0, False), "PA": (180.0, True)}
 GEOMETRY_FORMAT = "x2recon.ProjectionGeometry/1"
 
 
+#: Source–detector and source–isocentre distances (mm) and detector widths the command line accepts for a
+#: DRR (``build-dataset``, ``drr``): clinical set-ups are 1000–1800 mm and 24–43 cm; 1e9 is a typo.
+DISTANCE_RANGE_MM = (100.0, 10_000.0)
+DETECTOR_RANGE_MM = (10.0, 2000.0)
+
+#: Reconstruction box edges x2recon accepts (mm): a vertebra needs ≥ 10 mm, a whole adult torso ≤ 2 m; outside
+#: this a box is a typo or a unit error (1e9 gave a mesh ±5×10⁸ mm wide), refused wherever a box is read or set.
+BOX_SIZE_RANGE_MM = (10.0, 2000.0)
+
+
+def check_box_size(value, what: str = "box_size") -> float:
+    """``value`` as a finite box edge in :data:`BOX_SIZE_RANGE_MM`; a ``ValueError`` naming ``what`` otherwise
+    (NaN passed the old ``<= 0`` test and was written into JSON as ``NaN``)."""
+    lo, hi = BOX_SIZE_RANGE_MM
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of mm, got {plain(value)}") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"{what} must be a finite edge of {lo:g}–{hi:g} mm, got {v:g}")
+    return v
+
+
 def _vec(x, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     if a.shape != (3,) or not np.all(np.isfinite(a)):
-        raise ValueError(f"ProjectionGeometry.{name} must be 3 finite numbers, got {x!r}")
+        raise ValueError(f"ProjectionGeometry.{name} must be 3 finite numbers, got {plain(x)}")
     return a
 
 
@@ -93,10 +116,10 @@ class ProjectionGeometry:
         object.__setattr__(self, "v", v)
         sp = tuple(float(s) for s in self.spacing)
         if len(sp) != 2 or not all(math.isfinite(s) and s > 0 for s in sp):
-            raise ValueError(f"ProjectionGeometry: pixel spacing must be two positive numbers, got {self.spacing!r}")
+            raise ValueError(f"ProjectionGeometry: pixel spacing must be two positive numbers, got {plain(self.spacing)}")
         if len(self.size) != 2 or not all(float(s) == int(s) and 1 <= int(s) <= MAX_SIDE for s in self.size):
             raise ValueError(f"ProjectionGeometry: size must be (width, height), whole numbers of pixels in "
-                             f"1…{MAX_SIDE}, got {self.size!r}")
+                             f"1…{MAX_SIDE}, got {plain(self.size)}")
         sz = tuple(int(s) for s in self.size)
         if sz[0] * sz[1] > MAX_PIXELS:  # before any detector-sized array is allocated
             raise ValueError(f"ProjectionGeometry: a {sz[0]}×{sz[1]} detector is over the {MAX_PIXELS:,}-pixel limit")
@@ -104,9 +127,7 @@ class ProjectionGeometry:
         object.__setattr__(self, "size", sz)
         if self.kind not in ("cone", "parallel"):
             raise ValueError(f"ProjectionGeometry: kind must be 'cone' or 'parallel', got {self.kind!r}")
-        if float(self.box_size) <= 0:
-            raise ValueError("ProjectionGeometry: box_size must be positive")
-        object.__setattr__(self, "box_size", float(self.box_size))
+        object.__setattr__(self, "box_size", check_box_size(self.box_size, "ProjectionGeometry: box_size"))
         self._check_placement()
 
     def _check_placement(self) -> None:
@@ -403,7 +424,7 @@ class ProjectionGeometry:
 
     def to_json(self) -> str:
         """The geometry as JSON text (``io.xray.write_geometry`` writes it to a file)."""
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)  # every number was checked finite
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "ProjectionGeometry":
@@ -411,12 +432,12 @@ class ProjectionGeometry:
         if p is not None:
             if not p.is_file():
                 raise X2ReconInputError(p, "geometry file not found")
-            try:
-                d = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise X2ReconInputError(p, f"cannot read geometry JSON: {e}") from None
-            return cls.from_dict(d, path=p)
-        return cls.from_dict(json.loads(str(path_or_text)))
+            from .io.documents import read_json
+
+            return cls.from_dict(read_json(p, "geometry JSON"), path=p)
+        from .io.documents import parse_json
+
+        return cls.from_dict(parse_json(str(path_or_text), None, "geometry JSON"))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, ProjectionGeometry):

@@ -107,7 +107,9 @@ def _error(a, e: BaseException) -> int:
         text = where + (e.strerror or str(e))
     else:
         text = str(e)
-    print(f"x2recon {_command(a)}: error: {text}", file=sys.stderr)
+    from ..errors import without_numpy_reprs
+
+    print(f"x2recon {_command(a)}: error: {without_numpy_reprs(text)}", file=sys.stderr)
     return 2
 
 

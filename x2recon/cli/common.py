@@ -132,6 +132,38 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def float_in(lo: float, hi: float, unit: str = ""):
+    """An option type: a finite number in [``lo``, ``hi``] (``unit`` shown in the message, e.g. "HU")."""
+    def parse(s: str) -> float:
+        v = _number(float, s)
+        _check(lo <= v <= hi, s, f"a number in {lo:g}…{hi:g}{' ' + unit if unit else ''}")
+        return v
+
+    parse.__name__ = "number"  # argparse names the type in "invalid number value" messages
+    return parse
+
+
+def box_size(s: str) -> float:
+    """``--box-size``: a reconstruction cube edge in mm within ``geometry.BOX_SIZE_RANGE_MM``."""
+    from ..geometry import BOX_SIZE_RANGE_MM
+
+    return float_in(*BOX_SIZE_RANGE_MM, "mm")(s)
+
+
+def distance_mm(s: str) -> float:
+    """``--sdd``/``--sod``: a source distance in mm within ``geometry.DISTANCE_RANGE_MM``."""
+    from ..geometry import DISTANCE_RANGE_MM
+
+    return float_in(*DISTANCE_RANGE_MM, "mm")(s)
+
+
+def detector_mm(s: str) -> float:
+    """``--detector-mm``: a detector width in mm within ``geometry.DETECTOR_RANGE_MM``."""
+    from ..geometry import DETECTOR_RANGE_MM
+
+    return float_in(*DETECTOR_RANGE_MM, "mm")(s)
+
+
 def probability(s: str) -> float:
     """A number in [0, 1] (thresholds, fractions, confidences)."""
     v = _number(float, s)

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_preset_option, apply_preset, preset_help
+from .common import add_preset_option, apply_preset, box_size, detector_mm, distance_mm, float_in, preset_help
 from .common import floats as _floats
-from .common import non_negative_float, non_negative_int, output_dir, output_file, positive_float, positive_int, probability
+from .common import non_negative_float, non_negative_int, output_dir, output_file, positive_int, probability
 
 
 def _type_error(text: str):
@@ -103,7 +103,7 @@ def _build_presets() -> dict:
 
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
-    from ..dataset.config import BuildConfig
+    from ..dataset.config import THRESHOLD_HU_RANGE, BuildConfig
 
     d = BuildConfig()
     pre = _build_presets()
@@ -122,17 +122,17 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    "unlabelled CTs, needs no labels)"))
     g.add_argument("--label-convention", default=d.label_convention, choices=["totalseg", "verse"],
                    help="label ids of the given labelmaps: TotalSegmentator v2 or VerSe vertebra numbers")
-    g.add_argument("--threshold-hu", type=float, default=d.threshold_hu,
+    g.add_argument("--threshold-hu", type=float_in(*THRESHOLD_HU_RANGE, "HU"), default=d.threshold_hu,
                    help="bone threshold of the threshold segmentation, HU")
     g = p.add_argument_group("DRRs and geometry")
     g.add_argument("--views", type=_view_list, default=",".join(d.views), help="named views (AP, PA, LAT) (default: %(default)s)")
     g.add_argument("--angles", type=_angle_list, default="", help="extra views, degrees about the long axis, e.g. -20,-10,10,20")
     g.add_argument("--drr-size", type=positive_int, default=argparse.SUPPRESS, help=preset_help(pre, "drr_size"))
     g.add_argument("--x2b-size", type=positive_int, default=argparse.SUPPRESS, help=preset_help(pre, "x2b_size"))
-    g.add_argument("--sdd", type=positive_float, default=d.sdd, help="source–detector distance, mm (default: %(default)s)")
-    g.add_argument("--sod", type=positive_float, default=d.sod, help="source–isocentre distance, mm (default: %(default)s)")
-    g.add_argument("--detector-mm", type=positive_float, default=d.detector_mm, help="detector width, mm (default: %(default)s)")
-    g.add_argument("--box-size", type=positive_float, default=d.box_size, help="reconstruction cube edge, mm (default: %(default)s)")
+    g.add_argument("--sdd", type=distance_mm, default=d.sdd, help="source–detector distance, mm (default: %(default)s)")
+    g.add_argument("--sod", type=distance_mm, default=d.sod, help="source–isocentre distance, mm (default: %(default)s)")
+    g.add_argument("--detector-mm", type=detector_mm, default=d.detector_mm, help="detector width, mm (default: %(default)s)")
+    g.add_argument("--box-size", type=box_size, default=d.box_size, help="reconstruction cube edge, mm (default: %(default)s)")
     g.add_argument("--beam", default=d.beam, choices=["cone", "parallel"], help="X-ray beam of the DRRs")
     g.add_argument("--isocenter", default=d.isocenter, choices=["structures", "ct", "thorax"],
                    help="centre of the views and the reconstruction box: the selected bones' centre, the CT's, or "
@@ -219,11 +219,10 @@ def cmd_build_dataset(a) -> int:
 def cmd_drr(a) -> int:
     from dataclasses import replace
 
-    from ..drr.render import render_drr, write_drr
     from ..geometry import ProjectionGeometry
     from ..io.volume import read_ct
 
-    ct = read_ct(a.ct)
+    ct = read_ct(a.ct)  # refused inputs (too large, not HU) fail before torch is imported
     if a.geometry:
         geom = ProjectionGeometry.from_json(a.geometry)
     else:
@@ -232,6 +231,8 @@ def cmd_drr(a) -> int:
                                             detector_mm=a.detector_mm, kind=a.beam)
         if a.isocenter is None:  # recorded, so reconstruct can say when a model's box was centred otherwise
             geom = replace(geom, isocenter_mode="ct")
+    from ..drr.render import render_drr, write_drr
+
     img = render_drr(ct, geom, device=a.device, clahe=not a.no_clahe)
     out = Path(a.out)
     stem = out.name.removesuffix(".png")
@@ -286,9 +287,9 @@ def add_parsers(sub) -> None:
     d.add_argument("--geometry", help="a geometry JSON to use instead of --view")
     d.add_argument("--isocenter", type=_point, help="x,y,z LPS mm (default: CT centre)")
     d.add_argument("--size", type=positive_int, default=CHEST_DEFAULTS["size"][0], help="detector pixels per side")
-    d.add_argument("--sdd", type=positive_float, default=CHEST_DEFAULTS["sdd"], help="source–detector distance, mm")
-    d.add_argument("--sod", type=positive_float, default=CHEST_DEFAULTS["sod"], help="source–isocentre distance, mm")
-    d.add_argument("--detector-mm", type=positive_float, default=CHEST_DEFAULTS["detector_mm"], help="detector width, mm")
+    d.add_argument("--sdd", type=distance_mm, default=CHEST_DEFAULTS["sdd"], help="source–detector distance, mm")
+    d.add_argument("--sod", type=distance_mm, default=CHEST_DEFAULTS["sod"], help="source–isocentre distance, mm")
+    d.add_argument("--detector-mm", type=detector_mm, default=CHEST_DEFAULTS["detector_mm"], help="detector width, mm")
     d.add_argument("--beam", default="cone", choices=["cone", "parallel"], help="X-ray beam")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device that renders the DRR")
     d.add_argument("--no-clahe", action="store_true", help="no CLAHE (linear window only)")

@@ -285,7 +285,7 @@ class Deformation:
             if kind == "labels" and arr.size and int(arr.max()) >= 2**24:
                 raise ValueError("label ids must be < 2**24 (exact in float32)")
             if not v.same_grid(vols[0]):
-                raise ValueError(f"apply_many: volumes must share a grid ({v.grid_text()} vs {vols[0].grid_text()})")
+                raise ValueError(f"apply_many: volumes must share a grid ({v.grid_text(vols[0])} vs {vols[0].grid_text(v)})")
         shape = vols[0].array.shape
         nk, nj, ni = shape
         coarse = self._coarse_field(vols[0])

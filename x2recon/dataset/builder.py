@@ -113,8 +113,9 @@ def unique_ids(cases: list[CaseInput]) -> None:
                                     "rename one, or put each CT in its own folder")
         for c, n in zip(group, names):
             c.case_id = n
-    ids = [c.case_id for c in cases]
-    clash = sorted({i for i in ids if ids.count(i) > 1})
+    from collections import Counter
+
+    clash = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)  # list.count: O(n²)
     if clash:  # a disambiguated name equals another CT's own id
         raise X2ReconInputError(None, f"case ids {clash} are derived from more than one CT; rename the CT files "
                                 "or folders so that each gives its own id")
@@ -136,17 +137,23 @@ def discover(cts: Iterable[str | Path], labels: Iterable[str | Path] | None = No
             raise X2ReconInputError(p, "not a regular file or folder (a device, FIFO or socket); "
                                     "give CT files, folders or .txt lists")
         if p.is_file() and p.suffix == ".txt":
-            for line in p.read_text().splitlines():
+            from ..io.documents import read_text
+
+            listed = []
+            for line in read_text(p, "CT list").splitlines():  # UTF-8, BOM dropped; Latin-1 is an error
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
                 parts = line.split("\t")
-                ctp = Path(parts[0]) if Path(parts[0]).is_absolute() else _norm(p.parent / parts[0])
+                ctp = Path(parts[0].strip())
+                ctp = ctp if ctp.is_absolute() else _norm(p.parent / ctp)
                 lp = None
                 if len(parts) > 1 and parts[1].strip():
                     lp = Path(parts[1].strip())
                     lp = lp if lp.is_absolute() else (p.parent / lp).resolve()
-                found.append((ctp, lp))
+                listed.append((ctp, lp))
+            _refuse_missing(p, [q for c, lab in listed for q in (c, lab) if q is not None])
+            found += listed
         elif p.is_file():
             found.append((p, None))
         elif p.is_dir():
@@ -165,11 +172,23 @@ def discover(cts: Iterable[str | Path], labels: Iterable[str | Path] | None = No
             else:
                 raise X2ReconInputError(p, "folder holds no CT (ct.nii.gz, case folders, CT files or a DICOM series)")
     labels = list(labels or [])
+    _refuse_missing("--labels", [Path(q) for q in labels])
     if labels and len(labels) != len(found):
         raise X2ReconInputError(None, f"{len(labels)} labelmaps given for {len(found)} CTs: give one per CT, in order")
     cases = [_case_from_ct(c, Path(lab) if labels else lp) for (c, lp), lab in zip(found, labels or [None] * len(found))]
     unique_ids(cases)
     return cases
+
+
+def _refuse_missing(where, paths: list[Path], shown: int = 5) -> None:
+    """All of ``paths`` exist, checked before any case starts (a list of 100 000 missing CTs ran for an
+    hour, one failed case each); else an ``X2ReconInputError`` naming ``where`` (the list file or the
+    option), the first ``shown`` missing paths and how many there are."""
+    missing = [q for q in paths if not q.exists()]
+    if missing:
+        more = f" … ({len(missing):,} of {len(paths):,} listed paths are missing)" if len(missing) > shown else ""
+        raise X2ReconInputError(where, f"{'input' if len(missing) == 1 else 'inputs'} not found: "
+                                + ", ".join(str(q) for q in missing[:shown]) + more + "; nothing was built")
 
 
 def expand_variants(cases: list[CaseInput], n: int) -> list[CaseInput]:

@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CancelledError, X2ReconInputError
 from ..io.atomic import atomic_write_text
-from ..io.volume import Volume, read_ct, read_labelmap, write_volume
+from ..io.volume import Volume, check_hounsfield, read_ct, read_labelmap, write_volume
 from .config import BuildConfig
 
 META_FORMAT = "x2recon.case/1"
@@ -378,6 +379,18 @@ def _build(inp, config, work: Path, ct_vol, lab_vol, report: Progress, check_can
     return _write_meta(c, fp)
 
 
+def _warn_missing_structures(case_id: str, source: str, wanted: list[str], names: dict, shown: int = 8) -> None:
+    """A ``UserWarning`` on the console when the segmentation holds fewer structures than were asked for
+    (a labelmap with 1 of 50 built a case that said so only in meta.json): how many, and which are missing."""
+    found = set(names.values())
+    missing = [s for s in wanted if s not in found]
+    if not missing or not found & set(wanted):  # none named at all: the threshold fallback, which names no anatomy
+        return
+    listed = ", ".join(missing[:shown]) + (f" … ({len(missing)} in all)" if len(missing) > shown else "")
+    warnings.warn(f"{case_id}: structures found {len(wanted) - len(missing)} of {len(wanted)} requested "
+                  f"({source.split(' (')[0]}); missing: {listed}", stacklevel=2)
+
+
 def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
     """1. read the CT (deformed for a variant) and segment it; the stored segmentation is used after."""
     from .augment import random_deformation
@@ -386,6 +399,8 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
     c.report(0.0, "reading CT")
     seg_path = c.work / "segmentation.nii.gz"
     ct = ct_vol if ct_vol is not None else read_ct(c.inp.ct)
+    if ct_vol is not None:  # a volume from memory (a Slicer node): the histogram check read_ct makes
+        check_hounsfield(ct_vol.array, ct_vol.path or c.inp.case_id)
     _check_extent(ct)
     deformation, ct0 = None, ct
     if c.inp.variant > 0:  # seeded by the case, never by process state: the same bytes in any run
@@ -401,6 +416,7 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
             seg = deformation.apply(seg, kind="labels")
             present = set(np.unique(seg.array).tolist()) - {0}
             names = {k: v for k, v in names.items() if k in present}
+        _warn_missing_structures(c.inp.case_id, source, c.cfg.structures, names)
         iso = isocenter_of(seg, ct, c.cfg)
         write_volume(seg, seg_path)
         c.stages.mark("segment", [seg_path], {

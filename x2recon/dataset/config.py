@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from ..geometry import CHEST_DEFAULTS, ProjectionGeometry
+from ..geometry import CHEST_DEFAULTS, ProjectionGeometry, check_box_size
 from ..structures import DEFAULT_STRUCTURES, resolve_structures
 
 #: What the X2BR paper states about its dataset, set by ``build-dataset --preset paper``: ribs, vertebrae and
@@ -17,6 +18,9 @@ PAPER_BUILD = {"structures": list(DEFAULT_STRUCTURES), "drr_size": 512, "x2b_siz
                "n_points": 100_000, "near_surface_fraction": 0.0, "variants": 0,
                "xray_realism": False}
 PRESETS = ("ours", "paper")
+#: Thresholds ``--threshold-hu`` accepts: values a CT holds for tissue (air −1000 … dense cortical bone 3000 HU);
+#: NaN or 1e9 is a typo, not a threshold.
+THRESHOLD_HU_RANGE = (-1000.0, 3000.0)
 
 
 @dataclass
@@ -68,6 +72,11 @@ class BuildConfig:
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.variants < 0:
             raise ValueError("variants must be >= 0")
+        lo, hi = THRESHOLD_HU_RANGE
+        if not (math.isfinite(float(self.threshold_hu)) and lo <= float(self.threshold_hu) <= hi):
+            raise ValueError(f"threshold_hu (--threshold-hu) must be a finite threshold of {lo:g}–{hi:g} HU, "
+                             f"got {float(self.threshold_hu):g}")
+        self.box_size = check_box_size(self.box_size, "box_size (--box-size)")
         for v in self.views:
             ProjectionGeometry.from_view(v)  # raises on unknown view names
         self.angles = [float(a) for a in self.angles]

@@ -39,7 +39,7 @@ def read_structure_masks(folder: Path, ct: Volume, wanted: list[str]) -> tuple[n
             continue
         m = read_labelmap(files[name])
         if not m.same_grid(ct):
-            raise X2ReconInputError(files[name], f"mask grid ({m.grid_text()}) does not match the CT ({ct.grid_text()})")
+            raise X2ReconInputError(files[name], f"mask grid ({m.grid_text(ct)}) does not match the CT ({ct.grid_text(m)})")
         k = len(names) + 1
         seg[(m.array > 0) & (seg == 0)] = k
         names[k] = name
@@ -155,7 +155,7 @@ def segment(ct: Volume, labels, config) -> tuple[Volume, dict[int, str], str]:
             lab = labels if isinstance(labels, Volume) else read_labelmap(src_path)
             where = lab.path or src_path
             if not lab.same_grid(ct):
-                raise X2ReconInputError(where, f"labelmap grid ({lab.grid_text()}) does not match the CT ({ct.grid_text()})")
+                raise X2ReconInputError(where, f"labelmap grid ({lab.grid_text(ct)}) does not match the CT ({ct.grid_text(lab)})")
             if not lab.array.any():
                 raise X2ReconInputError(where, "labelmap is empty (all zero)")
             conv = getattr(config, "label_convention", "totalseg")

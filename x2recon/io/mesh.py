@@ -114,6 +114,49 @@ def write_mesh(mesh: trimesh.Trimesh, path: str | Path) -> None:
                 f.write(_encode(mesh, suffix))
 
 
+def _stl_triangles(path: Path) -> int | None:
+    """Triangles a binary STL holds, from its header checked against the file's size (84 + 50 per
+    triangle); None for an ASCII STL.  A binary header whose count the size contradicts is an error that
+    says so (trimesh then read nothing, and the file was called "empty")."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(84)
+    n = struct.unpack("<I", head[80:84])[0] if len(head) == 84 else None
+    if n is not None and size == 84 + 50 * n:
+        return n
+    if head.lstrip().lower().startswith(b"solid"):
+        return None  # ASCII STL
+    if n is None:
+        raise X2ReconInputError(path, f"too short for an STL file ({size} bytes; a binary STL has an 84-byte header)")
+    raise X2ReconInputError(path, f"binary STL header announces {n:,} triangles ({84 + 50 * n:,} bytes), but the file "
+                                  f"holds {size:,} bytes: truncated or corrupt")
+
+
+def header_counts(path: str | Path) -> tuple[int | None, int | None]:
+    """(vertices, faces) a mesh file announces in its header, without reading its data: binary STL
+    (faces; vertices unknown before merging), PLY and OFF; ``None`` where the header does not say (OBJ,
+    VTK, ASCII STL).  For refusing a mesh too large for a job before it is loaded."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".stl":
+        return None, _stl_triangles(path)
+    if suffix not in (".ply", ".off"):
+        return None, None
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if suffix == ".ply":
+        if not head.startswith(b"ply") or b"end_header" not in head:
+            return None, None
+        count = {m.group(1): int(m.group(2)) for m in re.finditer(rb"element\s+(\w+)\s+(\d+)", head)}
+        return count.get(b"vertex"), count.get(b"face")
+    words = [w for ln in head.splitlines() if not ln.lstrip().startswith(b"#") for w in ln.split()]
+    if words[:1] != [b"OFF"] or len(words) < 3 or not (words[1].isdigit() and words[2].isdigit()):
+        return None, None
+    return int(words[1]), int(words[2])
+
+
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray, bytes]:
     """(vertices, faces (F, 3), first 1 KiB) of a mesh or point-cloud file; X2ReconInputError naming it."""
     if not path.is_file():
@@ -122,6 +165,8 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, bytes]:
         suffix = _suffix(path)
     except ValueError as e:
         raise X2ReconInputError(path, str(e).split(": ", 1)[1]) from None
+    if suffix == ".stl":
+        _stl_triangles(path)  # a binary header that contradicts the file's size: said, not "empty"
     try:
         with open(path, "rb") as fh:
             head = fh.read(1024)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,11 +66,14 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
-    def grid_text(self) -> str:
-        return (
-            f"size {self.shape_xyz}, spacing {np.round(self.spacing, 3).tolist()} mm, "
-            f"origin {np.round(self.origin, 2).tolist()}"
-        )
+    def grid_text(self, other: "Volume | None" = None) -> str:
+        """Size, spacing and origin; with ``other``, also the direction when the two differ there (two grids
+        that differ only in direction printed identically)."""
+        text = (f"size {self.shape_xyz}, spacing {np.round(self.spacing, 3).tolist()} mm, "
+                f"origin {np.round(self.origin, 2).tolist()}")
+        if other is not None and not np.allclose(self.direction, other.direction, atol=1e-3):
+            text += f", direction {np.round(self.direction, 3).tolist()}"
+        return text
 
     def with_array(self, array: np.ndarray) -> "Volume":
         if array.shape != self.array.shape:
@@ -102,6 +106,13 @@ class Volume:
 #: Plausible CT voxel spacing (mm): finer is a micro-CT or a header error, coarser is not a CT grid.
 SPACING_RANGE_MM = (0.1, 10.0)
 
+#: Largest CT or labelmap x2recon reads: 2^28 voxels (512×512×1024; 512 MiB as int16).  Checked from the
+#: file's header before any voxel is read: rendering holds the int16 CT and several float32 copies
+#: (attenuation, its padded copy), about 8 GB at this size — within a 16–32 GB machine.  A 1024×1024×800
+#: CT at 0.5 mm reached 10 GB and a traceback; resample such scans to ~1 mm first (a 512² DRR of a 43 cm
+#: detector has 0.84 mm pixels, so finer voxels add nothing).
+MAX_VOLUME_VOXELS = 1 << 28
+
 
 def _check_regular(path: Path, what: str) -> None:
     """A file must be a regular file (or, for DICOM, a folder): never read a device or a FIFO."""
@@ -133,14 +144,130 @@ def _read_image(path: Path, what: str):
     try:
         if path.is_dir():
             return _read_dicom_series(path, what)
+        info = _image_information(path)
+        if info is not None:  # None: ITK cannot read the header; ReadImage below says why
+            _check_voxel_count(path, info.GetSize(), info.GetSpacing(), info.GetNumberOfComponents(), what)
         _check_nifti_complete(path)
-        return sitk.ReadImage(str(path))
+        img = sitk.ReadImage(str(path))
+        _check_nifti_frames(path, img)
+        return img
     except X2ReconInputError:
         raise
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln), first[-1] if first else "")
         raise X2ReconInputError(path, f"cannot read as a {what} image ({detail.strip()[:200]})") from None
+
+
+def _image_information(path: Path):
+    """The file's header (size, spacing, pixel type) without its voxels, or None when ITK cannot read it."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    try:
+        r.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return r
+
+
+def _check_voxel_count(path, size, spacing, components: int, what: str) -> None:
+    """Refuse a volume over :data:`MAX_VOLUME_VOXELS` from its header, before its voxels are read, with the
+    limit and an isotropic spacing that brings it under the limit."""
+    n = int(np.prod([int(x) for x in size], dtype=np.int64)) * max(1, int(components))
+    if n <= MAX_VOLUME_VOXELS:
+        return
+    extent = np.asarray(size, np.float64) * np.abs(np.asarray(spacing, np.float64))
+    iso = math.ceil(10 * (float(np.prod(extent)) / MAX_VOLUME_VOXELS) ** (1 / 3)) / 10  # mm, rounded up
+    dims = "×".join(str(int(x)) for x in size)
+    raise X2ReconInputError(path, f"{what} of {dims} voxels ({n / 1e6:,.0f} M) is over x2recon's limit of "
+                            f"{MAX_VOLUME_VOXELS / 1e6:,.0f} M voxels (x2recon.io.volume.MAX_VOLUME_VOXELS, "
+                            f"512×512×1024; rendering holds several float copies of a CT); resample it to "
+                            f"coarser voxels first, e.g. {iso:g} mm")
+
+
+def _nifti_header(path: Path) -> bytes:
+    """The first 348 bytes of a NIfTI file (``.nii`` or gzipped, by content)."""
+    import gzip
+
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(path, "rb") as f:
+        return f.read(348)
+
+
+def nifti_frames(hdr: bytes) -> dict | None:
+    """The qform and sform of a NIfTI-1 header (``struct``, no nibabel needed) as 4×4 voxel → LPS mm
+    matrices with their codes, or None for another format.  Fields as in nifti1.h: pixdim at 76
+    (pixdim[0] = qfac), qform_code/sform_code at 252/254, quatern_b…d and qoffset at 256–279, srow_x…z at
+    280–327; both frames are RAS in the file."""
+    import struct
+
+    if len(hdr) < 348 or hdr[344:347] not in (b"n+1", b"ni1"):
+        return None
+    order = next((o for o in "<>" if struct.unpack(o + "i", hdr[:4])[0] == 348), None)
+    if order is None:
+        return None
+    pixdim = struct.unpack(order + "8f", hdr[76:108])
+    qcode, scode = struct.unpack(order + "2h", hdr[252:256])
+    b, c, d = struct.unpack(order + "3f", hdr[256:268])
+    qoffset = struct.unpack(order + "3f", hdr[268:280])
+    srow = np.array(struct.unpack(order + "12f", hdr[280:328]), np.float64).reshape(3, 4)
+    a = math.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                    [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                    [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - b * b - c * c]])
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    q = np.eye(4)
+    q[:3, :3] = rot @ np.diag([pixdim[1], pixdim[2], qfac * pixdim[3]])
+    q[:3, 3] = qoffset
+    sf = np.eye(4)
+    sf[:3] = srow
+    return {"qform_code": int(qcode), "sform_code": int(scode), "qform": ras_to_lps @ q, "sform": ras_to_lps @ sf}
+
+
+def _check_nifti_frames(path: Path, img) -> None:
+    """Say which frame a NIfTI file was placed by when its header is ambiguous, and refuse one whose qform
+    and sform are mirror images of each other (left and right cannot be told).  SimpleITK uses the sform
+    when its code is set (and it is a rotation with spacing), else the qform; with neither code, an
+    identity orientation at the origin.  Warnings (``UserWarning``) name the file and the frame used."""
+    import warnings
+
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        fr = nifti_frames(_nifti_header(path))
+    except OSError:
+        return
+    if fr is None:
+        return
+    qc, sc = fr["qform_code"], fr["sform_code"]
+    if qc <= 0 and sc <= 0:
+        warnings.warn(f"{path}: NIfTI header has neither a qform nor an sform code, so it does not say where the "
+                      "volume lies or which side is left; read with an identity orientation at the origin "
+                      "(SimpleITK's default): check left/right", stacklevel=3)
+        return
+    if qc <= 0 or sc <= 0:
+        return  # one frame: the one used
+    q, s = fr["qform"], fr["sform"]
+    dq, ds = np.linalg.det(q[:3, :3]), np.linalg.det(s[:3, :3])
+    if np.sign(dq) != np.sign(ds):
+        raise X2ReconInputError(path, "NIfTI qform and sform are mirror images of each other (determinants "
+                                f"{dq:+.3g} and {ds:+.3g}): the header does not say which side is left; fix "
+                                "the header so that both describe the same frame")
+    shift = float(np.linalg.norm(q[:3, 3] - s[:3, 3]))
+    axes = float(np.abs(q[:3, :3] - s[:3, :3]).max())
+    if shift <= 0.1 and axes <= 1e-3 * max(1.0, float(np.abs(s[:3, :3]).max())):
+        return
+    a = np.eye(4)
+    a[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    a[:3, 3] = img.GetOrigin()
+    used = min(("sform", s), ("qform", q), key=lambda f: float(np.abs(f[1] - a).max()))[0]
+    warnings.warn(f"{path}: NIfTI qform and sform disagree (origins {shift:.1f} mm apart, axes up to {axes:.3g} mm "
+                  f"per voxel apart); placed by the {used}, as SimpleITK does (the sform when it is set and "
+                  "rigid): check that this is the frame you meant", stacklevel=3)
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -205,6 +332,10 @@ def _read_dicom_series(path: Path, what: str):
     for q in sorted(path.iterdir()):
         if q.is_file() and q.name not in listed and not q.name.startswith(".") and q.suffix.lower() in (".dcm", ""):
             raise X2ReconInputError(q, "DICOM slice cannot be read as part of the series (corrupt or truncated?)")
+    first = _image_information(Path(files[0]))
+    if first is not None:
+        rows_cols = first.GetSize()[:2]
+        _check_voxel_count(path, (*rows_cols, len(files)), first.GetSpacing(), first.GetNumberOfComponents(), what)
     _check_slice_positions(path, files)
     reader.SetFileNames(files)
     return reader.Execute()
@@ -250,14 +381,53 @@ def _check_grid(vol: "Volume", path: Path, spacing_range) -> None:
         raise X2ReconInputError(path, "invalid origin or direction matrix in the header")
 
 
-def read_ct(path: str | Path, *, spacing_range: tuple[float, float] | None = SPACING_RANGE_MM) -> Volume:
+#: HU windows of the histogram check (``check_hounsfield``): bone, fat and soft tissue, and the lung-like
+#: values between air and soft tissue.  On the 8 shared CTs (chest, abdomen, head, whole body, crops) the
+#: soft-tissue window holds ≥ 6.9× the lung-like one; shifted by −1024 (a rescale applied twice) ≤ 0.71×.
+BONE_HU = 300.0
+SOFT_TISSUE_HU = (-200.0, 150.0)
+LUNG_LIKE_HU = (-700.0, -300.0)
+
+
+def check_hounsfield(a: np.ndarray, path: str | Path | None) -> None:
+    """Refuse a CT whose histogram cannot be air, soft tissue and bone in Hounsfield units, saying what looks
+    wrong: no voxel above :data:`BONE_HU` (an 8-bit copy clipped to −128…127, or not HU at all), or fat and
+    soft tissue outnumbered by lung-like values (soft tissue moved down; with air below −1500 HU, the
+    rescale intercept applied twice).  A strided sample of ≤ 4 M voxels keeps it cheap."""
+    hi = float(a.max())
+    if hi <= BONE_HU:
+        lo = float(a.min())
+        hint = ("an 8-bit copy of the CT, clipped to that range?" if lo >= -128 and hi <= 127
+                else "not a CT in Hounsfield units?")
+        raise X2ReconInputError(path, f"no voxels above {BONE_HU:g} HU, so no bone: values span {lo:.0f}…{hi:.0f}, "
+                                + hint)
+    s = a.reshape(-1)[:: max(1, a.size // 4_000_000)]
+    soft = int(np.count_nonzero((s >= SOFT_TISSUE_HU[0]) & (s <= SOFT_TISSUE_HU[1])))
+    lung = int(np.count_nonzero((s > LUNG_LIKE_HU[0]) & (s < LUNG_LIKE_HU[1])))
+    if soft < 1.5 * lung:
+        h, edges = np.histogram(s, bins=np.arange(-1500.0, 510.0, 10.0))
+        peak = float(edges[h.argmax()] + 5)  # where the body's bulk sits (air and padding lie below −1500)
+        air = float(np.percentile(s, 1))
+        if -1200 <= peak <= -800:
+            hint = (f"and the soft-tissue peak sits at {peak:.0f} HU instead of near 0"
+                    + (f" (air at {air:.0f} HU)" if air < -1500 else "") + ": a rescale intercept of -1024 applied twice?")
+        else:
+            hint = "not a CT in Hounsfield units?"
+        raise X2ReconInputError(path, f"fat and soft tissue ({SOFT_TISSUE_HU[0]:g}…{SOFT_TISSUE_HU[1]:g} HU) hold "
+                                f"{soft / s.size:.1%} of the voxels, fewer than the values between air and soft "
+                                f"tissue ({LUNG_LIKE_HU[0]:g}…{LUNG_LIKE_HU[1]:g} HU: {lung / s.size:.1%}), {hint}")
+
+
+def read_ct(path: str | Path, *, spacing_range: tuple[float, float] | None = SPACING_RANGE_MM,
+            check_hu: bool = True) -> Volume:
     """Read a CT (NIfTI, NRRD, MHA or a DICOM folder) in Hounsfield units.
 
     Rejects files that are not regular files, truncated NIfTI, DICOM series with a corrupt,
     missing or uneven slice, volumes that are not 3D scalar, non-finite values, values that
     cannot be HU (a CT has air near −1000 and no values far outside [−3000, 40000]), and voxel
     spacing outside ``spacing_range`` mm (``None``: only finite and positive, for x2recon's own
-    coarse box grids such as SPIDER targets).
+    coarse box grids such as SPIDER targets), and (``check_hu``) a histogram that cannot be air, soft
+    tissue and bone (``check_hounsfield``).
     """
     path = Path(path)
     img = _read_image(path, "CT")
@@ -282,6 +452,8 @@ def read_ct(path: str | Path, *, spacing_range: tuple[float, float] | None = SPA
             f"not a CT in Hounsfield units: intensities span {float(a.min()):.0f}…{hi:.0f} "
             "(expected fat or air below −100 HU and no values beyond −10000…40000)",
         )
+    if check_hu:
+        check_hounsfield(a, path)
     vol.array = a.astype(np.int16) if a.dtype != np.int16 and a.min() >= -32768 and a.max() <= 32767 else a
     return vol
 

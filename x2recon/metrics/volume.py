@@ -191,7 +191,7 @@ def _unwrap(volumes, spacing):
     grids = [v for v in volumes if hasattr(v, "array") and hasattr(v, "spacing")]
     for v in grids[1:]:
         if not v.same_grid(grids[0]):
-            raise ValueError(f"volumes are on different grids: {grids[0].grid_text()} vs {v.grid_text()}")
+            raise ValueError(f"volumes are on different grids: {grids[0].grid_text(v)} vs {v.grid_text(grids[0])}")
     if spacing is None:
         if not grids:
             raise ValueError("spacing is needed when plain arrays are given")

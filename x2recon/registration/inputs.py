@@ -17,6 +17,19 @@ from ..errors import X2ReconInputError
 
 POINT_SUFFIXES = (".npy", ".txt", ".xyz", ".csv")
 
+#: Most points a source or target may have.  Memory and time grow with them: GBCPD's geodesic kernel takes
+#: ~4 GB per million source points (300 Nyström columns of float64 plus a 64-column distance block), and
+#: every iteration weighs each source point against each target point (~2·10⁷ pairs/s on 2 CPU cores).
+#: A 10 M-face mesh (5 M points) ran GBCPD out of memory (11.7 GiB) and CPD printed nothing in 300 s.
+MAX_POINTS = 1_000_000
+
+
+def _too_many(path, role: str, what: str) -> X2ReconInputError:
+    return X2ReconInputError(path, f"{role} has {what}, more than the {MAX_POINTS:,} points registration takes "
+                                   "(x2recon.registration.inputs.MAX_POINTS: memory and time grow with the points); "
+                                   "decimate or subsample it first (e.g. to 100 000 faces with 3D Slicer's Surface "
+                                   "Toolbox), then --downsample N fits N of them (BCPD/GBCPD)")
+
 
 @dataclass
 class PointSet:
@@ -25,11 +38,17 @@ class PointSet:
     name: str  # the file, or "source"/"target", for messages
 
 
-def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    from ..io.mesh import MESH_SUFFIXES, read_points
+def _read_file(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+    from ..io.mesh import MESH_SUFFIXES, header_counts, read_points
 
     suffix = path.suffix.lower()
     if suffix in MESH_SUFFIXES:  # a mesh, or a point cloud (PLY/OBJ/OFF/VTK without faces: faces None)
+        if path.is_file():  # refused from the header before a too-large mesh is loaded
+            nv, nf = header_counts(path)
+            if nv is not None and nv > MAX_POINTS:
+                raise _too_many(path, role, f"{nv:,} points")
+            if nv is None and nf is not None and nf // 2 > MAX_POINTS:  # a closed STL: ~½ a point per triangle
+                raise _too_many(path, role, f"{nf:,} triangles (about {nf // 2:,} points)")
         return read_points(path)
     if not path.is_file():
         raise X2ReconInputError(path, "file not found")
@@ -38,10 +57,14 @@ def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                                       f"points: {', '.join(POINT_SUFFIXES)})")
     try:
         if suffix == ".npy":
-            pts = np.load(path, allow_pickle=False)
+            pts = np.load(path, allow_pickle=False, mmap_mode="r")  # the shape first, from the header
+            if pts.ndim == 2 and len(pts) > MAX_POINTS:
+                raise _too_many(path, role, f"{len(pts):,} points")
         else:
             text = path.read_text()
             pts = np.loadtxt(path, delimiter="," if ("," in text.split("\n", 1)[0]) else None, ndmin=2)
+    except X2ReconInputError:
+        raise
     except Exception as e:  # numpy raises many kinds for malformed files
         raise X2ReconInputError(path, f"cannot read as a point set ({type(e).__name__}: {e})") from None
     return np.asarray(pts, np.float64), None
@@ -56,7 +79,7 @@ def load_points(obj, role: str, faces=None) -> PointSet:
     f = None
     if isinstance(obj, (str, Path)):
         name = str(obj)
-        pts, f = _read_file(Path(obj))
+        pts, f = _read_file(Path(obj), role)
     elif hasattr(obj, "vertices"):  # trimesh.Trimesh / PointCloud
         pts = np.asarray(obj.vertices, np.float64)
         f = np.asarray(obj.faces, np.int64) if getattr(obj, "faces", None) is not None else None
@@ -77,6 +100,8 @@ def load_points(obj, role: str, faces=None) -> PointSet:
     if len(pts) <= pts.shape[1]:
         raise X2ReconInputError(where, f"{role} has {len(pts)} points; registration needs more points than "
                                        f"dimensions ({pts.shape[1]})")
+    if len(pts) > MAX_POINTS:
+        raise _too_many(where, role, f"{len(pts):,} points")
     bad = ~np.isfinite(pts).all(axis=1)
     if bad.any():
         raise X2ReconInputError(where, f"{role} has {int(bad.sum())} point(s) with NaN/infinite coordinates "

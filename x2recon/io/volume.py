@@ -265,9 +265,10 @@ def _check_nifti_frames(path: Path, img) -> None:
     a[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
     a[:3, 3] = img.GetOrigin()
     used = min(("sform", s), ("qform", q), key=lambda f: float(np.abs(f[1] - a).max()))[0]
-    warnings.warn(f"{path}: NIfTI qform and sform disagree (origins {shift:.1f} mm apart, axes up to {axes:.3g} mm "
-                  f"per voxel apart); placed by the {used}, as SimpleITK does (the sform when it is set and "
-                  "rigid): check that this is the frame you meant", stacklevel=3)
+    apart = [f"origins {shift:.1f} mm apart"] if shift > 0.1 else []
+    apart += [f"axes up to {axes:.3g} mm per voxel apart"] if axes > 1e-3 * max(1.0, float(np.abs(s[:3, :3]).max())) else []
+    warnings.warn(f"{path}: NIfTI qform and sform disagree ({', '.join(apart)}); placed by the {used}, as SimpleITK "
+                  "does (the sform when it is set and rigid): check that this is the frame you meant", stacklevel=3)
 
 
 def _check_nifti_complete(path: Path) -> None:

@@ -95,6 +95,27 @@ def test_model_does_not_take_the_detector_or_templates(models, tmp_path, monkeyp
         assert build_parser().parse_args(["reconstruct", "--xray", "x", "--out", "o.stl", "--model", alias]).model == alias
 
 
+@pytest.mark.parametrize("argv, typo, alias", [
+    (["reconstruct", "--xray", "x.png", "--out", "o.stl", "--model", "skeletn"], "skeletn", "skeleton"),
+    (["spider", "--model", "Spidr", "--pa", "a.png", "--lat", "l.png", "--out", "o.nii.gz"], "Spidr", "spider"),
+    (["info", "templats"], "templats", "templates"),
+])
+def test_a_mistyped_alias_names_the_alias_it_resembles(argv, typo, alias, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"{typo}: no such file; did you mean the bundled {alias!r}?" in err
+    (tmp_path / typo).write_text("a file of that name is taken as it is")
+    assert getattr(build_parser().parse_args(argv), "model", None) == typo
+
+
+def test_a_name_like_no_alias_stays_a_file_name_for_the_loader(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("foo", "runs/skeletn", "skeletn.safetensors"):  # no alias near, or a path meant as a file
+        assert build_parser().parse_args(["info", name]).model == name
+
+
 def test_cards_are_read_and_checked(models):
     f = models / "cards.json"
     with pytest.raises(X2ReconInputError, match="cards are missing"):

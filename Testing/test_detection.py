@@ -49,6 +49,19 @@ def _run(code: str, config_dir: Path, timeout: int = 240) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_first_import_prints_no_ultralytics_settings_notice(tmp_path):
+    """ultralytics' "Creating new Ultralytics Settings … 'yolo settings' …" notice is about x2recon's private
+    settings file: the first import (fresh config folder) creates the file without printing it."""
+    proc = subprocess.run([sys.executable, "-c", BLOCK_NETWORK + "from x2recon.x2br.detection.offline import "
+                           "import_ultralytics\nimport_ultralytics()\nprint('imported')"],
+                          env=_clean_env(tmp_path / "cfg"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "imported"
+    assert "Ultralytics Settings" not in out and "yolo settings" not in out, out
+    assert (tmp_path / "cfg" / "Ultralytics" / "settings.json").is_file()  # created all the same
+
+
 @pytest.fixture(scope="module")
 def yolo_config(tmp_path_factory) -> Path:
     """The in-process ultralytics config folder (the first import in this process decides it)."""

@@ -4,11 +4,17 @@ scored as perfect (issue 20, items 1 and 8).
 
 The pair: real bones of the bundled chest_half sample (ribs, T8, costal cartilages) and the same bones
 moved 6 mm, both written with the opposite winding (negative signed volume), as some tools write
-them.  Before the fix every IoU of that pair was 1.0 (nothing inside either mesh)."""
+them.  Before the fix every IoU of that pair was 1.0 (nothing inside either mesh).
+
+X2BR (issue 20, item 5): a registered template part that the registration turned inside out or
+resized beyond the tolerances is left out and named, and the output says which of the library's
+structures are missing — tested on the bundled template library with the registration replaced by
+one that folds or stretches chosen parts (no reconstruction needed)."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,8 +112,6 @@ def test_evaluate_scores_an_inverted_ground_truth_cut_to_the_box_as_the_outward_
     """``evaluate``'s scorer reads a case's ``meshes/bones.ply`` and cuts it to the reconstruction box: an
     inward-wound file there (a box that cuts the bones, so the cut surface is capped) scores as the
     outward file."""
-    from types import SimpleNamespace
-
     from x2recon.geometry import ProjectionGeometry
     from x2recon.io.mesh import write_mesh
     from x2recon.x2b.evaluate import _Scorer
@@ -238,3 +242,112 @@ def test_orient_outward_keeps_cavities_and_turns_only_what_is_inward():
         fixed, turned = orient_outward(variant)
         assert turned in (1, 3)
         np.testing.assert_allclose(winding_number(fixed, probe), [0, 1, 1, 0], atol=0.01)
+
+
+# ---- X2BR: registered parts keep outward winding and a plausible size; what is missing is said ----
+@pytest.fixture(scope="module")
+def x2br_case():
+    """The bundled template library, an AP geometry, level-named boxes of T5–T7 projected from the
+    templates at their reference positions, and those templates there as the coarse shape."""
+    from x2recon.geometry import ProjectionGeometry
+    from x2recon.resources import bundled
+    from x2recon.x2br.detection.detections import Detection
+    from x2recon.x2br.template import load_library
+
+    lib = load_library(bundled("templates"))
+    geom = ProjectionGeometry.from_view("AP")
+    names = ["vertebrae_T5", "vertebrae_T6", "vertebrae_T7"]
+    dets, shapes = [], []
+    for k, n in enumerate(names):
+        m = lib.mesh(n)
+        world = geom.isocenter + np.asarray(m.vertices)
+        uv = geom.project(world)
+        dets.append(Detection(n, 0.9, *uv.min(0), *uv.max(0), k))
+        shapes.append(trimesh.Trimesh(world, m.faces, process=False))
+    h, w = geom.size[1], geom.size[0]
+    xray = SimpleNamespace(source="ap.png", geometry=geom, image=np.zeros((h, w), np.float32))
+    return lib, xray, dets, trimesh.util.concatenate(shapes)
+
+
+def _fake_registration(monkeypatch, deform):
+    """``registration.register`` replaced: every template vertex stays where placement put it, except the
+    parts ``deform`` (part name → function of their vertices) changes — as a registration that folded
+    or stretched a part would."""
+    import x2recon.registration as registration
+
+    def register(template, target, method="gbcpd", **kw):
+        Y = np.array(template.vertices, np.float64)
+        ids, names = template.vertex_attributes["part_id"], template.metadata["part_names"]
+        for name, f in deform.items():
+            sel = ids == names.index(name)
+            Y[sel] = f(Y[sel])
+        return SimpleNamespace(Y_hat=Y, seconds=0.01, iterations=1)
+
+    monkeypatch.setattr(registration, "register", register)
+
+
+def test_x2br_rejects_parts_turned_inside_out_or_resized_and_says_what_is_missing(x2br_case, monkeypatch, tmp_path,
+                                                                                   capsys):
+    """A registration that mirrors T6 (negative volume: an inside-out vertebra, as issue 20 found T1) and
+    stretches T7 1.7× along x: both are left out and named, T5 is kept outward; the printed summary and
+    the detections JSON say which of the library's structures are missing.  A library template written
+    inward (T5 here) is turned outward before it is placed."""
+    from x2recon.cli.x2br import write_x2br
+    from x2recon.mesh.extract import signed_volume
+    from x2recon.x2br.detection.detections import read_detections
+    from x2recon.x2br.refine import refine_with_template
+
+    lib, xray, dets, coarse = x2br_case
+    mesh = lib.mesh
+    monkeypatch.setattr(lib, "mesh", lambda name, space="mm": _inverted(mesh(name, space)) if name == "vertebrae_T5"
+                        else mesh(name, space))
+
+    def mirror(v):
+        c = v.mean(0)
+        return v * [-1, 1, 1] + [2 * c[0], 0, 0]
+
+    def stretch(v):
+        c = v.mean(0)
+        return c + (v - c) * [1.7, 1, 1]
+
+    _fake_registration(monkeypatch, {"vertebrae_T6": mirror, "vertebrae_T7": stretch})
+    res = refine_with_template(coarse, xray, dets, lib)
+    assert set(res.parts) == {"vertebrae_T5"} and signed_volume(res.parts["vertebrae_T5"]) > 0
+    assert len(res.mesh.faces) == len(res.parts["vertebrae_T5"].faces) and signed_volume(res.mesh) > 0
+    assert any("vertebrae_T5 was wound inward" in n for n in res.notes)
+    assert "inside out" in res.rejected["vertebrae_T6"] and "extent x 1.70×" in res.rejected["vertebrae_T7"]
+    spine = res.coverage["spine"]
+    assert spine["found"] == ["vertebrae_T5"] and spine["detected_not_kept"] == ["vertebrae_T6", "vertebrae_T7"]
+    n_vert = len([n for n in lib.names if n.startswith("vertebrae_")])
+    lines = res.summary_lines()
+    assert lines[0] == (f"spine: 1 of {n_vert} vertebrae in the result (T5); missing: C5–T4, T6–L3 "
+                        "(detected but rejected: T6–T7)")
+    assert "left ribs: 0 of 12 ribs in the result; missing: 1–12" in lines
+
+    out = tmp_path / "bones.ply"
+    a = SimpleNamespace(out=str(out), xray="ap.png", detector="det.safetensors", registration="gbcpd")
+    write_x2br(res, a, SimpleNamespace(mesh=coarse), xray)
+    printed = capsys.readouterr().out
+    assert lines[0] in printed and "rejected vertebrae_T6: turned inside out" in printed
+    assert sorted(p.stem for p in (tmp_path / "bones_parts").glob("*.ply")) == ["vertebrae_T5"]
+    doc = json.loads((tmp_path / "bones_detections.json").read_text())
+    assert doc["part_checks"]["vertebrae_T6"]["status"] == "rejected" and doc["part_checks"]["vertebrae_T6"]["volume_ml"] < 0
+    assert doc["coverage"]["spine"]["missing"][0] == "vertebrae_C5" and len(read_detections(out.with_name(
+        "bones_detections.json"))) == 3
+
+
+def test_x2br_keeps_plausible_parts_and_refuses_when_none_is(x2br_case, monkeypatch):
+    """Within the tolerances (T6 1.2× along z, T7 shrunk to 0.85×) every part is kept; when every part
+    is turned inside out the refinement is an error that names each, never an inside-out mesh."""
+    from x2recon.errors import X2ReconInputError
+    from x2recon.x2br.refine import refine_with_template
+
+    lib, xray, dets, coarse = x2br_case
+    _fake_registration(monkeypatch, {"vertebrae_T6": lambda v: v.mean(0) + (v - v.mean(0)) * [1, 1, 1.2],
+                                     "vertebrae_T7": lambda v: v.mean(0) + (v - v.mean(0)) * 0.85})
+    res = refine_with_template(coarse, xray, dets, lib)
+    assert set(res.parts) == {"vertebrae_T5", "vertebrae_T6", "vertebrae_T7"} and not res.rejected
+    _fake_registration(monkeypatch, {n: (lambda v: v * [-1, 1, 1]) for n in ("vertebrae_T5", "vertebrae_T6",
+                                                                              "vertebrae_T7")})
+    with pytest.raises(X2ReconInputError, match="ap.png: no registered part is plausible.*vertebrae_T5: turned inside out"):
+        refine_with_template(coarse, xray, dets, lib)

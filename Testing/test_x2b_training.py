@@ -134,3 +134,120 @@ def test_epoch_ends_save_last_only_when_due(tiny_x2b_dataset, tmp_path, monkeypa
     assert s["steps"] == 4
     assert writes == ([1, 2, 3, 4] if all_epochs else [4]), writes  # one step per epoch
     assert read_config(tmp_path / "run" / "last.safetensors")["training"]["step"] == 4
+
+
+# ------------------------------------------------------------------ what `x2recon train x2b` says and keeps
+TINY_CLI = ["--backbone", "convnext_atto", "--image-size", "64", "--hidden", "32", "--blocks", "1", "--workers", "0",
+            "--quiet", "--device", "cpu", "--local-stages", "0,1"]
+
+
+def test_cli_run_keeps_one_last_one_best_says_the_batch_and_measures_steady_rate(tiny_x2b_dataset, tmp_path, capsys):
+    import os
+
+    from x2recon.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "x2b", "--data", str(tiny_x2b_dataset), "--out", str(out), "--steps", "4",
+                 "--batch-size", "64", "--val-every", "1", *TINY_CLI]) == 0
+    std = capsys.readouterr()
+    summary = json.loads(std.out[std.out.index("{"):])
+    # the training split has one case: the batch of 64 is cut to it, and the run says so
+    assert "note: --batch-size 64 is more than the 1 training item: each step trains on 1" in std.out
+    assert summary["steps"] == 4 and summary["steady_after_steps"] == 2  # warm-up ≤ half the steps
+    assert summary["samples_per_s_steady"] > 0 and summary["samples_per_s"] > 0
+    # one last (+ the previous pair, hard links) and one best, whatever the number of epochs (4 here)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["best.safetensors", "last.prev.safetensors",
+                                                                 "last.safetensors"]
+    assert sorted(p.name for p in out.glob("*.pt")) == ["last.prev.state.pt", "last.state.pt"]
+    assert os.path.samefile(out / "last.safetensors", out / "last.prev.safetensors")  # no second copy on disk
+
+
+def test_steady_rate_is_absent_with_its_reason_when_too_few_steps():
+    from x2recon.train.loop import _Throughput
+
+    for steps, present in ((1, False), (2, False), (3, True), (40, True)):
+        t = _Throughput(0, 1)
+        for i in range(steps):
+            t.add(i + 1, 4)
+        s = t.summary("samples")
+        assert ("samples_per_s_steady" in s) == present and ("samples_per_s_steady_note" in s) != present, steps
+        if present:
+            assert s["steady_after_steps"] == min(10, steps // 2) and s["samples_per_s_steady"] > 0
+        else:
+            assert s["samples_per_s_steady_note"].startswith(f"not measured: {steps} step")
+
+
+def test_resume_takes_the_checkpoints_architecture_unless_one_is_given(tiny_x2b_dataset, tmp_path, capsys):
+    """--resume FILE with the command line's defaults (convnext_base) trains the checkpoint's architecture
+    (convnext_atto) and says so; an architecture option given that differs is refused naming both values."""
+    from x2recon.cli import main
+
+    first = tmp_path / "first"
+    base = ["train", "x2b", "--data", str(tiny_x2b_dataset), "--batch-size", "2", "--val-split", "", "--steps", "1"]
+    assert main([*base, "--out", str(first), *TINY_CLI]) == 0
+    capsys.readouterr()
+    ckpt = first / "last.safetensors"
+    second = tmp_path / "second"
+    assert main([*base, "--out", str(second), "--resume", str(ckpt), "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert "--resume: the architecture not given is last.safetensors's: --backbone convnext_atto --image-size 64" in said
+    assert read_config(second / "last.safetensors")["model"] == read_config(ckpt)["model"]
+    assert main([*base, "--out", str(tmp_path / "third"), "--resume", str(ckpt), "--backbone", "resnet18",
+                 "--workers", "0", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--backbone 'resnet18' (the checkpoint's: 'convnext_atto')" in err and "leave these options out" in err
+    # resuming --out itself (--resume auto): the same
+    assert main([*base[:-1], "2", "--out", str(first), "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    assert "--out's last.safetensors: the architecture not given" in capsys.readouterr().out
+    assert read_config(first / "last.safetensors")["training"]["step"] == 2
+
+
+def test_a_preset_sized_run_on_a_cpu_says_so_first_and_prints_the_cpu_recipe(tmp_path, monkeypatch, capsys):
+    """No GPU and the preset's convnext_base: one line before anything else, with the CPU recipe's flags (those
+    of training/recipes.py's cpu profile, our preset); an architecture the user chose gets no note."""
+    import sys
+    from pathlib import Path
+
+    import x2recon.cli.x2b as cli_x2b
+    from x2recon.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = tmp_path / "no_dataset"
+    assert main(["train", "x2b", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2  # fails after the note
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("note: no GPU: training convnext_base at 224² on the CPU takes tens of seconds a step")
+    assert err[0].endswith(cli_x2b.CPU_RECIPE) and "training/cross_patient.py --profile cpu" in err[0]
+    assert "x2recon train x2b: error:" in err[-1]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    try:
+        import recipes
+    finally:
+        sys.path.pop(0)
+    flags = [*recipes.OURS, *recipes.PROFILES["cpu"]["x2b"]]
+    pairs = {(f, flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else None)
+             for i, f in enumerate(flags) if f.startswith("--")}
+    shown = cli_x2b.CPU_RECIPE.split()
+    for i, f in enumerate(shown):
+        if f.startswith("--"):
+            value = shown[i + 1] if i + 1 < len(shown) and not shown[i + 1].startswith("--") else None
+            assert (f, value) in pairs, (f, value)  # the line is the study's recipe, not a private copy
+    assert main(["train", "x2b", "--data", str(missing), "--out", str(tmp_path / "run2"),
+                 "--backbone", "convnext_base"]) == 2
+    assert "note: no GPU" not in capsys.readouterr().err
+
+
+def test_missing_tensorboard_is_one_plain_line(tmp_path, monkeypatch, capsys):
+    import sys
+    import warnings
+
+    from x2recon.train.common import Logger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # "not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Python warning (with its source line) any more
+        log = Logger(tmp_path, enabled=True)
+    log.scalars(1, {"train/loss": 0.5})
+    log.close()
+    assert capsys.readouterr().err == ("note: tensorboard is not installed (pip install 'x2recon[train]'): logging to "
+                                       "log.jsonl only\n")
+    assert json.loads((tmp_path / "log.jsonl").read_text())["train/loss"] == 0.5

@@ -42,11 +42,114 @@ def _warn_dataset_sampling(data, preset: str) -> None:
 
 def cmd_train(a) -> int:
     from ..x2b.network import X2BConfig
+    from ..dataset.lock import run_lock
+
+    with run_lock(a.out, f"train {a.network}"):  # one run per --out: a second refuses at once, naming this one
+        return _train(a)
+
+
+#: Architecture options (argparse dest → X2BConfig field): on resume, those not given are the checkpoint's.
+ARCHITECTURE = {"backbone": "backbone", "image_size": "image_size", "latent_dim": "latent_dim", "hidden": "hidden",
+                "blocks": "n_blocks", "local_features": "local_features", "local_stages": "local_stages",
+                "fourier": "fourier", "heads": "attention_heads", "views": "views", "drop_path": "drop_path_rate",
+                "threshold": "threshold"}
+#: Defaults of the architecture options no preset sets (SUPPRESSed in the parser, so "given" can be told).
+ARCHITECTURE_DEFAULTS = {"hidden": 256, "blocks": 5, "local_stages": "1,2", "heads": 8, "drop_path": 0.0, "views": ""}
+#: The CPU recipe (training/recipes.py, profile cpu, our preset): what a machine without a GPU can train.
+CPU_RECIPE = ("--backbone convnext_atto --image-size 128 --hidden 128 --local-features --local-stages 0,1 --fourier 6 "
+              "--batch-size 8 --lr 1e-3")
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _cli_value(dest: str, value):
+    """A checkpoint's config value as the option holds it (lists as comma text)."""
+    return ",".join(str(v) for v in value) if dest in ("local_stages", "views") else value
+
+
+def _resume_source(a) -> Path | None:
+    """The checkpoint a run resumes or starts from: ``--resume FILE``, or ``--out``'s last weights."""
+    if a.resume not in ("auto", "never"):
+        return Path(a.resume)
+    if a.resume == "auto":
+        for name in ("last.safetensors", "last.prev.safetensors"):
+            if (Path(a.out) / name).is_file():
+                return Path(a.out) / name
+    return None
+
+
+def _architecture_from_resume(a) -> None:
+    """On resume, the architecture options not given are the checkpoint's (the command line's defaults are
+    not a request for another network); one given that differs is an error naming both values."""
+    from ..errors import X2ReconInputError
+    from ..nn.checkpoint import read_config
+
+    src = _resume_source(a)
+    if src is None:
+        return
+    cfg = read_config(src)
+    what = "--resume" if a.resume not in ("auto", "never") else f"--out's {src.name}"
+    if cfg["network"] != a.network:
+        raise X2ReconInputError(src, f"{what} is a {cfg['network']} checkpoint; this is 'train {a.network}' (use "
+                                     f"'train {cfg['network']}', or another --out / --resume never)")
+    model, given = cfg["model"], {d for d in ARCHITECTURE if getattr(a, d, None) is not None}
+    differ = [f"{_option(d)} {getattr(a, d)!r} (the checkpoint's: {_cli_value(d, model[f])!r})"
+              for d, f in ARCHITECTURE.items() if d in given and f in model
+              and _cli_value(d, _normalised(d, getattr(a, d))) != _cli_value(d, model[f])]
+    if differ:
+        raise X2ReconInputError(src, f"cannot resume from {what}: the command line asks for another architecture: "
+                                     + "; ".join(differ) + "; leave these options out to take the checkpoint's, or "
+                                     "use another --out / --resume never")
+    taken = [d for d, f in ARCHITECTURE.items() if d not in given and f in model]
+    for d in taken:
+        setattr(a, d, _cli_value(d, model[ARCHITECTURE[d]]))
+    shown = [(_option(d) if getattr(a, d) else "--no-" + _option(d)[2:]) if isinstance(getattr(a, d), bool)
+             else f"{_option(d)} {getattr(a, d)}" for d in taken if getattr(a, d) != ""]
+    if shown:
+        print(f"{what}: the architecture not given is {src.name}'s: {' '.join(shown)}")
+
+
+def _normalised(dest: str, value):
+    """An option's value as the config stores it (views upper case, stages as ints)."""
+    if dest == "views":
+        return views(value)
+    if dest == "local_stages":
+        return [int(x) for x in str(value).split(",") if x.strip()]
+    return value
+
+
+def _cpu_note(a) -> str | None:
+    """The line to print before training a preset-sized network on a machine without a GPU."""
+    import os
+
+    import torch
+
+    if a.device not in ("auto", "cpu") or (a.device == "auto" and torch.cuda.is_available()):
+        return None
+    if a.backbone != TRAIN_PRESETS["backbone"][a.preset] or os.environ.get("RANK", "0") != "0":
+        return None  # an architecture the user chose, or not torchrun's first process
+    return (f"note: no GPU: training {a.backbone} at {a.image_size}² on the CPU takes tens of seconds a step and "
+            f"writes checkpoints of hundreds of MB. The CPU recipe (training/cross_patient.py --profile cpu; "
+            f"docs/training.md): x2recon train {a.network} --data {a.data} --out {a.out} {CPU_RECIPE}")
+
+
+def _train(a) -> int:
     from ..train.common import TrainSettings
     from ..x2b.train import train_x2b
 
     apply_preset(a, TRAIN_PRESETS)
+    explicit_backbone = getattr(a, "backbone", None) is not None
+    _architecture_from_resume(a)
     _warn_dataset_sampling(a.data, a.preset)
+    for dest, value in ARCHITECTURE_DEFAULTS.items():
+        if getattr(a, dest, None) is None:
+            setattr(a, dest, value)
+    if not explicit_backbone and _resume_source(a) is None:
+        note = _cpu_note(a)
+        if note:
+            print(note, file=sys.stderr, flush=True)
     view_list = views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
     cfg = X2BConfig(kind=a.network, backbone=a.backbone, image_size=a.image_size, latent_dim=a.latent_dim,
                     hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features, fourier=a.fourier,
@@ -75,24 +178,27 @@ def add_x2b_train_parsers(tsub) -> None:
         add_preset_option(p, "the X2BR paper states (§3.1–3.4, §4.3: ConvNeXt-B at 224², no local or Fourier "
                           "features, Adam 1e-4, 2 048 points, τ 0.2, no augmentation)")
         pre, keep = TRAIN_PRESETS, argparse.SUPPRESS
-        g = p.add_argument_group("architecture")
+        g = p.add_argument_group("architecture", "resuming (--resume FILE, or --out's last checkpoint), the options "
+                                                 "not given are the checkpoint's")
         g.add_argument("--backbone", default=keep, help=preset_help(pre, "backbone", "timm model name"))
         g.add_argument("--pretrained", help="local backbone weights file (nothing is downloaded)")
         g.add_argument("--image-size", type=positive_int, default=keep, help=preset_help(pre, "image_size"))
         g.add_argument("--latent-dim", type=non_negative_int, default=keep,
                        help=preset_help(pre, "latent_dim", "0: the backbone's descriptor size"))
-        g.add_argument("--hidden", type=positive_int, default=256, help="decoder width, neurons")
-        g.add_argument("--blocks", type=positive_int, default=5, help="decoder residual blocks")
+        g.add_argument("--hidden", type=positive_int, default=keep, help="decoder width, neurons (default: 256)")
+        g.add_argument("--blocks", type=positive_int, default=keep, help="decoder residual blocks (default: 5)")
         g.add_argument("--local-features", action=argparse.BooleanOptionalAction, default=keep,
                        help=preset_help(pre, "local_features", "pixel-aligned features sampled at each point's "
                                         "projection (beyond the paper)"))
-        g.add_argument("--local-stages", default="1,2", help="encoder stages the pixel-aligned features come from")
+        g.add_argument("--local-stages", default=keep,
+                       help="encoder stages the pixel-aligned features come from (default: 1,2)")
         g.add_argument("--fourier", type=non_negative_int, default=keep,
                        help=preset_help(pre, "fourier", "octaves of sin/cos point features (0: raw coordinates)"))
-        g.add_argument("--heads", type=positive_int, default=8, help="X2B2 cross-attention heads")
-        g.add_argument("--drop-path", type=probability, default=0.0, help="stochastic depth rate of the backbone, 0–1")
-        g.add_argument("--views", default="", help="views to train on (X2B: default every rendered view; "
-                                                    "X2B2: frontal,lateral, default AP,LAT)")
+        g.add_argument("--heads", type=positive_int, default=keep, help="X2B2 cross-attention heads (default: 8)")
+        g.add_argument("--drop-path", type=probability, default=keep,
+                       help="stochastic depth rate of the backbone, 0–1 (default: 0)")
+        g.add_argument("--views", default=keep, help="views to train on (X2B: default every rendered view; "
+                                                      "X2B2: frontal,lateral, default AP,LAT)")
         g = p.add_argument_group("optimisation")
         g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training split")
         g.add_argument("--steps", type=non_negative_int, default=0, help="stop after this many steps (0: epochs decide)")

@@ -60,10 +60,12 @@ def write_x2br(res, a, rec, xray) -> None:
     from ..x2br.detection.detections import write_detections
 
     write_detections(res.detections, out.with_name(stem + "_detections.json"), image=a.xray,
-                     size=tuple(xray.image.shape[::-1]), weights=a.detector)
+                     size=tuple(xray.image.shape[::-1]), weights=a.detector, extra=res.report())
     print(f"{out}: X2BR ({a.registration.upper()}) — {len(res.parts)} structures in {parts_dir}, "
           f"{len(res.detections)} detections, coarse X2B mesh {out.with_name(stem + '_x2b' + out.suffix)}; "
           f"registration {res.registration.seconds:.1f} s, {res.registration.iterations} iterations")
+    for line in res.summary_lines():  # what is missing or was rejected, never silent (also in the detections JSON)
+        print(f"  {line}")
 
 
 # ------------------------------------------------------------------------------ train detector

@@ -117,12 +117,29 @@ def detector_arg(value: str) -> str:
 def _alias_arg(value: str, aliases: tuple[str, ...]) -> str:
     import argparse
 
+    if value not in aliases and not Path(value).exists():
+        near = close_alias(value, aliases)
+        if near:  # a mistyped alias is not a missing file: name the alias it resembles
+            raise argparse.ArgumentTypeError(f"{value}: no such file; did you mean the bundled {near!r}? "
+                                             f"(aliases: {', '.join(aliases)})")
     if value not in aliases or Path(value).exists():
         return value
     try:
         return str(bundled(value))
     except X2ReconInputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def close_alias(value: str, aliases: tuple[str, ...]) -> str | None:
+    """The alias ``value`` looks like a typo of (difflib's closest match, case ignored), else None; only
+    for a bare name (a path with a folder or a file suffix is meant as a file)."""
+    import difflib
+
+    if Path(value).name != value or Path(value).suffix:
+        return None
+    lower = {a.lower(): a for a in aliases}
+    near = difflib.get_close_matches(value.lower(), list(lower), n=1, cutoff=0.6)
+    return lower[near[0]] if near else None
 
 
 def alias_of(path) -> str | None:

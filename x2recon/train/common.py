@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -185,9 +186,9 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            warnings.warn("tensorboard is not installed (pip install 'x2recon[train]'): logging to log.jsonl only",
-                          stacklevel=2)
+        except ImportError:  # one plain line, not a Python warning with its source line
+            print("note: tensorboard is not installed (pip install 'x2recon[train]'): logging to log.jsonl only",
+                  file=sys.stderr, flush=True)
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -134,24 +134,40 @@ class _Run:
 
 
 class _Throughput:
-    """Items per second overall and after warm-up (the first 10 steps: compilation, caches)."""
+    """Items per second of this call: overall, and steady (after the warm-up steps: compilation, caches, the
+    data loader's start).  The warm-up is the first ``WARMUP_STEPS`` steps, at most half of those made; the
+    steady rate needs at least 2 steps after it, else the summary says why it has none."""
+
+    WARMUP_STEPS = 10
 
     def __init__(self, step: int, world: int):
-        self.t0, self.seen, self.world = time.time(), 0, world
-        self.warm_step, self.warm_t, self.warm_seen = step + 10, None, 0
+        self.t0, self.world = time.time(), world
+        self.times: list[float] = []  # end of each step of this call
+        self.items: list[int] = []  # items of each step (all processes)
+
+    @property
+    def seen(self) -> int:
+        return sum(self.items)
 
     def add(self, step: int, items: int) -> None:
-        self.seen += items * self.world
-        if step == self.warm_step:
-            self.warm_t, self.warm_seen = time.time(), self.seen
+        self.items.append(items * self.world)
+        self.times.append(time.time())
 
     def rate(self) -> float:
-        return self.seen / (time.time() - self.t0)
+        return self.seen / max(time.time() - self.t0, 1e-9)
 
     def summary(self, name: str) -> dict:
         seconds = time.time() - self.t0
-        steady = (self.seen - self.warm_seen) / max(time.time() - self.warm_t, 1e-9) if self.warm_t else None
-        return {"seconds": seconds, f"{name}_per_s": self.seen / max(seconds, 1e-9), f"{name}_per_s_steady": steady}
+        out = {"seconds": seconds, f"{name}_per_s": self.seen / max(seconds, 1e-9)}
+        n = len(self.times)
+        warm = min(self.WARMUP_STEPS, n // 2)
+        if n - warm >= 2:
+            out[f"{name}_per_s_steady"] = sum(self.items[warm:]) / max(self.times[-1] - self.times[warm - 1], 1e-9)
+            out["steady_after_steps"] = warm
+        else:
+            out[f"{name}_per_s_steady_note"] = (f"not measured: {n} step{'s' if n != 1 else ''} in this run; the steady "
+                                                f"rate needs 2 steps after the warm-up")
+        return out
 
 
 def train(task: Task, train_ds, settings: TrainSettings, dist: Dist, config: dict, *, log=print) -> dict:
@@ -160,6 +176,10 @@ def train(task: Task, train_ds, settings: TrainSettings, dist: Dist, config: dic
     fwd = wrap_for_training(task.model, settings, dist)
     sampler, loader = train_loader(train_ds, settings, dist)
     amp_ctx = lambda: autocast(settings, dist.device)
+    if dist.main and len(train_ds) < settings.batch_size:
+        log(f"note: --batch-size {settings.batch_size} is more than the {len(train_ds)} training item"
+            f"{'s' if len(train_ds) != 1 else ''}: each step trains on {min(len(train_ds), loader.batch_size)} "
+            f"(one batch per epoch)")
     logger = Logger(run.out, dist.main)
     if dist.main:
         (run.out / "config.json").write_text(json.dumps(config, indent=1))

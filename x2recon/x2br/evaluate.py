@@ -4,6 +4,7 @@ library by one registration method, from a detector's boxes or each case's groun
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,10 @@ class TemplateRefiner:
             ground_truth_detections(folder, views[0], tuple(xrays[0].image.shape[::-1]))
         res = refine_with_template(mesh, xrays[0], dets, self.library, method=self.method,
                                    device=self.device, cancel=self.cancel)
+        if res.rejected:  # the row scores the parts that passed refine's checks: say which did not
+            warnings.warn(f"{folder.name} {'+'.join(views)}: {self.label} left out {len(res.rejected)} of "
+                          f"{len(res.checks)} registered parts as implausible ({', '.join(res.rejected)}); its row "
+                          "scores the rest", stacklevel=2)
         return res.mesh, sum(res.seconds.values())
 
 

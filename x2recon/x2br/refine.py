@@ -10,6 +10,16 @@ GBCPD++ (geodesic kernel over the template's own mesh: separate bones are separa
 so the motion of one rib does not drag its neighbour — CPD's failure the paper's Table 3 shows) or,
 for Table 3's baseline, CPD.  The output keeps the template's faces and its per-vertex part ids, so
 every structure is its own mesh.
+
+Every registered part is checked against its placed template before it is kept (:func:`check_part`):
+a registration that turns a part inside out (signed volume ≤ 0, a folded surface) or leaves it an
+implausible size — enclosed volume outside [1/``PART_VOLUME_TOLERANCE``, ``PART_VOLUME_TOLERANCE``] =
+[½, 2]× the placed template's, or an extent along x, y or z outside [1/``PART_EXTENT_TOLERANCE``,
+``PART_EXTENT_TOLERANCE``] = [⅔, 1.5]× — is rejected: left out of the refined mesh and its parts, and
+named with the reason.  (Placement already sized the template to its box, so the registration has
+to refine the shape, not remake it; a part that doubles in volume or grows by half along an axis is
+fitting the wrong bone.)  The result also says which of the library's structures it has and which
+are missing (:func:`coverage`, e.g. "spine: 1 of 17 vertebrae (T1); missing: T2–T12, L1–L5").
 """
 
 from __future__ import annotations
@@ -40,16 +50,137 @@ DEFAULT_PARAMS = {
 }
 
 
+#: A registered part is kept when its enclosed volume is within this factor of its placed template's.
+PART_VOLUME_TOLERANCE = 2.0
+#: … and its extent along each of x, y, z within this factor of the placed template's.
+PART_EXTENT_TOLERANCE = 1.5
+
+
 @dataclass
 class X2BRResult:
-    mesh: object  # trimesh: the registered template, all parts (LPS mm)
-    parts: dict  # structure name → trimesh
+    mesh: object  # trimesh: the registered template, the parts that passed the checks (LPS mm)
+    parts: dict  # structure name → trimesh (passed the checks)
     part_ids: np.ndarray  # per vertex of ``mesh``: index into ``names``
     names: list[str]
     detections: list
-    template: object  # trimesh: the placed template before registration
+    template: object  # trimesh: the placed template before registration (all parts)
     registration: object  # x2recon.registration.RegistrationResult
     seconds: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)  # structure → check_part's record (status "kept" or "rejected")
+    coverage: dict = field(default_factory=dict)  # group → coverage()'s record
+    notes: list = field(default_factory=list)  # placement's notes (levels, skipped detections, turned templates)
+
+    @property
+    def rejected(self) -> dict:
+        """structure → why its registered part was left out."""
+        return {n: c["reason"] for n, c in self.checks.items() if c["status"] == "rejected"}
+
+    def summary_lines(self) -> list[str]:
+        """What the result has and lacks, one line per group, then each rejected part and note."""
+        lines = [coverage_line(g, c) for g, c in self.coverage.items()]
+        lines += [f"rejected {n}: {why}" for n, why in self.rejected.items()]
+        return lines + [f"note: {n}" for n in self.notes]
+
+    def report(self) -> dict:
+        """The checks, the coverage and the notes, for the detections JSON."""
+        return {"part_checks": self.checks, "coverage": self.coverage, "notes": list(self.notes),
+                "tolerances": {"volume_factor": PART_VOLUME_TOLERANCE, "extent_factor": PART_EXTENT_TOLERANCE}}
+
+
+def check_part(registered, placed) -> dict:
+    """Is a registered part plausible against its placed template (module doc)?  A record with
+    ``status`` ("kept" | "rejected"), ``reason``, volumes (ml), extents (mm, x y z) and how far its
+    centroid moved (mm)."""
+    from ..mesh.extract import signed_volume
+
+    v_r, v_t = signed_volume(registered), signed_volume(placed)
+    e_r = np.ptp(np.asarray(registered.vertices, float), axis=0)
+    e_t = np.ptp(np.asarray(placed.vertices, float), axis=0)
+    moved = float(np.linalg.norm(np.asarray(registered.vertices).mean(0) - np.asarray(placed.vertices).mean(0)))
+    rec = {"volume_ml": round(v_r / 1000, 3), "template_volume_ml": round(v_t / 1000, 3),
+           "extent_mm": [round(float(x), 1) for x in e_r], "template_extent_mm": [round(float(x), 1) for x in e_t],
+           "centroid_moved_mm": round(moved, 1)}
+    size = f"{'×'.join(f'{x:.0f}' for x in e_r)} mm, {v_r / 1000:.1f} ml; template {'×'.join(f'{x:.0f}' for x in e_t)} mm, {v_t / 1000:.1f} ml"
+    reason = ""
+    if not v_r > 0:
+        reason = f"turned inside out by the registration (signed volume {v_r / 1000:.1f} ml; {size})"
+    elif not 1 / PART_VOLUME_TOLERANCE <= v_r / v_t <= PART_VOLUME_TOLERANCE:
+        reason = f"volume {v_r / v_t:.2f}× its template's, outside [1/{PART_VOLUME_TOLERANCE:g}, {PART_VOLUME_TOLERANCE:g}] ({size})"
+    else:
+        ratio = e_r / np.maximum(e_t, 1e-9)
+        bad = [f"{ax} {r:.2f}×" for ax, r in zip("xyz", ratio)
+               if not 1 / PART_EXTENT_TOLERANCE <= r <= PART_EXTENT_TOLERANCE]
+        if bad:
+            reason = (f"extent {', '.join(bad)} its template's, outside [1/{PART_EXTENT_TOLERANCE:g}, "
+                      f"{PART_EXTENT_TOLERANCE:g}] ({size})")
+    return {"status": "rejected" if reason else "kept", "reason": reason, **rec}
+
+
+def _group(name: str) -> str:
+    """The coverage group of a structure: spine, left ribs, right ribs, or the structure itself."""
+    if name.startswith("vertebrae_"):
+        return "spine"
+    if name.startswith("rib_left_"):
+        return "left ribs"
+    if name.startswith("rib_right_"):
+        return "right ribs"
+    return name
+
+
+def coverage(expected: list[str], kept: list[str], detected: set[str] = frozenset()) -> dict:
+    """Per group of ``expected`` structures (the library's): which are in the result (``found``) and
+    which are ``missing``, those among them that were detected (then rejected) named apart."""
+    from .template.placement import VERTEBRA_LEVELS
+
+    def order(n: str):
+        tail = n.rsplit("_", 1)[-1]
+        if n.startswith("vertebrae_") and tail in VERTEBRA_LEVELS:
+            return (0, VERTEBRA_LEVELS.index(tail))
+        return (1, int(tail)) if tail.isdigit() else (2, n)
+
+    out: dict = {}
+    for n in sorted(expected, key=order):
+        g = out.setdefault(_group(n), {"expected": [], "found": [], "missing": [], "detected_not_kept": []})
+        g["expected"].append(n)
+        g["found" if n in kept else "missing"].append(n)
+        if n not in kept and n in detected:
+            g["detected_not_kept"].append(n)
+    return out
+
+
+def _short(names: list[str]) -> str:
+    """Structure names as runs: vertebrae by level (T2–T12, L1), ribs by number (3–5, 8)."""
+    from .template.placement import VERTEBRA_LEVELS
+
+    if not names:
+        return ""
+    if all(n.startswith("vertebrae_") and n[10:] in VERTEBRA_LEVELS for n in names):
+        keys, labels = [VERTEBRA_LEVELS.index(n[10:]) for n in names], [n[10:] for n in names]
+    elif all(n.startswith("rib_") and n.rsplit("_", 1)[-1].isdigit() for n in names):
+        keys = [int(n.rsplit("_", 1)[-1]) for n in names]
+        labels = [str(k) for k in keys]
+    else:
+        return ", ".join(names)
+    runs, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[i - 1] + 1:
+            runs.append(labels[start] if i - 1 == start else f"{labels[start]}–{labels[i - 1]}")
+            start = i
+    return ", ".join(runs)
+
+
+def coverage_line(group: str, c: dict) -> str:
+    """One printed line of :func:`coverage`, e.g. "spine: 1 of 17 vertebrae (T1); missing: T2–T12, L1–L5"."""
+    what = {"spine": "vertebrae", "left ribs": "ribs", "right ribs": "ribs"}.get(group, "")
+    n, k = len(c["expected"]), len(c["found"])
+    line = f"{group}: {k} of {n}{' ' + what if what else ''} in the result"
+    if c["found"] and what:
+        line += f" ({_short(c['found'])})"
+    if c["missing"]:
+        line += f"; missing: {_short(c['missing'])}"
+        if c["detected_not_kept"]:
+            line += f" (detected but rejected: {_short(c['detected_not_kept'])})"
+    return line
 
 
 def split_parts(mesh, part_ids: np.ndarray, names: list[str]) -> dict:
@@ -91,7 +222,8 @@ def refine_with_template(coarse_mesh, xray, detector, library, *, method: str = 
                                              "nothing to build a template from — use the X2B mesh, or lower --conf")
     t1 = time.perf_counter()
     report(0.1, f"placing templates for {len(detections)} detections")
-    placed = place_templates(library, detections, xray.geometry, coarse_mesh)
+    notes: list = []
+    placed = place_templates(library, detections, xray.geometry, coarse_mesh, notes=notes)
     if not placed:
         raise X2ReconInputError(xray.source, "no detected structure has a template in the library "
                                              f"(detected: {sorted({d.name for d in detections})})")
@@ -118,7 +250,23 @@ def refine_with_template(coarse_mesh, xray, detector, library, *, method: str = 
     import trimesh
 
     refined = trimesh.Trimesh(res.Y_hat, np.asarray(template.faces), process=False)
-    return X2BRResult(refined, split_parts(refined, part_ids, names), part_ids, names, detections, template, res, t)
+    parts = split_parts(refined, part_ids, names)
+    placed_parts = split_parts(template, part_ids, names)
+    checks = {n: check_part(parts[n], placed_parts[n]) for n in parts}
+    kept = [n for n in parts if checks[n]["status"] == "kept"]
+    cover = coverage(library.names, kept, {p.name for p in placed})
+    if not kept:
+        raise X2ReconInputError(xray.source, "no registered part is plausible — " + "; ".join(
+            f"{n}: {c['reason']}" for n, c in checks.items()) + "; use the X2B mesh")
+    if len(kept) < len(parts):
+        keep_v = np.isin(part_ids, [names.index(n) for n in kept])
+        new_index = np.cumsum(keep_v) - 1
+        faces = np.asarray(refined.faces)
+        faces = new_index[faces[keep_v[faces[:, 0]]]]
+        refined = trimesh.Trimesh(np.asarray(refined.vertices)[keep_v], faces, process=False)
+        part_ids = part_ids[keep_v]
+    return X2BRResult(refined, {n: parts[n] for n in kept}, part_ids, names, detections, template, res, t,
+                      checks, cover, notes)
 
 
 def cpd_on_subset(template, target, *, n: int, beta: float = 2.0, seed: int = 0, chunk: int = 8192, **kw):

@@ -88,8 +88,9 @@ def box_iou(a, b) -> float:
 
 
 def write_detections(detections: list[Detection], path: str | Path, *, image: str | None = None,
-                     size: tuple[int, int] | None = None, weights: str | None = None) -> Path:
-    """``boxes.json``: the detections with the image they belong to (atomic)."""
+                     size: tuple[int, int] | None = None, weights: str | None = None, extra: dict | None = None) -> Path:
+    """``boxes.json``: the detections with the image they belong to (atomic); ``extra``: more top-level
+    keys (X2BR's part checks and coverage, ``X2BRResult.report``)."""
     path = Path(path)
     doc = {
         "format": DETECTIONS_FORMAT,
@@ -98,6 +99,7 @@ def write_detections(detections: list[Detection], path: str | Path, *, image: st
         "weights": weights,
         "coordinates": "pixels (col, row) of the X-ray; centre of pixel [r, c] at (c, r)",
         "detections": [d.to_dict() for d in detections],
+        **(extra or {}),
     }
     atomic_write_text(path, json.dumps(doc, indent=1))
     return path

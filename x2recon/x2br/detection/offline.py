@@ -16,7 +16,8 @@ through :func:`import_ultralytics`, which first
   ultralytics actually uses as its ``USER_CONFIG_DIR``.  Nothing is ever downloaded;
 
 and after the import turns settings sync, analytics and every third-party logger (ClearML, Comet,
-DVC, MLflow, Ray Tune, TensorBoard, W&B) off in that private settings file.  Training then runs
+DVC, MLflow, Ray Tune, TensorBoard, W&B) off in that private settings file.  Ultralytics' notice that it
+created (or migrated) its settings file, with its ``yolo settings`` advice, is dropped: the file is ours.  Training then runs
 with ``amp=False`` (the AMP check downloads a model), ``plots=False`` and ``pretrained=False``,
 from a model yaml (:data:`TRAIN_OVERRIDES`), and our trainer callbacks drop ultralytics' Platform
 and analytics callbacks (:func:`strip_online_callbacks`).
@@ -28,6 +29,7 @@ switched off on the live objects, and a warning says so.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -136,6 +138,17 @@ def _settle(ul) -> None:
         pass
 
 
+class _SettingsNotice(logging.Filter):
+    """Drops ultralytics' first-import notice about its settings file ("Creating new Ultralytics Settings …
+    'yolo settings' …"): the file is x2recon's private one (``YOLO_CONFIG_DIR``), set by ``_settle``, so the
+    ``yolo settings`` advice does not apply to x2recon's users."""
+
+    NOTICES = ("Creating new Ultralytics Settings", "Ultralytics settings updated to the latest schema")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
 def import_ultralytics(config_dir: str | Path | None = None):
     """Import ultralytics configured for offline use (see the module doc); returns the module."""
     global _configured
@@ -147,11 +160,16 @@ def import_ultralytics(config_dir: str | Path | None = None):
         warnings.warn("ultralytics was imported before x2recon configured it: its online check and config folder "
                       "were decided at that import; x2recon switched analytics and sync off and placed the font, "
                       "but import x2recon.x2br.detection first to keep ultralytics fully offline")
+    quiet = _SettingsNotice()
+    logger = logging.getLogger("ultralytics")  # the logger ultralytics configures at import (getLogger is shared)
+    logger.addFilter(quiet)
     try:
         import ultralytics
     except ImportError as e:
         raise ImportError("the YOLO detector needs ultralytics: pip install 'x2recon[x2br]' (or pip install "
                           f"ultralytics) — {e}") from None
+    finally:
+        logger.removeFilter(quiet)
     if _configured is None or not already:
         _settle(ultralytics)
     _configured = folder

@@ -369,7 +369,8 @@ def place_templates(library, detections: list[Detection], geometry, coarse_mesh=
 
     ``detections``: from ``Detector.detect`` (group or level classes) or ground-truth boxes
     (``detections_from_boxes``).  ``coarse_mesh``: X2B's mesh (trimesh or vertices) in LPS mm.
-    Detections with no template (and no covering part) are skipped and listed in ``notes``.
+    Detections with no template (and no covering part) are skipped and listed in ``notes``; a template
+    wound inward is turned outward first (``mesh.orient``), so a placed part always has positive volume.
     """
     import trimesh
 
@@ -405,9 +406,13 @@ def place_templates(library, detections: list[Detection], geometry, coarse_mesh=
         box = np.array([min(d.x0 for d in ds), min(d.y0 for d in ds), max(d.x1 for d in ds), max(d.y1 for d in ds)])
         u = Detection(part, max(d.confidence for d in ds), *box.tolist(), -1)
         jobs.append((part, u, ds))
+    from ...mesh.orient import orient_outward
+
     placed = []
     for name, det, members in jobs:
-        m = library.mesh(name)
+        m, turned = orient_outward(library.mesh(name))  # a user's (e.g. SKEL) file may wind inward
+        if turned:
+            notes.append(f"template of {name} was wound inward ({turned} shells): turned outward")
         rel, faces, ref_c = np.asarray(m.vertices, float), np.asarray(m.faces), library.reference_centroid(name)
         inside = _coarse_inside(coarse_uv, det.box)
         depth, source = None, "template"

@@ -1,5 +1,5 @@
-"""DRR renderer against analytic phantoms and independent formulas: exact Siddon on CPU (torch),
-the Triton kernel (interpreter on CPU, compiled for sm_90, and on CUDA when present), display
+"""DRR renderer against analytic phantoms and independent formulas: exact Siddon on CPU (torch, the
+reference, and the numba kernel, each against the analytic phantoms and numba against torch), the Triton kernel (interpreter on CPU, compiled for sm_90, and on CUDA when present), display
 mapping, file round trip, and a real chest CT."""
 
 from __future__ import annotations
@@ -86,18 +86,25 @@ def render(vol, aff, g, **kw) -> np.ndarray:
     return line_integrals(torch.from_numpy(vol), aff, g, **kw).numpy()
 
 
+#: The CPU tracers: torch (the reference) and the compiled numba kernel (skipped where numba is missing).
+CPU_BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("numba") is None, reason="numba is not installed"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(GEOMS))
-def test_box_phantom_matches_analytic_chords(name):
+def test_box_phantom_matches_analytic_chords(name, backend):
     """Every pixel equals the analytic Σ μ × chord (brief: < 0.5 % of the maximum; exact up to float32)."""
     g = GEOMS[name]
     vol, aff = box_phantom()
-    img, ref = render(vol, aff, g), analytic_boxes(g)
+    img, ref = render(vol, aff, g, backend=backend), analytic_boxes(g)
     assert ref.max() > 1.0 and (ref > 0).mean() > 0.2  # rays really cross the phantom
     err = np.abs(img - ref).max() / ref.max()
     assert err < 1e-4, err  # measured ~1e-6
 
 
-def test_rays_that_start_or_end_inside_the_volume():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rays_that_start_or_end_inside_the_volume(backend):
     """Source inside the grid, and a detector inside the grid: the path is clipped to [0, length]."""
     vol, aff = box_phantom()
     inside_src = ProjectionGeometry(source=(4.1, -3.2, 6.3), detector_center=(30.3, 260.1, -12.2), u=(1, 0, 0),
@@ -106,10 +113,11 @@ def test_rays_that_start_or_end_inside_the_volume():
     for g in (inside_src, inside_det):
         ref = analytic_boxes(g)
         assert ref.max() > 0.5
-        assert np.abs(render(vol, aff, g) - ref).max() < 1e-4 * ref.max()
+        assert np.abs(render(vol, aff, g, backend=backend) - ref).max() < 1e-4 * ref.max()
 
 
-def test_oblique_direction_volume():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_oblique_direction_volume(backend):
     """A rotated (and mirrored) direction matrix: equal to the axis-aligned volume seen by the equally
     moved set-up, and equal to the analytic chords of the rotated boxes."""
     R = rotation((1.0, 2.0, 3.0), 35.0) @ np.diag([1.0, -1.0, 1.0])
@@ -119,17 +127,18 @@ def test_oblique_direction_volume():
     g = GEOMS["cone23"]
     moved = lambda p: R @ p + shift
     g_r = ProjectionGeometry(moved(g.source), moved(g.detector_center), R @ g.u, R @ g.v, g.spacing, g.size)
-    a, b = render(vol, aff, g), render(vol_r, aff_r, g_r)
+    a, b = render(vol, aff, g, backend=backend), render(vol_r, aff_r, g_r, backend=backend)
     assert np.abs(a - b).max() < 1e-4 * a.max()
     ref = analytic_boxes(g_r, R, R @ ORIGIN + shift)
     assert np.abs(b - ref).max() < 1e-4 * ref.max()
     # and a geometry that is not aligned with anything
     g2 = GEOMS["cone_tilted"]
     ref2 = analytic_boxes(g2, R, R @ ORIGIN + shift)
-    assert ref2.max() > 1.0 and np.abs(render(vol_r, aff_r, g2) - ref2).max() < 1e-4 * ref2.max()
+    assert ref2.max() > 1.0 and np.abs(render(vol_r, aff_r, g2, backend=backend) - ref2).max() < 1e-4 * ref2.max()
 
 
-def test_sphere_with_partial_volume_voxels():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sphere_with_partial_volume_voxels(backend):
     """A ball voxelised with supersampled partial volumes vs the analytic chord 2√(r²−d²).
 
     Tolerance, per ray and rigorous: voxels wholly inside the ball hold 1, wholly outside 0, so the
@@ -163,7 +172,7 @@ def test_sphere_with_partial_volume_voxels():
 
     ch = lambda rr, dd: 2 * np.sqrt(np.clip(rr * rr - dd * dd, 0, None))
     g = ProjectionGeometry.from_view(17.0, c0 + [0.4, -0.3, 0.2], sdd=600, sod=400, size=(72, 72), detector_mm=220)
-    img = line_integrals(vol, aff, g).numpy()
+    img = line_integrals(vol, aff, g, backend=backend).numpy()
     dist = dist_from_centre(g)
     ref = mu * ch(r, dist)
     bound = mu * (ch(r + 2 * h, dist) - ch(r - 2 * h, dist))
@@ -171,7 +180,7 @@ def test_sphere_with_partial_volume_voxels():
     assert np.all(np.abs(img - ref) <= bound + 1e-6)
 
     gp = ProjectionGeometry.from_view(17.0, c0, size=(80, 80), detector_mm=120, kind="parallel")
-    imgp = line_integrals(vol, aff, gp).numpy()
+    imgp = line_integrals(vol, aff, gp, backend=backend).numpy()
     mass = imgp.sum() * gp.spacing[0] * gp.spacing[1]
     assert mass == pytest.approx(mu * 4 / 3 * np.pi * r**3, rel=5e-3)
     refp = mu * ch(r, dist_from_centre(gp))
@@ -179,7 +188,8 @@ def test_sphere_with_partial_volume_voxels():
     assert np.all(np.abs(imgp - refp) <= mu * (ch(r + 2 * h, dp) - ch(r - 2 * h, dp)) + 1e-6)
 
 
-def test_bright_blob_appears_at_its_projection():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bright_blob_appears_at_its_projection(backend):
     """A 3×3×3 bright blob around a known world point (oblique volume) peaks at geometry.project(point)."""
     R = rotation((0.3, -1.0, 0.5), 20.0)
     spacing = np.array([1.2, 1.2, 2.0])
@@ -190,7 +200,7 @@ def test_bright_blob_appears_at_its_projection():
     point = ct.index_to_world(ijk)
     g = ProjectionGeometry.from_view(40.0, ct.index_to_world([30, 30, 25]), sdd=700, sod=450, size=(160, 160),
                                      detector_mm=160)
-    img = line_integrals(torch.from_numpy(vol), ct.affine, g).numpy()
+    img = line_integrals(torch.from_numpy(vol), ct.affine, g, backend=backend).numpy()
     col, row = g.project(point)
     r, c = np.unravel_index(np.argmax(img), img.shape)
     assert abs(c - col) <= 1 and abs(r - row) <= 1
@@ -199,14 +209,17 @@ def test_bright_blob_appears_at_its_projection():
     assert abs((w * cols).sum() / w.sum() - col) < 0.25 and abs((w * rows).sum() / w.sum() - row) < 0.25
 
 
-def test_progress_cancel_and_input_checks():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_progress_cancel_and_input_checks(backend):
     vol, aff = box_phantom()
     seen = []
     g = GEOMS["cone23"]
-    line_integrals(torch.from_numpy(vol), aff, g, chunk=512, progress=lambda f, m: seen.append(f))
+    line_integrals(torch.from_numpy(vol), aff, g, chunk=512, progress=lambda f, m: seen.append(f), backend=backend)
     assert seen and seen[-1] == pytest.approx(1.0) and all(np.diff(seen) >= 0)
     with pytest.raises(CancelledError):
-        line_integrals(torch.from_numpy(vol), aff, g, chunk=256, cancel=lambda: True)
+        line_integrals(torch.from_numpy(vol), aff, g, chunk=256, cancel=lambda: True, backend=backend)
+    with pytest.raises(ValueError, match="'numba'"):
+        line_integrals(torch.from_numpy(vol), aff, g, backend="cuda")
     with pytest.raises(ValueError, match="3D"):
         line_integrals(torch.zeros(4, 4), aff, g)
     with pytest.raises(ValueError, match="singular"):
@@ -214,6 +227,49 @@ def test_progress_cancel_and_input_checks():
     if "TRITON_INTERPRET" not in os.environ:
         with pytest.raises(RuntimeError, match="CUDA"):
             line_integrals(torch.from_numpy(vol), aff, g, backend="triton")
+
+
+# --------------------------------------------------------------------------- numba kernel vs the torch path
+@pytest.mark.skipif(__import__("importlib").util.find_spec("numba") is None, reason="numba is not installed")
+def test_numba_kernel_sums_equal_the_torch_path_on_a_real_ct(chest_half):
+    """The compiled kernel gives the torch reference's sums to 1e-6 relative on the chest CT, every pixel
+    (float32 rounding of the same operations), for a cone and a parallel beam, with the int32 and
+    int64 index paths of the reference; and the CPU default ("auto") is the numba kernel."""
+    from x2recon.drr import siddon
+    from x2recon.drr.attenuation import hu_to_mu
+    from x2recon.io.volume import read_ct
+
+    ct = read_ct(chest_half[0])
+    mu = hu_to_mu(torch.from_numpy(ct.array).float())
+    centre = ct.corners_world().mean(0)
+    for g in (ProjectionGeometry.from_view(20.0, centre + [1.3, -2.1, 0.7], size=(96, 80)),
+              ProjectionGeometry.from_view("LAT", centre, size=(64, 64), kind="parallel")):
+        ref = line_integrals(mu, ct.affine, g, backend="torch").numpy()
+        fast = line_integrals(mu, ct.affine, g, backend="numba").numpy()
+        assert ref.max() > 1.0 and (ref > 0).mean() > 0.3
+        np.testing.assert_allclose(fast, ref, rtol=1e-6, atol=1e-6 * ref.max())
+        assert siddon.auto_backend(mu) == "numba"
+        rays = siddon.rays_in_grid(ct.affine, tuple(mu.shape), g)
+        n = min(4096, len(rays.pixel))  # the reference's int64 index path on some of them
+        st = [torch.from_numpy(a) for a in siddon.chunk_arrays(rays, slice(0, n), tuple(mu.shape), index64=True)]
+        out = torch.zeros(n)
+        siddon._trace_chunk(siddon.padded_flat(mu), st, out, slice(0, n), __import__("threading").Event())
+        np.testing.assert_allclose(fast.reshape(-1)[rays.pixel[:n]], out.numpy(), rtol=1e-6, atol=1e-6 * ref.max())
+
+
+def test_cpu_default_says_when_numba_is_missing(monkeypatch, caplog):
+    """Without numba, "auto" on CPU is the torch tracer and says so in one log line, once per process."""
+    from x2recon.drr import siddon
+
+    monkeypatch.setattr(siddon, "numba_available", lambda: False)
+    monkeypatch.setattr(siddon, "_WARNED_NO_NUMBA", False)
+    vol, aff = box_phantom()
+    with caplog.at_level("WARNING", logger="x2recon.drr.siddon"):
+        a = render(vol, aff, GEOMS["coneLAT"])
+        render(vol, aff, GEOMS["coneLAT"])
+    said = [r.getMessage() for r in caplog.records if "numba" in r.getMessage()]
+    assert said == ["DRR: numba is not installed, so CPU DRRs use the slower torch tracer (pip install numba)"]
+    np.testing.assert_array_equal(a, render(vol, aff, GEOMS["coneLAT"], backend="torch"))
 
 
 # --------------------------------------------------------------------------- Triton kernel
@@ -441,11 +497,16 @@ RENDERER_SCRIPT = textwrap.dedent(
 
 
 def test_drr_metadata_names_the_renderer_that_ran(monkeypatch):
-    """``renderer`` is the path that traced the rays: torch on CPU (also under 'auto'), Triton when it ran
-    (interpreter on CPU here), and torch on CUDA when triton does not import (was: 'triton' by device)."""
+    """``renderer`` is the path that traced the rays: numba on CPU under 'auto' (torch where numba is
+    missing), torch when asked, Triton when it ran (interpreter on CPU here), and torch on CUDA when
+    triton does not import (was: 'triton' by device)."""
+    from x2recon.drr import siddon
+
     ct = Volume(np.full((12, 10, 8), 300, np.int16), (4.0, 4.0, 4.0), (-14.0, -18.0, -22.0), np.eye(3))
     g = ProjectionGeometry.from_view("AP", (0.0, 0.0, 0.0), size=(16, 16))
-    assert render_drr(ct, g, device="cpu").mapping["renderer"] == "siddon-exact/torch"
+    auto = "numba" if siddon.numba_available() else "torch"
+    assert render_drr(ct, g, device="cpu").mapping["renderer"] == f"siddon-exact/{auto}"
+    assert render_drr(ct, g, device="cpu", backend="torch").mapping["renderer"] == "siddon-exact/torch"
     if torch.cuda.is_available():
         from x2recon.drr import siddon
 

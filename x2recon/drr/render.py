@@ -117,11 +117,12 @@ def render_drr(
     HU → μ with the water/air references (``attenuation.py``), line integrals through the volume's
     own affine (oblique directions are exact), then the display map (``display.py``).
     ``progress(fraction, message)`` and ``cancel() -> bool`` are polled while tracing on CPU.
-    ``backend``: ``"auto"`` (Triton on CUDA when triton imports, else torch), ``"torch"`` or ``"triton"``;
+    ``backend``: ``"auto"`` (Triton on CUDA when triton imports, numba on CPU when numba imports, else torch),
+    ``"torch"``, ``"numba"`` or ``"triton"``;
     the metadata's ``renderer`` names the path that actually traced the rays.  ``attenuation``:
     ``attenuation(ct, device, mu_water=…, mu_air=…)`` computed once for several views of ``ct``.
     """
-    from .siddon import line_integrals, triton_available
+    from .siddon import auto_backend, line_integrals
 
     if not isinstance(ct, Volume):
         raise TypeError(f"render_drr needs an x2recon Volume, got {type(ct).__name__}")
@@ -132,7 +133,7 @@ def render_drr(
     att = _attenuation_for(ct, dev, mu_water, mu_air, attenuation)
     mu = att.mu
     if backend == "auto":  # decided here, so the metadata names the path taken (CUDA without triton: torch)
-        backend = "triton" if mu.is_cuda and triton_available() else "torch"
+        backend = auto_backend(mu)
     li = line_integrals(mu, ct.affine, geometry, progress=progress, cancel=cancel, backend=backend,
                         padded=att.padded).cpu().numpy()
     seconds = time.perf_counter() - t0

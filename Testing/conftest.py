@@ -1,11 +1,78 @@
 """Shared fixtures: the one way tests reach the sample data — the chest CT bundled in the package, and
-../shared/data for the larger cases (nothing downloads at run time)."""
+../shared/data for the larger cases (nothing downloads at run time).
+
+Two tiers.  ``python -m pytest Testing`` runs the default tier: every package touched, minutes on 2 cores.
+Tests marked ``@pytest.mark.slow`` (end-to-end builds of real CTs, training runs, detector training, the
+study's smoke run, full-size reconstructions) are left out unless ``--all`` (or ``X2RECON_ALL_TESTS=1``) is
+given, ``-m`` names a marker, or the test is named by its node id.  CI (.ci/run) runs ``--all``.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+ALL_TESTS_ENV = "X2RECON_ALL_TESTS"
+#: Fixtures that train a network (minutes of CPU each, once per session): every test using one is slow too.
+SLOW_FIXTURES = {
+    "tiny_x2b_model": "trains X2B for 400 steps",
+    "tiny_spider_model": "trains SPIDER for 250 steps",
+    "offline_run": "trains the YOLO detector for an epoch in a fresh process",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", dest="x2recon_all",
+                     help=f"run the slow end-to-end tests too (as CI does; or {ALL_TESTS_ENV}=1)")
+
+
+def _runs_everything(config) -> bool:
+    return bool(config.getoption("x2recon_all") or os.environ.get(ALL_TESTS_ENV, "") not in ("", "0")
+                or config.getoption("markexpr"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a ``SLOW_FIXTURES`` fixture are marked slow; the default tier deselects the slow ones
+    (the summary line counts them), unless named by node id."""
+    for item in items:
+        if SLOW_FIXTURES.keys() & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+    if _runs_everything(config):
+        return
+    named = [a.replace("\\", "/") for a in config.args if "::" in a]
+    keep, slow = [], []
+    for item in items:
+        explicit = any(_names(a, item.nodeid) for a in named)
+        (slow if item.get_closest_marker("slow") and not explicit else keep).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = keep
+        config._x2recon_slow_left_out = len(slow)
+
+
+def _names(arg: str, nodeid: str) -> bool:
+    """Whether a command-line ``path::name`` argument (relative to any folder, or absolute; with or without
+    parameters; or naming the test's class) selects the test ``nodeid``."""
+    arg_path, _, arg_name = arg.partition("::")
+    node_path, _, node_name = nodeid.partition("::")
+    same_file = arg_path == node_path or arg_path.endswith("/" + node_path) or node_path.endswith("/" + arg_path)
+    return same_file and (node_name == arg_name or node_name.split("[")[0] == arg_name
+                          or node_name.startswith(arg_name + "::"))
+
+
+def pytest_report_header(config):
+    if _runs_everything(config):
+        return "x2recon: every test (slow ones included)"
+    return f"x2recon: default tier; slow tests left out (run them too: --all or {ALL_TESTS_ENV}=1, as CI does)"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = getattr(config, "_x2recon_slow_left_out", 0)
+    if n:
+        terminalreporter.write_line(f"x2recon: {n} slow tests left out of the default tier; run everything with "
+                                    f"'python -m pytest Testing --all'")
 
 
 def shared_data_dir() -> Path:

@@ -24,6 +24,9 @@ import sys
 from .. import __version__
 from ..errors import CancelledError, X2ReconInputError
 
+#: commands that pick up where an interrupted run stopped (finished cases, the last checkpoint); only these
+#: say "run the same command again to resume" when cancelled
+RESUMABLE = ("build-dataset", "train")
 #: command modules, each with ``add_parsers(sub)``; order = order in ``x2recon --help``
 COMMAND_MODULES = ("dataset", "train", "x2b", "spider", "evaluate", "compare", "info", "demo", "register", "x2br")
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     file that cannot be read or written (``OSError``), a ``ValueError`` that x2recon raised itself to
     reject a value — print ``x2recon <command>: error: ...`` and return 2; anything else (a bug) keeps
     its traceback."""
+    _writable_stdout()
     parser = build_parser()
     try:
         try:
@@ -91,7 +95,8 @@ def _run(a) -> int:
     except BrokenPipeError:
         raise
     except (KeyboardInterrupt, CancelledError):
-        print(f"x2recon {_command(a)}: cancelled; run the same command again to resume", file=sys.stderr)
+        again = "; run the same command again to resume" if a.command in RESUMABLE else ""
+        print(f"x2recon {_command(a)}: cancelled{again}", file=sys.stderr)
         return 130
     except (X2ReconInputError, OSError) as e:  # BrokenPipeError (an OSError) is re-raised above
         return _error(a, e)
@@ -130,6 +135,20 @@ def _raised_by_x2recon(e: BaseException) -> bool:
         return False
     package = Path(__file__).resolve().parents[1]
     return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
+
+
+def _writable_stdout() -> None:
+    """Under a locale whose encoding cannot write x2recon's text (``LC_ALL=C`` without Python's UTF-8 mode:
+    ASCII), characters stdout cannot encode (—, ³, ×, a non-ASCII file name) come out as backslash escapes,
+    as Python's stderr already does, instead of failing the command."""
+    enc = getattr(sys.stdout, "encoding", None)
+    try:
+        "—×³τ".encode(enc or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        try:
+            sys.stdout.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # a replaced stdout without reconfigure: leave it
+            pass
 
 
 def _silence_stdout() -> None:

@@ -309,3 +309,52 @@ def add_training_run_options(p, val_every: int) -> None:
     g.add_argument("--save-every", type=non_negative_int, default=500, help="steps between checkpoints (0: at epoch ends only)")
     g.add_argument("--resume", default="auto", type=resume, help="auto (continue --out), never, or a checkpoint to start from")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def refuse_colliding_paths(outputs: dict, inputs: dict | None = None) -> None:
+    """Before any work, refuse outputs that would overwrite each other or one of the command's inputs
+    (``--out same.stl --render same.stl``).  ``outputs`` / ``inputs`` map what names a file (an option, or
+    a file written beside one) to its path (None: not given).  Paths are compared resolved (``~``, ``..``,
+    links) and, where they exist, as the same file on disk (hard links, case-insensitive file systems)."""
+    import os
+    from pathlib import Path
+
+    from ..errors import X2ReconInputError
+
+    def same(p, q) -> bool:
+        if p.expanduser().resolve() == q.expanduser().resolve():
+            return True
+        try:
+            return os.path.samefile(p, q)
+        except OSError:  # one of them does not exist yet
+            return False
+
+    seen: list[tuple[str, Path]] = []
+    for name, p in outputs.items():
+        if p is None:
+            continue
+        p = Path(p)
+        for other, q in seen:
+            if same(p, q):
+                raise X2ReconInputError(p, f"{other} and {name} name the same file: one would overwrite the "
+                                           "other; give them different names")
+        seen.append((name, p))
+    for name, p in (inputs or {}).items():
+        if p is None:
+            continue
+        for other, q in seen:
+            if same(Path(p), q):
+                raise X2ReconInputError(p, f"{other} would overwrite the input {name}; give it another name")
+
+
+def output_file_of(kind: str, suffixes: tuple[str, ...]):
+    """An option type: an ``output_file`` whose name ends in one of ``suffixes`` (any case), so a format
+    x2recon cannot write is refused before any work, naming the ones it can."""
+    def parse(s: str):
+        if not s.lower().endswith(tuple(x.lower() for x in suffixes)):
+            raise argparse.ArgumentTypeError(f"{s}: x2recon cannot write a {kind} in this format; use one of "
+                                             f"{', '.join(suffixes)}")
+        return output_file(s)
+
+    parse.__name__ = f"{kind} file"  # argparse names the type in "invalid ... value" messages
+    return parse

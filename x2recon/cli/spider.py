@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from ..io.volume import WRITABLE_VOLUME_SUFFIXES
 from ..resources import model_arg
 from .common import (device, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
                      positive_int, probability)
+from .common import output_file_of, refuse_colliding_paths
 from .common import ProgressLines, add_preset_option, add_training_run_options, apply_preset, ints, preset_help, views
 
 #: ``train spider`` options a preset sets.  Paper (spider-paper §3.4, §4.2): SGD, lr 1e-3 halved every 100
@@ -27,6 +29,13 @@ TRAIN_PRESETS = {
 
 
 def cmd_train_spider(a) -> int:
+    from ..dataset.lock import run_lock
+
+    with run_lock(a.out, "train spider"):  # one run per --out: a second refuses at once, naming this one
+        return _train_spider(a)
+
+
+def _train_spider(a) -> int:
     from ..dataset.spider_data import class_members, default_classes
     from ..spider.hash_encoding import HashEncodingConfig
     from ..spider.network import SpiderConfig
@@ -130,6 +139,7 @@ def cmd_spider(a) -> int:
 
     if a.resolution < 2:
         raise X2ReconInputError("--resolution", f"must be at least 2, got {a.resolution}")
+    _refuse_colliding_outputs(a)
     print(f"model: {a.model}")  # the bundled one unless --model was given: never silent
     if a.from_ct:
         _render_pair_from_ct(a)
@@ -155,6 +165,23 @@ def cmd_spider(a) -> int:
     n = a.resolution
     print(f"{', '.join(map(str, files))}: {n}³ at {res.ct.spacing[0]:.2f} mm, LPS, in {res.seconds:.2f} s on {res.device}")
     return 0
+
+
+def _refuse_colliding_outputs(a) -> None:
+    """Every file ``spider`` writes (the CT, the labelmap and its names, with --from-ct the X-ray pair and
+    their geometry), none the same as another or as an input, checked before any work."""
+    from ..spider.inference import labels_sidecar
+
+    outputs = {"--out": a.out, "--labels": a.labels,
+               "the label names <labels>.labels.json": labels_sidecar(a.labels) if a.labels else None}
+    inputs = {"--model": a.model, "--fit-ct": a.fit_ct, "--from-ct": a.from_ct, "--from-ct-labels": a.from_ct_labels}
+    pair = {"--pa": a.pa, "--lat": a.lat, "--pa-geometry": a.pa_geometry, "--lat-geometry": a.lat_geometry}
+    if a.from_ct:  # --pa and --lat are written, each with its geometry JSON beside it
+        outputs.update({"--pa": a.pa, "--lat": a.lat, "the geometry of --pa": Path(a.pa).with_suffix(".json"),
+                        "the geometry of --lat": Path(a.lat).with_suffix(".json")})
+    else:
+        inputs.update(pair)
+    refuse_colliding_paths(outputs, inputs)
 
 
 def _render_pair_from_ct(a) -> None:
@@ -192,8 +219,9 @@ def add_parsers(sub) -> None:
                    help="SPIDER checkpoint (.safetensors); default 'spider': the bundled SPIDER model "
                         "(x2recon/resources/models/spider_skeleton.safetensors, skeleton labels, trained on the shared "
                         "patients, not clinical; x2recon info spider prints its card)")
-    p.add_argument("--out", required=True, type=output_file, help="CT volume file (.nii.gz, .nrrd, .mha)")
-    p.add_argument("--labels", type=output_file, help="labelmap file; a <name>.labels.json with the class names is written beside it")
+    p.add_argument("--out", required=True, type=output_file_of("volume", WRITABLE_VOLUME_SUFFIXES),
+                   help="CT volume file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--labels", type=output_file_of("volume", WRITABLE_VOLUME_SUFFIXES), help="labelmap file; a <name>.labels.json with the class names is written beside it")
     p.add_argument("--resolution", type=positive_int, default=128, help="voxels per edge of the box")
     p.add_argument("--pa-geometry", help="geometry JSON of --pa (overrides <stem>.json)")
     p.add_argument("--lat-geometry", help="geometry JSON of --lat")

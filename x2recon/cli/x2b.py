@@ -11,7 +11,8 @@ from ..resources import model_arg
 from .common import (device, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
                      positive_float, positive_int, probability)
 from .common import ProgressLines, add_preset_option, add_training_run_options, apply_preset, preset_help, views
-from .x2br import bundled_x2br_inputs, need_x2br_inputs, write_x2br
+from .common import refuse_colliding_paths
+from .x2br import bundled_x2br_inputs, need_x2br_inputs, write_x2br, x2br_outputs
 
 #: ``train x2b|x2b2`` options a preset sets.  Paper (X2BR §3.1, §3.3, §3.4, §4.3): ConvNeXt-B (1024-d latent)
 #: on 224² DRRs, no pixel-aligned or Fourier features (ONet's raw coordinates), Adam lr 1e-4 (PyTorch's
@@ -41,7 +42,6 @@ def _warn_dataset_sampling(data, preset: str) -> None:
 
 
 def cmd_train(a) -> int:
-    from ..x2b.network import X2BConfig
     from ..dataset.lock import run_lock
 
     with run_lock(a.out, f"train {a.network}"):  # one run per --out: a second refuses at once, naming this one
@@ -136,13 +136,13 @@ def _cpu_note(a) -> str | None:
 
 
 def _train(a) -> int:
+    from ..x2b.network import X2BConfig
     from ..train.common import TrainSettings
     from ..x2b.train import train_x2b
 
-    apply_preset(a, TRAIN_PRESETS)
     explicit_backbone = getattr(a, "backbone", None) is not None
     _architecture_from_resume(a)
-    _warn_dataset_sampling(a.data, a.preset)
+    apply_preset(a, TRAIN_PRESETS)
     for dest, value in ARCHITECTURE_DEFAULTS.items():
         if getattr(a, dest, None) is None:
             setattr(a, dest, value)
@@ -150,6 +150,7 @@ def _train(a) -> int:
         note = _cpu_note(a)
         if note:
             print(note, file=sys.stderr, flush=True)
+    _warn_dataset_sampling(a.data, a.preset)
     view_list = views(a.views) or (["AP", "LAT"] if a.network == "x2b2" else [])  # X2B: [] = every rendered view
     cfg = X2BConfig(kind=a.network, backbone=a.backbone, image_size=a.image_size, latent_dim=a.latent_dim,
                     hidden=a.hidden, n_blocks=a.blocks, local_features=a.local_features, fourier=a.fourier,
@@ -221,7 +222,19 @@ def cmd_reconstruct(a) -> int:
     from ..nn.checkpoint import load_model
     from ..x2b.reconstruct import reconstruct, resolve_device
     from ..io.xray import read_xray
+    from ..errors import X2ReconInputError
+    from ..io.mesh import MESH_SUFFIXES
 
+    if Path(a.out).suffix.lower() not in MESH_SUFFIXES:  # before the work, not when writing its result
+        raise X2ReconInputError(a.out, f"--out: x2recon cannot write a mesh in this format; use one of "
+                                       f"{', '.join(MESH_SUFFIXES)}")
+    if a.refine == "template":
+        for line in bundled_x2br_inputs(a):  # which detector and templates, never silent
+            print(line)
+    refuse_colliding_paths(_reconstruct_outputs(a), {"--xray": a.xray, "--lateral": a.lateral, "--model": a.model,
+                                                     "--geometry": a.geometry, "--lateral-geometry": a.lateral_geometry})
+    if a.refine == "template":
+        need_x2br_inputs(a)  # the detector's ultralytics (an optional extra) too: before any work, not after X2B's
     dev = resolve_device(a.device)
     from ..io.xray import model_geometry
     from ..nn.checkpoint import read_config
@@ -239,10 +252,6 @@ def cmd_reconstruct(a) -> int:
         if x.placement is not None and (x.placement.assumed or not a.quiet):
             print(f"{Path(path).name}: {x.placement.text()}")
         _warn_geometry_misfit(header, path, x)
-    if a.refine == "template":
-        for line in bundled_x2br_inputs(a):  # which detector and templates, never silent
-            print(line)
-        need_x2br_inputs(a)
     model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
     prog = ProgressLines(a.progress_lines, a.quiet)
     x2br = None
@@ -261,6 +270,9 @@ def cmd_reconstruct(a) -> int:
                                         progress=lambda f, m: prog(0.6 + 0.4 * f, m))
     finally:
         prog.close()
+    if a.faces and len(rec.mesh.faces) > a.faces and not a.no_watertight:
+        print(f"note: --faces {a.faces}: {len(rec.mesh.faces):,} triangles is the fewest that keep every piece "
+              "of the surface closed (--no-watertight simplifies the raw surface further)", file=sys.stderr)
     if x2br is not None:
         write_x2br(x2br, a, rec, xrays[0])
         return 0
@@ -273,6 +285,14 @@ def cmd_reconstruct(a) -> int:
         render_png(rec.mesh, a.render, title=Path(a.xray).name)
         print(a.render)
     return 0
+
+
+def _reconstruct_outputs(a) -> dict:
+    """Every file ``reconstruct`` writes, by what names it (checked for collisions before any work)."""
+    outputs = {"--out": a.out, "--render": a.render}
+    if a.refine == "template":
+        outputs.update(x2br_outputs(a.out))
+    return outputs
 
 
 def _warn_geometry_misfit(cfg: dict | None, path, xray) -> None:

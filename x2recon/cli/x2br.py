@@ -19,7 +19,9 @@ def _progress(lines: bool, quiet: bool, desc: str):
 
 
 def need_x2br_inputs(a, allow_ground_truth: bool = False) -> None:
-    """--detector and --templates exist (``evaluate`` may name ``ground-truth`` boxes instead of a detector)."""
+    """--detector and --templates exist (``evaluate`` may name ``ground-truth`` boxes instead of a detector),
+    and a detector's ultralytics (the optional x2br extra) imports — checked before any work, not after the
+    X2B reconstruction."""
     from ..errors import X2ReconInputError
 
     for flag in ("detector", "templates"):
@@ -29,6 +31,19 @@ def need_x2br_inputs(a, allow_ground_truth: bool = False) -> None:
             continue
         if not Path(getattr(a, flag)).exists():
             raise X2ReconInputError(getattr(a, flag), f"--{flag} not found")
+    if not (allow_ground_truth and a.detector == "ground-truth"):
+        need_ultralytics("--refine template")
+
+
+def need_ultralytics(purpose: str, config_dir=None) -> None:
+    """Import ultralytics (offline, ``import_ultralytics``) now, or fail with one line naming the x2br extra."""
+    from ..deps import DependencyError
+    from ..x2br.detection.offline import import_ultralytics
+
+    try:
+        import_ultralytics(config_dir)
+    except DependencyError as e:
+        raise DependencyError(f"{purpose}: {e.problem}") from None
 
 
 def bundled_x2br_inputs(a) -> list[str]:
@@ -46,23 +61,32 @@ def bundled_x2br_inputs(a) -> list[str]:
     return said
 
 
+def x2br_outputs(out) -> dict[str, Path]:
+    """What ``reconstruct --refine template`` writes beside ``--out``: the parts folder, the coarse X2B
+    mesh and the detections (named as ``write_x2br`` writes them)."""
+    out = Path(out)
+    stem = out.name.split(".")[0]
+    return {"the parts folder <stem>_parts/": out.with_name(stem + "_parts"),
+            "the X2B mesh <stem>_x2b": out.with_name(stem + "_x2b" + out.suffix),
+            "the detections <stem>_detections.json": out.with_name(stem + "_detections.json")}
+
+
 def write_x2br(res, a, rec, xray) -> None:
     """The refined mesh at --out, one mesh per structure beside it (<stem>_parts/), detections as JSON."""
     from ..io.mesh import write_mesh
 
     out = Path(a.out)
+    parts_dir, x2b_mesh, detections = x2br_outputs(out).values()
     write_mesh(res.mesh, out)
-    stem = out.name.split(".")[0]
-    parts_dir = out.with_name(stem + "_parts")
     for name, m in res.parts.items():
         write_mesh(m, parts_dir / f"{name}{out.suffix if out.suffix != '.gz' else '.ply'}")
-    write_mesh(rec.mesh, out.with_name(stem + "_x2b" + out.suffix))
+    write_mesh(rec.mesh, x2b_mesh)
     from ..x2br.detection.detections import write_detections
 
-    write_detections(res.detections, out.with_name(stem + "_detections.json"), image=a.xray,
-                     size=tuple(xray.image.shape[::-1]), weights=a.detector, extra=res.report())
+    write_detections(res.detections, detections, image=a.xray, size=tuple(xray.image.shape[::-1]), weights=a.detector,
+                     extra=res.report())
     print(f"{out}: X2BR ({a.registration.upper()}) — {len(res.parts)} structures in {parts_dir}, "
-          f"{len(res.detections)} detections, coarse X2B mesh {out.with_name(stem + '_x2b' + out.suffix)}; "
+          f"{len(res.detections)} detections, coarse X2B mesh {x2b_mesh}; "
           f"registration {res.registration.seconds:.1f} s, {res.registration.iterations} iterations")
     for line in res.summary_lines():  # what is missing or was rejected, never silent (also in the detections JSON)
         print(f"  {line}")
@@ -70,6 +94,13 @@ def write_x2br(res, a, rec, xray) -> None:
 
 # ------------------------------------------------------------------------------ train detector
 def cmd_train_detector(a) -> int:
+    from ..dataset.lock import run_lock
+
+    with run_lock(a.out, "train detector"):  # one run per --out: a second refuses at once, naming this one
+        return _train_detector(a)
+
+
+def _train_detector(a) -> int:
     from ..x2br.detection.yolo import train_detector
 
     prog = _progress(a.progress_lines, True, "detector")  # ultralytics prints its own bars

@@ -1,4 +1,5 @@
-"""One writer per dataset: an advisory ``flock`` on ``<dataset>/.lock`` held while building.
+"""One writer per dataset (and per training run folder, ``run_lock``): an advisory ``flock`` on
+``<dataset>/.lock`` held while building.
 
 A whole build (or ``x2recon manifest``) holds the lock exclusively.  A sharded build (``--shard
 K/N``) holds it shared, plus ``.lock.shard-K-of-N`` exclusively: shards on many machines still
@@ -28,24 +29,23 @@ def _holder(path: Path) -> str:
     return text or "another process (unknown pid)"
 
 
-def _open(path: Path) -> int:
+def _open(path: Path, kind: str = "dataset") -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise X2ReconInputError(path.parent, f"cannot write the dataset folder ({e.strerror})") from None
+        raise X2ReconInputError(path.parent, f"cannot write the {kind} folder ({e.strerror})") from None
 
 
-def _acquire(path: Path, exclusive: bool, wait: bool, what: str) -> int:
-    fd = _open(path)
+def _acquire(path: Path, exclusive: bool, wait: bool, what: str, kind: str = "dataset",
+             hint: str = "wait for it to finish, or pass --wait to wait for it") -> int:
+    fd = _open(path, kind)
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         if not wait:
             os.close(fd)
-            raise X2ReconInputError(
-                path.parent, f"dataset is in use by {_holder(path)}; wait for it to finish, or pass --wait "
-                "to wait for it") from None
+            raise X2ReconInputError(path.parent, f"{kind} is in use by {_holder(path)}; {hint}") from None
         fcntl.flock(fd, mode)
     # informational: who holds it (with shared holders, the latest of them)
     os.ftruncate(fd, 0)
@@ -116,3 +116,25 @@ def dataset_lock(out: str | Path, *, shard: tuple[int, int] | None = None, wait:
     finally:
         for fd in reversed(fds):
             os.close(fd)  # closing the descriptor releases its flock
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path, what: str = "train"):
+    """Hold training run folder ``out``'s lock (``out/.lock``, made with the folder) for the ``with`` block:
+    a second run into the same folder refuses at once, naming the holder (pid, host, since when), instead
+    of both writing ``log.jsonl`` and the checkpoints.  Under torchrun only the rank-0 process takes it
+    (the other ranks of one run share the folder)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise X2ReconInputError(out, f"cannot make the run folder ({e.strerror})") from None
+    fd = _acquire(out / ".lock", True, False, what, kind="run folder",
+                  hint="wait for that run to finish, or give another --out")
+    try:
+        yield
+    finally:
+        os.close(fd)

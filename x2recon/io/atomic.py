@@ -14,7 +14,9 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success.
 
     The temporary name keeps the final suffix so that writers that pick a format by
-    extension (SimpleITK, trimesh) still work.
+    extension (SimpleITK, trimesh) still work.  An ``OSError`` while writing (a full disk: a
+    ``write`` names no file) or renaming names ``path``, the file the user asked for, not the
+    temporary one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +27,10 @@ def atomic_path(path: str | Path):
         if os.path.exists(tmp):  # mkstemp makes 0600 files; give the final file the usual mode
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is None or (e.filename is not None and str(e.filename) != tmp):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # the same subclass (errno decides it)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import X2ReconInputError
 from ..geometry import MAX_PIXELS
+from . import native_path
 from .atomic import atomic_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,7 @@ def write_png16(img: np.ndarray, path: str | Path) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"write_png16: {path} does not end in .png")
     with atomic_path(path) as tmp:
-        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(a)), str(tmp))
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(a)), native_path(tmp))
     return path
 
 
@@ -52,7 +53,7 @@ def read_grey_2d(path: str | Path, kind: str = "image"):
 
     try:
         reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
+        reader.SetFileName(native_path(path))
         reader.ReadImageInformation()  # the header only: refuse huge images before decoding them
         size = reader.GetSize()
         check_pixel_count(size[0], size[1] if len(size) > 1 else 1, f"the {kind}", path)

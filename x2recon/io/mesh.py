@@ -17,6 +17,7 @@ import numpy as np
 import trimesh
 
 from ..errors import X2ReconInputError
+from . import native_path
 from .atomic import atomic_path
 
 MESH_SUFFIXES = (".stl", ".ply", ".obj", ".off", ".vtk")
@@ -70,7 +71,7 @@ def _write_vtk(mesh: trimesh.Trimesh, path: Path) -> None:
     pd = to_polydata(mesh)
     w = vtkPolyDataWriter()
     w.SetInputData(pd)
-    w.SetFileName(str(path))
+    w.SetFileName(native_path(path))
     w.SetHeader("x2recon SPACE=LPS")
     w.SetFileTypeToBinary()
     if not w.Write():
@@ -83,7 +84,7 @@ def _read_vtk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from vtkmodules.vtkIOLegacy import vtkPolyDataReader
 
     r = vtkPolyDataReader()
-    r.SetFileName(str(path))
+    r.SetFileName(native_path(path))
     r.Update()
     if r.GetErrorCode() or not r.IsFilePolyData():
         raise ValueError("not a legacy VTK polydata file")

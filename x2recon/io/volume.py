@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import X2ReconInputError
+from . import native_path
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -148,7 +149,7 @@ def _read_image(path: Path, what: str):
         if info is not None:  # None: ITK cannot read the header; ReadImage below says why
             _check_voxel_count(path, info.GetSize(), info.GetSpacing(), info.GetNumberOfComponents(), what)
         _check_nifti_complete(path)
-        img = sitk.ReadImage(str(path))
+        img = sitk.ReadImage(native_path(path))
         _check_nifti_frames(path, img)
         return img
     except X2ReconInputError:
@@ -164,7 +165,7 @@ def _image_information(path: Path):
     import SimpleITK as sitk
 
     r = sitk.ImageFileReader()
-    r.SetFileName(str(path))
+    r.SetFileName(native_path(path))
     try:
         r.ReadImageInformation()
     except RuntimeError:
@@ -323,12 +324,12 @@ def _read_dicom_series(path: Path, what: str):
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(path))
+    ids = reader.GetGDCMSeriesIDs(native_path(path))
     if not ids:
         raise X2ReconInputError(path, f"folder holds no DICOM series (expected a {what})")
     if len(ids) > 1:
         raise X2ReconInputError(path, f"folder holds {len(ids)} DICOM series; put each series in its own folder")
-    files = list(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+    files = list(reader.GetGDCMSeriesFileNames(native_path(path), ids[0]))
     listed = {Path(f).name for f in files}
     for q in sorted(path.iterdir()):
         if q.is_file() and q.name not in listed and not q.name.startswith(".") and q.suffix.lower() in (".dcm", ""):
@@ -479,11 +480,19 @@ def read_labelmap(path: str | Path) -> Volume:
     return vol
 
 
+#: Formats ``write_volume`` writes: one file each (a two-file .mhd/.nhdr header would name the temporary
+#: data file of its atomic write).
+WRITABLE_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
 def write_volume(vol: Volume, path: str | Path, compress: bool = True) -> None:
-    """Write atomically (NIfTI/NRRD/MHA by suffix)."""
+    """Write atomically (NIfTI/NRRD/MHA by suffix, ``WRITABLE_VOLUME_SUFFIXES``)."""
     import SimpleITK as sitk
 
     from .atomic import atomic_path
 
+    if not str(path).lower().endswith(WRITABLE_VOLUME_SUFFIXES):
+        raise X2ReconInputError(path, f"cannot write a volume in this format; use one of "
+                                      f"{', '.join(WRITABLE_VOLUME_SUFFIXES)}")
     with atomic_path(path) as tmp:
-        sitk.WriteImage(vol.to_sitk(), str(tmp), compress)
+        sitk.WriteImage(vol.to_sitk(), native_path(tmp), compress)

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import X2ReconInputError
 from ..geometry import CHEST_DEFAULTS, ProjectionGeometry
+from . import native_path
 from .atomic import atomic_write_text
 from .image import area_matrix, read_grey_2d, read_png
 
@@ -317,10 +318,10 @@ def reader_inverts_monochrome1() -> bool:
         path = Path(d) / "probe.dcm"
         w = sitk.ImageFileWriter()
         w.KeepOriginalImageUIDOn()
-        w.SetFileName(str(path))
+        w.SetFileName(native_path(path))
         w.Execute(sitk.GetImageFromArray(a))
         path.write_bytes(path.read_bytes().replace(b"MONOCHROME2", b"MONOCHROME1"))
-        back = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).ravel()
+        back = sitk.GetArrayFromImage(sitk.ReadImage(native_path(path))).ravel()
     return bool(back[0] > back[1])
 
 

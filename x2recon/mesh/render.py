@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_write_bytes
 
 # camera directions in LPS: (from where the camera looks, up); anterior = −y, patient's left = +x
 VIEWS = {"AP": ((0.0, -1.0, 0.0), (0.0, 0.0, 1.0)), "LAT": ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
@@ -93,8 +93,11 @@ def _view_renderer(vtk, poly, lut, color, view: str, center, radius: float):
 def render_png(mesh: trimesh.Trimesh, path: str | Path, *, views: tuple[str, ...] = ("AP", "LAT"),
                scalars: np.ndarray | None = None, scalar_range: tuple[float, float] | None = None,
                legend: str | None = None, size: int = 600, color=(0.95, 0.92, 0.84), title: str | None = None) -> Path:
-    """Render ``mesh`` seen from each of ``views`` side by side into a PNG (atomic)."""
+    """Render ``mesh`` seen from each of ``views`` side by side into a PNG (atomic: encoded in memory, then
+    written by Python, so a full disk is an ``OSError`` naming ``path`` and leaves no partial file — VTK's
+    PNG writer only prints libpng's error and leaves a truncated file)."""
     import vtk
+    from vtkmodules.util import numpy_support as ns
 
     from ..io.mesh import to_polydata
 
@@ -110,6 +113,8 @@ def render_png(mesh: trimesh.Trimesh, path: str | Path, *, views: tuple[str, ...
     normals.SplittingOff()
     normals.Update()
     poly = normals.GetOutput()
+    if title is not None:  # a file name decoded under a non-UTF-8 locale holds surrogates, which VTK cannot take
+        title = title.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     lut = None if scalars is None else _scalar_colours(vtk, poly, scalars, len(mesh.vertices), scalar_range, legend)
     win = vtk.vtkRenderWindow()
     win.SetOffScreenRendering(1)
@@ -135,10 +140,10 @@ def render_png(mesh: trimesh.Trimesh, path: str | Path, *, views: tuple[str, ...
     grab.ReadFrontBufferOff()
     grab.Update()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        w = vtk.vtkPNGWriter()
-        w.SetFileName(str(tmp))
-        w.SetInputConnection(grab.GetOutputPort())
-        w.Write()
+    w = vtk.vtkPNGWriter()
+    w.WriteToMemoryOn()
+    w.SetInputConnection(grab.GetOutputPort())
+    w.Write()
     win.Finalize()
+    atomic_write_bytes(path, ns.vtk_to_numpy(w.GetResult()).tobytes())
     return path

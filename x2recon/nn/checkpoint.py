@@ -30,11 +30,11 @@ def versions() -> dict:
 
     out = {"x2recon": getattr(x2recon, "__version__", "unknown"), "torch": torch.__version__,
            "python": platform.python_version()}
-    try:
-        import timm
+    try:  # the installed version, without importing timm (which imports torchvision; a SPIDER run needs neither)
+        from importlib.metadata import version
 
-        out["timm"] = timm.__version__
-    except ImportError:
+        out["timm"] = version("timm")
+    except Exception:  # noqa: BLE001 - not installed, or no metadata: nothing to record
         pass
     return out
 
@@ -57,8 +57,24 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *, h
         tensors[k] = v.contiguous()
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        try:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        except Exception as e:  # noqa: BLE001 - safetensors reports a failed write (a full disk) as SafetensorError
+            raise _write_error(path, e) from None
     return path
+
+
+def _write_error(path: Path, e: Exception) -> Exception:
+    """safetensors' error for a file it could not write, as an ``OSError`` naming ``path`` when the text
+    carries the OS error ("… No space left on device (os error 28)"), else a ``CheckpointError``."""
+    import os
+    import re
+
+    m = re.search(r"os error (\d+)", str(e))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return CheckpointError(path, f"cannot write the checkpoint ({type(e).__name__}: {e})")
 
 
 def rewrite_metadata(path: str | Path, change) -> Path:
@@ -200,8 +216,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, expect: 
         diff = config_differences(cfg["model"], expect)
         if diff:
             raise CheckpointError(path, "architecture differs from the one asked for: " + "; ".join(diff))
+    from ..deps import DependencyError
+
     try:
         model = build_from_config(kind, cfg["model"], device=device)
+    except DependencyError:  # the installation, not the checkpoint (e.g. a torchvision built for another torch)
+        raise
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(path, f"cannot build its model from its 'model' config ({type(e).__name__}: {e})") from None
     load_weights(path, model)

@@ -21,7 +21,9 @@ def create_backbone(name: str, *, pretrained_path: str | Path | None = None, dro
     ``pretrained_path``: a local weights file (safetensors / .pth / .bin as timm reads it) for this
     backbone; timm folds the RGB stem into one channel.  Nothing is ever downloaded.
     """
-    import timm
+    from ..deps import import_timm
+
+    timm = import_timm()  # a torchvision built for another torch: one line on how to reinstall, not timm's traceback
 
     if name not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -49,6 +51,9 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Backbone weights as timm publishes them (RGB stem, with classifier) into our one-channel,
     head-less model: the stem is summed over its colour channels (timm's ``adapt_input_conv``), the
     classifier dropped; every other tensor must be in the file with the right shape."""
+    from ..deps import import_timm
+
+    import_timm()
     from timm.models import adapt_input_conv
 
     p = Path(path)

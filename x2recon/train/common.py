@@ -196,8 +196,12 @@ class Logger:
         for k, v in values.items():
             if self.tb is not None:
                 self.tb.add_scalar(k, float(v), step)
-        self.file.write(json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in values.items()}})
+                            + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: a write names no file
+            raise OSError(e.errno, e.strerror, self.file.name) from e
 
     def close(self) -> None:
         if self.tb is not None:
@@ -229,8 +233,16 @@ def save_state(out: Path, optimizer: torch.optim.Optimizer, step: int, epoch: in
     out = Path(out)
     state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best": best, **(extra or {}),
              "weights_sha256": file_sha256(out / WEIGHTS)}
-    with atomic_path(out / STATE) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(out / STATE) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(state, f)  # through a Python file, so a failed write (a full disk) is an OSError
+        except RuntimeError as e:  # torch's zip writer then fails closing the archive: the OSError is its context
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None  # atomic_path names the file
     for name, keep in zip((WEIGHTS, STATE), PREVIOUS):
         with atomic_path(out / keep) as tmp:
             os.unlink(tmp)

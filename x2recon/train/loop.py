@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..io.atomic import atomic_write_text
 from ..nn.checkpoint import CheckpointError, config_differences, load_weights, read_config, save_checkpoint
 from .common import (Dist, Logger, StopFlag, TrainSettings, autocast, finish_run, save_state, start_run,
                      train_loader, wrap_for_training)
@@ -182,7 +183,7 @@ def train(task: Task, train_ds, settings: TrainSettings, dist: Dist, config: dic
             f"(one batch per epoch)")
     logger = Logger(run.out, dist.main)
     if dist.main:
-        (run.out / "config.json").write_text(json.dumps(config, indent=1))
+        atomic_write_text(run.out / "config.json", json.dumps(config, indent=1))  # a full disk names the file
     total = settings.max_steps or settings.epochs * len(loader)
     bar = None
     if dist.main and settings.progress:

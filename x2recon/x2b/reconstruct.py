@@ -3,8 +3,9 @@
 The image(s) are encoded once; MISE evaluates the occupancy decoder coarse to fine (32³ up to the
 requested resolution, only where cells straddle τ); marching cubes (flying edges) gives the
 surface in box coordinates; optionally the vertices are moved onto the τ level set with the
-network's gradient (Occupancy Networks' refinement) and the mesh is simplified with pyfqmr
-(Fast-Quadric-Mesh-Simplification, as the paper).  Vertex normals are the mesh's own (area-weighted
+network's gradient (Occupancy Networks' refinement) and the mesh is simplified by quadric edge
+collapse (the paper's pyfqmr for the raw surface; collapses that keep the surface closed and manifold,
+``mesh.extract.simplify_closed``, for the watertight default).  Vertex normals are the mesh's own (area-weighted
 face normals); only with ``network_normals`` are they the network's (the logit's negative gradient,
 normalised).  The result is mapped to world millimetres (LPS) with the X-ray's geometry, a scale and a
 shift, so the same normals hold there.
@@ -23,7 +24,7 @@ import trimesh
 
 from ..errors import CancelledError, X2ReconInputError
 from ..geometry import ProjectionGeometry
-from ..mesh.extract import MIN_COMPONENT_MM3, MeshError, drop_small_components, ensure_watertight
+from ..mesh.extract import MIN_COMPONENT_MM3, MeshError, drop_small_components, ensure_watertight, simplify_closed
 from ..mesh.mise import mise
 from ..nn.device import resolve_device, single_threaded_pool  # noqa: F401  (resolve_device: also imported from here by the CLI, demo and Slicer)
 from ..io.xray import XRay
@@ -154,25 +155,22 @@ def refine_vertices(field: OccupancyField, verts: np.ndarray, threshold: float, 
 
 
 def _simplified(mesh: trimesh.Trimesh, faces: int, watertight: bool) -> trimesh.Trimesh:
-    """``mesh`` simplified to about ``faces`` triangles (pyfqmr's quadric edge collapse).  Aggressive
-    collapsing can pinch a thin bone into an edge shared by four faces: when a watertight surface is
-    asked for, gentler settings are tried before the watertight check names the problem."""
+    """``mesh`` simplified to about ``faces`` triangles by quadric edge collapse.  Watertight: collapses
+    that keep every piece closed and manifold (``simplify_closed``; pyfqmr pinched thin bones into edges
+    of four faces in every reconstruction tried); at most as few triangles as the pieces' topology allows.
+    Raw surface (``--no-watertight``): pyfqmr, as the paper, its open border kept."""
+    if watertight:
+        try:
+            return simplify_closed(mesh, faces, "the reconstruction")
+        except MeshError as e:
+            raise MeshError(None, f"{e.problem}; reconstruct with --no-watertight to keep the raw surface") from None
     import pyfqmr
 
-    out = mesh
-    for aggressiveness in ((7, 5, 3) if watertight else (7,)):
-        s = pyfqmr.Simplify()
-        s.setMesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32))
-        s.simplify_mesh(target_count=faces, aggressiveness=aggressiveness, preserve_border=True, verbose=False)
-        v, f, _ = s.getMesh()
-        out = trimesh.Trimesh(v, f, process=True)
-        if not watertight:
-            return out
-        try:
-            return ensure_watertight(out, "the simplified reconstruction")
-        except MeshError:
-            continue
-    return out
+    s = pyfqmr.Simplify()
+    s.setMesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32))
+    s.simplify_mesh(target_count=faces, aggressiveness=7, preserve_border=True, verbose=False)
+    v, f, _ = s.getMesh()
+    return trimesh.Trimesh(v, f, process=True)
 
 
 def _checked_watertight(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
@@ -180,8 +178,7 @@ def _checked_watertight(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     try:
         return ensure_watertight(mesh, "the reconstruction")
     except MeshError as e:
-        raise MeshError(None, f"{e.problem}; reconstruct with --no-watertight (watertight=False) to keep the raw "
-                              "surface") from None
+        raise MeshError(None, f"{e.problem}; reconstruct with --no-watertight to keep the raw surface") from None
 
 
 def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: float | None = None,
@@ -190,7 +187,8 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
                 progress: Callable[[float, str], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> Reconstruction:
     """Bone mesh from ``xrays`` (one for X2B; frontal then lateral for X2B2).  ``faces``: simplify
-    to about this many triangles with pyfqmr (0: keep marching cubes' mesh); ``refine_steps``:
+    to about this many triangles (0: keep marching cubes' mesh; watertight: never below the fewest that keep
+    every piece closed, see ``_simplified``); ``refine_steps``:
     gradient steps onto the level set; ``network_normals``: vertex normals from the network's
     gradient instead of the mesh's (costs about one extra evaluation with gradients per vertex).
     ``watertight`` (default): a closed, manifold surface, capped where bone leaves the box, without

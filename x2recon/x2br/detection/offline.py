@@ -110,7 +110,7 @@ def configure_environment(config_dir: str | Path | None = None) -> Path:
     folder = folder.resolve()
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "False"
-    if "ultralytics" not in sys.modules:
+    if sys.modules.get("ultralytics") is None:  # None: an import that failed or was blocked, not an imported one
         os.environ["YOLO_CONFIG_DIR"] = str(folder)
     # ultralytics uses YOLO_CONFIG_DIR/Ultralytics as its config folder; put the font in both
     place_fonts(folder)
@@ -154,20 +154,20 @@ def import_ultralytics(config_dir: str | Path | None = None):
     global _configured
     if config_dir is None and _configured is not None:
         config_dir = _configured  # later calls keep the folder the first one chose
-    already = "ultralytics" in sys.modules
+    already = sys.modules.get("ultralytics") is not None
     folder = configure_environment(config_dir)
     if already and _configured is None:
         warnings.warn("ultralytics was imported before x2recon configured it: its online check and config folder "
                       "were decided at that import; x2recon switched analytics and sync off and placed the font, "
                       "but import x2recon.x2br.detection first to keep ultralytics fully offline")
+    from ...deps import import_torchvision, require
+
+    import_torchvision()  # ultralytics imports it: a build for another torch is named here, not inside ultralytics
     quiet = _SettingsNotice()
     logger = logging.getLogger("ultralytics")  # the logger ultralytics configures at import (getLogger is shared)
     logger.addFilter(quiet)
     try:
-        import ultralytics
-    except ImportError as e:
-        raise ImportError("the YOLO detector needs ultralytics: pip install 'x2recon[x2br]' (or pip install "
-                          f"ultralytics) — {e}") from None
+        ultralytics = require("ultralytics", "x2br", "the YOLO detector (X2BR)")
     finally:
         logger.removeFilter(quiet)
     if _configured is None or not already:

@@ -61,6 +61,29 @@ def test_a_drr_render_leaves_torch_threads_as_they_were(unusual_threads):
     assert_threads_unchanged(unusual_threads)
 
 
+def test_a_render_before_the_main_threads_first_parallel_op_leaves_it_torchs_default():
+    """The suite's order dependence, in a fresh interpreter: a DRR render that comes before the main thread's
+    first parallel operation used to leave the main thread on one thread (it takes the process-wide value
+    at that first operation), so a model trained afterwards reduced in another order."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, torch\n"
+            "from x2recon.drr.siddon import line_integrals\n"
+            "from x2recon.geometry import ProjectionGeometry\n"
+            "g = ProjectionGeometry.from_view('AP', sdd=400, sod=300, size=(32, 32), detector_mm=120)\n"
+            "line_integrals(torch.ones(16, 16, 16), np.diag([2.0, 2.0, 2.0, 1.0]), g, backend='torch', chunk=128,"
+            " threads=2)\n"
+            "print(torch.get_num_threads())\n")
+    def run(source: str) -> str:
+        r = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()[-1]
+
+    default = run("import torch\nprint(torch.get_num_threads())\n")  # torch's own choice on this machine
+    assert run(code) == default  # (on a 1-core machine both are 1 and this checks nothing)
+
+
 def test_single_threaded_pool_gives_workers_one_thread_and_restores(unusual_threads):
     with single_threaded_pool(2) as pool:
         inside = list(pool.map(lambda _: torch.get_num_threads(), range(4)))

@@ -101,7 +101,9 @@ def test_dicom_monochrome1_spacing_sid_and_voi_window(tmp_path):
     stored[5:10, 5:10] = 4095  # far outside the window: clipped to its edge
     tags = {"0018|1110": "1500", "0018|1111": "1350",
             "0028|1050": "2000", "0028|1051": "3000"}  # window 500 … 3500
-    path = dicom(tmp_path, stored, tags)
+    # 1.6 mm pixels: the synthetic lungs (176 px) are then 253 mm wide at the patient, a plausible chest
+    # (0.35 mm made them 55 mm, and such a spacing is now refused in favour of the lung-field estimate)
+    path = dicom(tmp_path, stored, tags, spacing=1.6)
     x = read_xray(path, view="PA")
     g, p = x.geometry, x.placement
     from x2recon.io.xray import _read_dicom
@@ -109,7 +111,7 @@ def test_dicom_monochrome1_spacing_sid_and_voi_window(tmp_path):
     img = sitk.ReadImage(str(path))
     raw = _read_dicom(path, img, sitk.GetArrayFromImage(img)[0])[0]
     assert np.ptp(raw) == pytest.approx(3500.0 - 639.0)  # stored 639 … 4095 cut at the window top, 3500
-    assert g.spacing[0] == pytest.approx(0.35) and g.sdd == pytest.approx(1500.0)
+    assert g.spacing[0] == pytest.approx(1.6) and g.sdd == pytest.approx(1500.0)
     assert np.linalg.norm(g.source - g.isocenter) == pytest.approx(1350.0)
     assert p.sources["pixel_mm"].startswith("DICOM") and p.sources["sdd"] == "DICOM DistanceSourceToDetector"
     assert "MONOCHROME1" in p.sources["photometric"] and "window" in p.sources

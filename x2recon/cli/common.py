@@ -164,6 +164,19 @@ def detector_mm(s: str) -> float:
     return float_in(*DETECTOR_RANGE_MM, "mm")(s)
 
 
+def view_name(s: str) -> str:
+    """A view of an X-ray: AP, PA, LAT or a finite angle in degrees (``1e309`` is refused here, not deep inside)."""
+    import argparse
+
+    from ..geometry import ProjectionGeometry
+
+    try:
+        ProjectionGeometry.from_view(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
 def probability(s: str) -> float:
     """A number in [0, 1] (thresholds, fractions, confidences)."""
     v = _number(float, s)

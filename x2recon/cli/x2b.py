@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..resources import model_arg
 from .common import (device, mise_resolution, non_negative_float, non_negative_int, output_dir, output_file,
-                     positive_float, positive_int, probability)
+                     positive_float, positive_int, probability, view_name)
 from .common import ProgressLines, add_preset_option, add_training_run_options, apply_preset, preset_help, views
 from .common import refuse_colliding_paths
 from .x2br import bundled_x2br_inputs, need_x2br_inputs, write_x2br, x2br_outputs
@@ -249,7 +249,7 @@ def cmd_reconstruct(a) -> int:
     if a.lateral:
         xrays.append(read_xray(a.lateral, view=a.lateral_view, geometry=a.lateral_geometry, model_geometry=trained))
     for path, x in zip((a.xray, a.lateral), xrays):  # what the geometry is and where it came from, never silent
-        if x.placement is not None and (x.placement.assumed or not a.quiet):
+        if x.placement is not None and (x.placement.assumed or x.placement.warnings or not a.quiet):
             print(f"{Path(path).name}: {x.placement.text()}")
         _warn_geometry_misfit(header, path, x)
     model, cfg = load_model(a.model, dev, network=("x2b", "x2b2"))
@@ -319,8 +319,10 @@ def add_parsers(sub) -> None:
                         "'demo' (x2recon/resources/models/x2b_demo.safetensors, trained on one patient) or 'skeleton' "
                         "(x2b_skeleton.safetensors, the whole skeleton, trained on every shared patient)")
     p.add_argument("--out", required=True, type=output_file, help="mesh file: .stl, .ply, .obj, .off or .vtk")
-    p.add_argument("--view", default="AP", help="view of --xray when it has no geometry file: AP, PA, LAT or degrees")
-    p.add_argument("--lateral-view", default="LAT", help="view of --lateral when it has no geometry file: LAT or degrees")
+    p.add_argument("--view", type=view_name, help="view of --xray when it has no geometry file: AP, PA, LAT or degrees "
+                   "(default: the DICOM ViewPosition, else AP; printed)")
+    p.add_argument("--lateral-view", type=view_name, default="LAT",
+                   help="view of --lateral when it has no geometry file: LAT or degrees")
     p.add_argument("--geometry", help="geometry JSON of --xray (overrides <stem>.json)")
     p.add_argument("--lateral-geometry", help="geometry JSON of --lateral")
     p.add_argument("--pixel-spacing", type=positive_float, help="detector pixel spacing of --xray, mm (default: "

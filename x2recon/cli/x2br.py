@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..resources.registry import detector_arg
-from .common import (ProgressLines, non_negative_int, output_dir, output_file, positive_int, probability)
+from .common import (ProgressLines, non_negative_int, output_dir, output_file, positive_int, probability, view_name)
 
 
 def _progress(lines: bool, quiet: bool, desc: str):
@@ -212,7 +212,7 @@ def cmd_detect(a) -> int:
     from ..x2br.detection.yolo import Detector
     from ..io.xray import read_xray
 
-    x = read_xray(a.xray, view=a.view, geometry=a.geometry)
+    x = read_xray(a.xray, view=a.view, geometry=a.geometry, orient=False)  # boxes in the file's own pixels
     print(f"detector: {a.detector}")
     det = Detector(a.detector, device=a.device, imgsz=a.imgsz or None, config_dir=a.config_dir)
     dets = det.detect(x.image, conf=a.conf, iou=a.iou)
@@ -240,7 +240,8 @@ def add_detect_parser(sub) -> None:
     p.add_argument("--conf", type=probability, default=0.25, help="confidence threshold, 0–1")
     p.add_argument("--iou", type=probability, default=0.7, help="NMS IoU threshold, 0–1")
     p.add_argument("--imgsz", type=non_negative_int, default=0, help="network input size, pixels (0: the training size)")
-    p.add_argument("--view", default="AP", help="view when the X-ray has no geometry file")
+    p.add_argument("--view", type=view_name, help="view when the X-ray has no geometry file (default: the DICOM "
+                   "ViewPosition, else AP)")
     p.add_argument("--geometry", help="geometry JSON of the X-ray")
     p.add_argument("--device", default="cpu", type=detector_device, help="cpu, cuda, auto, or a GPU index (0)")
     p.add_argument("--config-dir", help="ultralytics config folder (default: ~/.cache/x2recon/ultralytics)")

@@ -74,16 +74,71 @@ def read_grey_2d(path: str | Path, kind: str = "image"):
     return img, a
 
 
+def png_header(path: str | Path) -> dict:
+    """What a PNG's chunks before its image data say: ``width``, ``height``, ``bit_depth``, ``colour_type``
+    (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA) and ``significant_bits`` (the sBIT chunk's grey or
+    red value; None without one)."""
+    import struct
+
+    out = {"significant_bits": None}
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise X2ReconInputError(path, "not a PNG file (bad signature)")
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND") or length > 1 << 24:
+                break
+            data = f.read(length)
+            f.seek(4, 1)  # CRC
+            if kind == b"IHDR" and len(data) >= 10:
+                out.update(zip(("width", "height", "bit_depth", "colour_type"), struct.unpack(">IIBB", data[:10])))
+            elif kind == b"sBIT" and data:
+                out["significant_bits"] = data[0]
+    if "colour_type" not in out:
+        raise X2ReconInputError(path, "not a valid PNG file (no IHDR header chunk)")
+    return out
+
+
+def _grey_of_grey_alpha_png(path: Path, info: dict) -> np.ndarray:
+    """The grey channel of a grey + alpha PNG, which ITK cannot read ("Unknown PixelType"), decoded by Pillow
+    (a scikit-image dependency).  Its alpha must be opaque everywhere: what lies under transparent pixels is
+    unknown, so such a file is refused rather than flattened onto a guessed background.  Pillow decodes
+    16-bit grey + alpha at 8 bits."""
+    from PIL import Image
+
+    check_pixel_count(info["width"], info["height"], "the PNG", path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im)
+    except Exception as e:  # a truncated or corrupt file: Pillow's own words
+        raise X2ReconInputError(path, f"cannot read the grey + alpha PNG ({type(e).__name__}: {e})") from None
+    if a.ndim != 3 or a.shape[-1] not in (2, 4):
+        raise X2ReconInputError(path, f"cannot read the grey + alpha PNG (decoded as {a.shape})")
+    grey, alpha = a[..., 0], a[..., -1]
+    opaque = np.iinfo(alpha.dtype).max
+    if (alpha < opaque).any():
+        raise X2ReconInputError(path, f"grey + alpha PNG with {float((alpha < opaque).mean()):.1%} of its pixels "
+                                      "(partly) transparent: what lies under them is unknown; save the radiograph "
+                                      "without transparency (flatten it)")
+    return np.ascontiguousarray(grey)
+
+
 def read_png(path: str | Path) -> np.ndarray:
-    """Read a greyscale PNG (8 or 16 bit) as a 2D ``uint8``/``uint16`` array ``(H, W)``."""
+    """Read a greyscale PNG (8 or 16 bit) as a 2D ``uint8``/``uint16`` array ``(H, W)``.  A grey + alpha
+    PNG whose alpha is opaque everywhere is read as its grey channel (see ``_grey_of_grey_alpha_png``)."""
 
     path = Path(path)
     if not path.is_file():
         raise X2ReconInputError(path, "image file not found")
-    with open(path, "rb") as f:
-        if f.read(8) != PNG_SIGNATURE:
-            raise X2ReconInputError(path, "not a PNG file (bad signature)")
-    _, a = read_grey_2d(path, "PNG")
+    info = png_header(path)
+    if info["colour_type"] == 4:
+        a = _grey_of_grey_alpha_png(path, info)
+    else:
+        _, a = read_grey_2d(path, "PNG")
     if a.dtype not in (np.uint8, np.uint16):
         raise X2ReconInputError(path, f"expected 8- or 16-bit unsigned pixels, got {a.dtype}")
     return a

@@ -13,6 +13,9 @@ from ..io.atomic import atomic_write_bytes
 # camera directions in LPS: (from where the camera looks, up); anterior = −y, patient's left = +x
 VIEWS = {"AP": ((0.0, -1.0, 0.0), (0.0, 0.0, 1.0)), "LAT": ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
          "PA": ((0.0, 1.0, 0.0), (0.0, 0.0, 1.0))}
+#: each panel's caption: where the camera stands, so that it does not read as the X-ray's view (a PA film's
+#: reconstruction is shown from the front all the same)
+CAMERAS = {"AP": "camera: anterior", "LAT": "camera: patient's left", "PA": "camera: posterior"}
 
 
 def _legend_actors(vtk, lut, legend: str | None) -> list:
@@ -125,7 +128,7 @@ def render_png(mesh: trimesh.Trimesh, path: str | Path, *, views: tuple[str, ...
         ren = _view_renderer(vtk, poly, lut, color, v, center, radius)
         ren.SetViewport(i / len(views), 0, (i + 1) / len(views), 1)
         label = vtk.vtkTextActor()
-        label.SetInput(v if title is None or i else f"{title} — {v}")
+        label.SetInput(CAMERAS[v] if title is None or i else f"{title} — {CAMERAS[v]}")
         label.GetTextProperty().SetColor(0, 0, 0)
         label.GetTextProperty().SetFontSize(18)
         label.SetPosition(10, 10)

@@ -434,10 +434,10 @@ class ProjectionGeometry:
         if p is not None:
             if not p.is_file():
                 raise X2ReconInputError(p, "geometry file not found")
-            from .userfiles import read_json
+            from .io.documents import read_json
 
             return cls.from_dict(read_json(p, "geometry JSON"), path=p)
-        from .userfiles import parse_json
+        from .io.documents import parse_json
 
         return cls.from_dict(parse_json(str(path_or_text), None, "geometry JSON"))
 

@@ -178,8 +178,6 @@ class ProjectionGeometry:
                     raise ValueError(f"unknown view {view!r}: use AP, PA, LAT or an angle in degrees") from None
         else:
             theta, mirror, name = float(view), False, f"{float(view):g}"
-        if not math.isfinite(theta):  # 1e309 parses as inf: "math domain error" from sin() otherwise
-            raise ValueError(f"unknown view {view!r}: an angle must be a finite number of degrees (or AP, PA, LAT)")
         if not 0 < sod < sdd:
             raise ValueError(f"need 0 < sod < sdd, got sod={sod}, sdd={sdd}")
         iso = _vec(isocenter, "isocenter")
@@ -434,10 +432,10 @@ class ProjectionGeometry:
         if p is not None:
             if not p.is_file():
                 raise X2ReconInputError(p, "geometry file not found")
-            from .io.documents import read_json
+            from .userfiles import read_json
 
             return cls.from_dict(read_json(p, "geometry JSON"), path=p)
-        from .io.documents import parse_json
+        from .userfiles import parse_json
 
         return cls.from_dict(parse_json(str(path_or_text), None, "geometry JSON"))
 

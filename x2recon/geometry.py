@@ -178,6 +178,8 @@ class ProjectionGeometry:
                     raise ValueError(f"unknown view {view!r}: use AP, PA, LAT or an angle in degrees") from None
         else:
             theta, mirror, name = float(view), False, f"{float(view):g}"
+        if not math.isfinite(theta):  # 1e309 parses as inf: "math domain error" from sin() otherwise
+            raise ValueError(f"unknown view {view!r}: an angle must be a finite number of degrees (or AP, PA, LAT)")
         if not 0 < sod < sdd:
             raise ValueError(f"need 0 < sod < sdd, got sod={sod}, sdd={sdd}")
         iso = _vec(isocenter, "isocenter")

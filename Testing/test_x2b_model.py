@@ -37,6 +37,44 @@ def test_cbn_starts_as_plain_batch_norm():
     assert torch.allclose(bn(x, c), ref, atol=1e-5)
 
 
+def _conv_reference(dec, p, c, local):
+    """ONet's decoder as (B, F, T) 1×1 convolutions (the modules' own Conv1d / BatchNorm1d forwards)."""
+    net = dec.fc_p(dec.embed(p).transpose(1, 2))
+    if dec.fc_local is not None:
+        net = net + dec.fc_local(local.transpose(1, 2))
+    for block in dec.blocks:
+        net = block(net, c)
+    return dec.fc_out(dec.act(dec.bn(net, c))).squeeze(1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_decoder_on_points_layout_equals_the_convolution_form(train):
+    """``OccupancyDecoder.forward`` ((B, T, F) linear maps) computes ONet's (B, F, T) convolution form:
+    the same logits, gradients of every weight and input, and batch-norm running averages after a step."""
+    import copy
+
+    torch.manual_seed(1)
+    dec = OccupancyDecoder(16, 32, 3, local_dim=6, fourier=2)
+    _randomise_bn(dec)
+    ref_dec = copy.deepcopy(dec)
+    dec.train(train), ref_dec.train(train)
+    c = torch.randn(3, 16)
+    p = (torch.rand(3, 200, 3) - 0.5).requires_grad_(True)
+    p_ref = p.detach().clone().requires_grad_(True)
+    loc = torch.randn(3, 200, 6)
+    out, ref = dec(p, c, loc), _conv_reference(ref_dec, p_ref, c, loc)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    (out * torch.linspace(-1, 1, 200)).sum().backward()
+    (ref * torch.linspace(-1, 1, 200)).sum().backward()
+    torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4)
+    for (name, a), (_, b) in zip(dec.named_parameters(), ref_dec.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, a), (_, b) in zip(dec.named_buffers(), ref_dec.named_buffers()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    if train:
+        assert int(dec.blocks[0].bn0.bn.num_batches_tracked) == 1
+
+
 def test_folded_decoder_equals_decoder_values_and_gradients():
     torch.manual_seed(0)
     dec = OccupancyDecoder(16, 32, 3, local_dim=6)

@@ -236,6 +236,9 @@ def cmd_reconstruct(a) -> int:
     if a.refine == "template":
         need_x2br_inputs(a)  # the detector's ultralytics (an optional extra) too: before any work, not after X2B's
     dev = resolve_device(a.device)
+    from ..x2b.decoder import resolve_precision
+
+    resolve_precision(a.precision, dev)  # int8 on a GPU: refused before any work
     from ..io.xray import model_geometry
     from ..nn.checkpoint import read_config
 
@@ -259,7 +262,8 @@ def cmd_reconstruct(a) -> int:
         share = 0.6 if a.refine == "template" else 1.0
         rec = reconstruct(model, xrays, resolution=a.resolution, threshold=a.threshold, device=dev, faces=a.faces,
                           refine_steps=a.refine_steps, network_normals=a.network_normals,
-                          watertight=not a.no_watertight, progress=lambda f, m: prog(share * f, m))
+                          watertight=not a.no_watertight, precision=a.precision,
+                          progress=lambda f, m: prog(share * f, m))
         if a.refine == "template":
             from ..x2br.detection import Detector
             from ..x2br.template import load_library
@@ -277,7 +281,7 @@ def cmd_reconstruct(a) -> int:
         write_x2br(x2br, a, rec, xrays[0])
         return 0
     write_mesh(rec.mesh, a.out)
-    print(f"{a.out}: {len(rec.mesh.faces):,} triangles, LPS mm, in {rec.seconds:.1f} s on {dev} "
+    print(f"{a.out}: {len(rec.mesh.faces):,} triangles, LPS mm, in {rec.seconds:.1f} s on {dev}, {rec.precision} decoder "
           f"({rec.evaluations:,} of {rec.dense_evaluations:,} grid points evaluated)")
     if a.render:
         from ..mesh.render import render_png
@@ -346,6 +350,10 @@ def add_parsers(sub) -> None:
                    help="template registration (X2BR: GBCPD++; CPD is the paper's baseline)")
     p.add_argument("--conf", type=probability, default=0.25, help="detection confidence threshold, 0–1")
     p.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="the occupancy decoder's matrix products during MISE: auto is bf16 on a CPU that multiplies "
+                        "bf16 natively (AVX-512 BF16, AMX), else fp32 (also on a GPU); int8 (CPU only, dynamic "
+                        "quantisation) is faster on some CPUs but moves the surface by up to a few voxels")
     p.add_argument("--no-watertight", action="store_true",
                    help="keep marching cubes' raw surface (open at the box border, every speck); by default the "
                         "mesh is closed, manifold and without pieces under 50 mm³")

@@ -42,6 +42,7 @@ class Reconstruction:
     seconds: float
     evaluations: int
     dense_evaluations: int
+    precision: str = "fp32"  # the decoder's matrix products during MISE (``decoder.resolve_precision``)
 
 
 def upsampling_steps(resolution: int, resolution0: int = 32) -> int:
@@ -75,8 +76,13 @@ def check_views(model, xrays: list[XRay]) -> None:
 class OccupancyField:
     """The model's occupancy for one encoded set of X-rays: ``prob(points)`` and ``logit_grad``."""
 
-    def __init__(self, model, xrays: list[XRay], device: torch.device, batch: int = 65_536):
+    def __init__(self, model, xrays: list[XRay], device: torch.device, batch: int = 65_536, precision: str = "fp32"):
+        """``precision``: of the decoder's products in ``prob`` ("auto" resolved by ``decoder.resolve_precision``);
+        gradients (``logit_and_grad``) are always fp32."""
+        from .decoder import resolve_precision
+
         self.model, self.device, self.batch = model, device, batch
+        self.precision = resolve_precision(precision, device)
         # CPU: small chunks on single-threaded pool workers (see ``prob``); an accelerator takes ``batch``
         self.cpu_chunk = min(batch, CPU_CHUNK) if device.type == "cpu" else 0
         S = model.cfg.image_size
@@ -90,7 +96,7 @@ class OccupancyField:
         self.code.maps = [m.float() for m in self.code.maps]
         from .decoder import FoldedDecoder
 
-        self.folded = FoldedDecoder(model.decoder, self.code.latent)
+        self.folded = FoldedDecoder(model.decoder, self.code.latent, self.precision)
         self.evaluations = 0
 
     def _amp(self):
@@ -184,7 +190,7 @@ def _checked_watertight(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: float | None = None,
                 device: str | torch.device = "auto", faces: int = 0, refine_steps: int = 0,
                 network_normals: bool = False, batch: int = 65_536, watertight: bool = True,
-                progress: Callable[[float, str], None] | None = None,
+                precision: str = "auto", progress: Callable[[float, str], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> Reconstruction:
     """Bone mesh from ``xrays`` (one for X2B; frontal then lateral for X2B2).  ``faces``: simplify
     to about this many triangles (0: keep marching cubes' mesh; watertight: never below the fewest that keep
@@ -193,7 +199,10 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
     gradient instead of the mesh's (costs about one extra evaluation with gradients per vertex).
     ``watertight`` (default): a closed, manifold surface, capped where bone leaves the box, without
     pieces enclosing less than ``MIN_COMPONENT_MM3`` (checked; a failure is an error); ``False``: the
-    raw marching-cubes surface with every speck."""
+    raw marching-cubes surface with every speck.  ``precision`` ("auto", "fp32", "bf16", "int8"): of the
+    decoder's matrix products while MISE evaluates occupancy; "auto" is bf16 on a CPU that multiplies bf16
+    natively and fp32 elsewhere (``decoder.cpu_precision``; int8 only when asked for: it misses the
+    accuracy check); the result says which ran."""
     t0 = time.time()
     if not xrays:
         raise X2ReconInputError("input", "no X-ray given")
@@ -206,7 +215,7 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
     model = model.to(dev).eval()
     report = progress or (lambda f, m: None)
     report(0.02, "encoding the X-ray" + ("s" if len(xrays) > 1 else ""))
-    field = OccupancyField(model, xrays, dev, batch)
+    field = OccupancyField(model, xrays, dev, batch, precision)
     dense = (resolution + 1) ** 3
 
     def fn(pts: np.ndarray) -> np.ndarray:
@@ -247,4 +256,4 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
     world = trimesh.Trimesh(geom.from_box(np.asarray(mesh.vertices, np.float64)), mesh.faces, vertex_normals=n,
                             process=False)
     report(1.0, "done")
-    return Reconstruction(world, box, geom, time.time() - t0, res.evaluations, res.dense_evaluations)
+    return Reconstruction(world, box, geom, time.time() - t0, res.evaluations, res.dense_evaluations, field.precision)

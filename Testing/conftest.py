@@ -5,6 +5,8 @@ Two tiers.  ``python -m pytest Testing`` runs the default tier: every package to
 Tests marked ``@pytest.mark.slow`` (end-to-end builds of real CTs, training runs, detector training, the
 study's smoke run, full-size reconstructions) are left out unless ``--all`` (or ``X2RECON_ALL_TESTS=1``) is
 given, ``-m`` names a marker, or the test is named by its node id.  CI (.ci/run) runs ``--all``.
+``--shuffle SEED`` runs the files and their tests in a shuffled order (a test must not depend on another's
+leftovers: torch's thread count once did).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ SLOW_FIXTURES = {
 def pytest_addoption(parser):
     parser.addoption("--all", action="store_true", dest="x2recon_all",
                      help=f"run the slow end-to-end tests too (as CI does; or {ALL_TESTS_ENV}=1)")
+    parser.addoption("--shuffle", type=int, metavar="SEED", dest="x2recon_shuffle", default=None,
+                     help="run the test files, and the tests in each, in an order shuffled with SEED: a test that "
+                          "passes only after (or before) another shows up")
 
 
 def _runs_everything(config) -> bool:
@@ -39,6 +44,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES.keys() & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+    if config.getoption("x2recon_shuffle") is not None:
+        _shuffle(items, config.getoption("x2recon_shuffle"))
     if _runs_everything(config):
         return
     named = [a.replace("\\", "/") for a in config.args if "::" in a]
@@ -50,6 +57,22 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=slow)
         items[:] = keep
         config._x2recon_slow_left_out = len(slow)
+
+
+def _shuffle(items, seed: int) -> None:
+    """Files in a random order, and the tests of each file in a random order (a file's tests stay together,
+    so its module-scoped fixtures are built once)."""
+    import random
+
+    rng = random.Random(seed)
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = list(files.values())
+    rng.shuffle(order)
+    for tests in order:
+        rng.shuffle(tests)
+    items[:] = [t for tests in order for t in tests]
 
 
 def _names(arg: str, nodeid: str) -> bool:

@@ -75,6 +75,30 @@ def test_decoder_on_points_layout_equals_the_convolution_form(train):
         assert int(dec.blocks[0].bn0.bn.num_batches_tracked) == 1
 
 
+def test_x2b_training_uses_fused_adam_on_cpu_with_the_same_steps(tmp_path):
+    """On CPU the X2B task's Adam is torch's fused kernel (where this torch has it), taking the same steps as
+    the per-parameter loop Adam it replaces."""
+    from x2recon.train.common import Dist, TrainSettings
+    from x2recon.x2b.network import X2BConfig
+    from x2recon.x2b.train import X2BTask, _fused_adam_on_cpu
+
+    torch.manual_seed(0)
+    task = X2BTask(X2BConfig(backbone="convnext_atto", image_size=32, hidden=16, n_blocks=1), None, None, Dist())
+    opt = task.make_optimizer(TrainSettings(out=str(tmp_path), lr=1e-2, weight_decay=1e-4))
+    assert opt.defaults["fused"] is (True if _fused_adam_on_cpu() else None)
+    params = list(task.model.parameters())
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    loop = torch.optim.Adam(twins, lr=1e-2, weight_decay=1e-4, foreach=False)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        loop.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+
+
 def test_folded_decoder_equals_decoder_values_and_gradients():
     torch.manual_seed(0)
     dec = OccupancyDecoder(16, 32, 3, local_dim=6)

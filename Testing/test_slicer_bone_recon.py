@@ -209,6 +209,31 @@ def test_background_command_gives_the_same_model(logic, scene, drr, checkpoints,
     assert logic.parse_progress_line("reconstruct: 40%|####") is None
 
 
+def test_the_confidence_is_the_models_colour_map(logic, scene, drr, checkpoints, direct, tmp_path):
+    """Issue 19 §5: the reconstruction's per-vertex confidence is the model node's active point scalar on a fixed
+    0–1 colour scale with a legend — reconstructed in the panel, and loaded back from the background process's
+    PLY (which carries it)."""
+    from x2recon.io.mesh import write_mesh
+    from X2BoneReconLib.logic import CONFIDENCE_TITLE, XRAY_JSON
+
+    tau, rec = direct
+    xnode = drr_to_volume_node(drr, scene, "chest AP")
+    node = logic.reconstruct(xnode, checkpoints["x2b"], resolution=32, threshold=tau, device="cpu")
+    for n in (node, None):
+        if n is None:  # the background path: the mesh file with its geometry beside it
+            write_mesh(rec.mesh, tmp_path / "bones.ply")
+            (tmp_path / XRAY_JSON).write_text(drr.geometry.to_json())
+            n = logic.load_reconstruction(tmp_path / "bones.ply", xnode)
+        disp = n.GetDisplayNode()
+        assert disp.GetActiveScalarName() == CONFIDENCE_TITLE and disp.GetScalarVisibility()
+        assert tuple(disp.GetScalarRange()) == (0.0, 1.0) and disp.GetColorNodeID()
+        np.testing.assert_allclose(point_scalars(n, CONFIDENCE_TITLE), rec.confidence, atol=1e-6)
+    assert logic.ood_warnings == []  # no <stem>_confidence.json beside the mesh: nothing to report
+    (tmp_path / "bones_confidence.json").write_text('{"ood_warnings": ["its head-foot profile ..."]}')
+    logic.load_reconstruction(tmp_path / "bones.ply", xnode)
+    assert logic.ood_warnings == ["its head-foot profile ..."]  # what the background reconstruct found, for the panel
+
+
 def test_x2b2_takes_the_frontal_and_the_lateral_view(logic, scene, drr, lateral_drr, checkpoints, tmp_path):
     from x2recon.cli import build_parser
 

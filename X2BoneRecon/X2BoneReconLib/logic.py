@@ -11,6 +11,7 @@ progress lines, and loading its result.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Point array of the per-vertex distance to the reference surface (the heat map).
 DISTANCE_ARRAY = "Distance (mm)"
+#: the reconstruction's per-vertex confidence (0 unsure – 1 decisive) as a point array and legend title
+CONFIDENCE_TITLE = "Confidence (0-1)"
 #: Colour maps used for the heat map when the scene has them (Slicer's default colour nodes).
 DISTANCE_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeFileViridis.txt")
 DISTANCE_COLOR_NODE_NAMES = ("ColdToHotRainbow", "Viridis")
@@ -98,6 +101,8 @@ class X2BoneReconLogic:
         #: how each X-ray of the last reconstruction was placed (``x2recon.io.xray.Placement``, or None for a
         #: geometry the node carried): the panel shows it, so an assumed geometry is never silent
         self.placements: list = []
+        #: why the last reconstruction's X-ray may be outside what the model was trained on (empty: nothing found)
+        self.ood_warnings: list = []
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -172,12 +177,21 @@ class X2BoneReconLogic:
         model, cfg = load_model(model_path, dev)
         rec = reconstruct(model, xrays, resolution=int(resolution), threshold=threshold, device=dev, faces=int(faces),
                           progress=progress, cancel=cancel)
-        log.info("X2BoneRecon: %d triangles in %.1f s on %s", len(rec.mesh.faces), rec.seconds, dev)
+        self.ood_warnings = []  # why the X-ray may not look like what the model was trained on (shown by the panel)
+        if (cfg.get("dataset") or {}).get("build", {}).get("isocenter") == "thorax":
+            from x2recon.x2b.confidence import training_likeness_warnings
+
+            self.ood_warnings = training_likeness_warnings(xrays[0])
+        for w in self.ood_warnings:
+            log.warning("X2BoneRecon: the X-ray may be outside what the model was trained on: %s", w)
+        log.info("X2BoneRecon: %d triangles in %.1f s on %s, mean confidence %.3f", len(rec.mesh.faces), rec.seconds,
+                 dev, rec.mean_confidence)
         return self.add_reconstruction(rec.mesh, xray_node, rec.geometry, cfg, name)
 
     def add_reconstruction(self, mesh, xray_node, geometry, cfg: dict | None = None, name: str | None = None):
         """A reconstructed mesh (LPS mm) → model node ``"<X-ray> bones"`` with normals, bone colour,
-        its geometry (for the box size of later comparisons) and the model's structures as attributes."""
+        its geometry (for the box size of later comparisons) and the model's structures as attributes; a mesh
+        carrying the per-vertex confidence (``vertex_attributes["confidence"]``) is coloured by it."""
         node = mesh_to_model_node(np.asarray(mesh.vertices), np.asarray(mesh.faces), self.scene,
                                   name or f"{xray_node.GetName()} bones", color=BONE_COLOR,
                                   normals=np.asarray(mesh.vertex_normals))
@@ -188,6 +202,11 @@ class X2BoneReconLogic:
             node.SetAttribute(STRUCTURES_ATTRIBUTE, ",".join(structures) if isinstance(structures, list) else str(structures))
         disp = node.GetDisplayNode()
         disp.SetVisibility2D(True)  # outline in the slice views
+        from x2recon.x2b.confidence import CONFIDENCE_ARRAY
+
+        confidence = getattr(mesh, "vertex_attributes", {}).get(CONFIDENCE_ARRAY)
+        if confidence is not None:
+            self.show_confidence(node, confidence)
         return node
 
     # ------------------------------------------------------------------ reconstruct (background process)
@@ -255,10 +274,18 @@ class X2BoneReconLogic:
         """The background process's mesh (LPS mm) → model node, as ``reconstruct`` adds it (the
         geometry is the one written beside it by ``reconstruct_command``)."""
         from x2recon.geometry import ProjectionGeometry
-        from x2recon.io.mesh import read_mesh
+        from x2recon.io.mesh import read_mesh, read_vertex_scalar
+        from x2recon.x2b.confidence import CONFIDENCE_ARRAY
 
         mesh_path = Path(mesh_path)
         mesh = read_mesh(mesh_path)
+        confidence = read_vertex_scalar(mesh_path, CONFIDENCE_ARRAY)  # .ply/.vtk carry it (reconstruct_command: .ply)
+        if confidence is not None and len(confidence) == len(mesh.vertices):
+            mesh.vertex_attributes[CONFIDENCE_ARRAY] = confidence
+        summary = mesh_path.with_name(mesh_path.name.split(".")[0] + "_confidence.json")  # written by reconstruct
+        self.ood_warnings = json.loads(summary.read_text()).get("ood_warnings", []) if summary.is_file() else []
+        for w in self.ood_warnings:
+            log.warning("X2BoneRecon: the X-ray may be outside what the model was trained on: %s", w)
         geometry = ProjectionGeometry.from_json(mesh_path.with_name(XRAY_JSON))
         cfg = None
         if model_path:
@@ -575,6 +602,23 @@ class X2BoneReconLogic:
         disp.SetScalarRange(0.0, top)
         disp.SetScalarVisibility(True)
         self.add_color_legend(disp, DISTANCE_ARRAY)
+        return disp
+
+    def show_confidence(self, model_node, confidence):
+        """The per-vertex confidence (``x2recon.x2b.confidence``) as the model's active point scalars, coloured on
+        the fixed 0–1 scale (cold: the network is unsure where the surface is; hot: a decisive boundary) with a
+        legend; *Compare*'s distance map replaces it."""
+        import slicer
+        import vtk
+
+        set_point_scalars(model_node, CONFIDENCE_TITLE, np.asarray(confidence, np.float64))
+        disp = model_node.GetDisplayNode()
+        disp.SetActiveScalar(CONFIDENCE_TITLE, vtk.vtkAssignAttribute.POINT_DATA)
+        disp.SetAndObserveColorNodeID(self.distance_color_node().GetID())
+        disp.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
+        disp.SetScalarRange(0.0, 1.0)
+        disp.SetScalarVisibility(True)
+        self.add_color_legend(disp, CONFIDENCE_TITLE)
         return disp
 
     def add_color_legend(self, display_node, title: str):

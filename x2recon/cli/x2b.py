@@ -228,6 +228,8 @@ def cmd_reconstruct(a) -> int:
     if Path(a.out).suffix.lower() not in MESH_SUFFIXES:  # before the work, not when writing its result
         raise X2ReconInputError(a.out, f"--out: x2recon cannot write a mesh in this format; use one of "
                                        f"{', '.join(MESH_SUFFIXES)}")
+    if a.render_confidence and not a.render:
+        raise X2ReconInputError("--render-confidence", "needs --render PNG (where to write the rendering)")
     if a.refine == "template":
         for line in bundled_x2br_inputs(a):  # which detector and templates, never silent
             print(line)
@@ -277,6 +279,7 @@ def cmd_reconstruct(a) -> int:
     if a.faces and len(rec.mesh.faces) > a.faces and not a.no_watertight:
         print(f"note: --faces {a.faces}: {len(rec.mesh.faces):,} triangles is the fewest that keep every piece "
               "of the surface closed (--no-watertight simplifies the raw surface further)", file=sys.stderr)
+    _report_confidence(a, rec, header, xrays)
     if x2br is not None:
         write_x2br(x2br, a, rec, xrays[0])
         return 0
@@ -286,14 +289,57 @@ def cmd_reconstruct(a) -> int:
     if a.render:
         from ..mesh.render import render_png
 
-        render_png(rec.mesh, a.render, title=Path(a.xray).name)
+        if a.render_confidence:
+            from ..mesh.render import render_confidence
+
+            render_confidence(rec.mesh, rec.confidence, a.render, title=Path(a.xray).name)
+        else:
+            render_png(rec.mesh, a.render, title=Path(a.xray).name)
         print(a.render)
     return 0
 
 
+def _confidence_json(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.split(".")[0] + "_confidence.json")
+
+
+def _report_confidence(a, rec, header, xrays) -> None:
+    """Print the mean per-vertex confidence and any out-of-distribution warning (a thorax-framed model given
+    an X-ray that does not look like a frontal chest), and write both to ``<stem>_confidence.json`` — with the
+    per-vertex values when ``--out``'s format cannot carry them (STL, OBJ, OFF)."""
+    import numpy as np
+
+    from ..io.atomic import atomic_write_bytes
+    from ..io.mesh import SCALAR_SUFFIXES
+    from ..x2b.confidence import CONFIDENCE_ARRAY, training_likeness_warnings
+
+    thorax = (((header or {}).get("dataset") or {}).get("build") or {}).get("isocenter") == "thorax"
+    warnings = training_likeness_warnings(xrays[0]) if thorax else []
+    c = rec.confidence
+    summary = {"mean_confidence": round(rec.mean_confidence, 4),
+               "confidence_quantiles": {q: round(float(np.quantile(c, float(q))), 4) for q in ("0.1", "0.5", "0.9")},
+               "measure": "|p(v + h n) - p(v - h n)|, h = 1/128 of the box along the vertex normal (0: flat "
+                          "occupancy near the threshold, 1: a decisive boundary)",
+               "ood_checked": thorax, "ood_warnings": warnings}
+    if Path(a.out).suffix.lower() not in SCALAR_SUFFIXES:
+        summary["vertex_confidence"] = [round(float(v), 4) for v in c]  # the mesh file's vertex order
+    where = (f" (its vertex scalar '{CONFIDENCE_ARRAY}')" if Path(a.out).suffix.lower() in SCALAR_SUFFIXES
+             else " (per vertex: in the JSON, not in the mesh)")
+    if a.refine == "template":  # the refined mesh is the templates': the confidence is the coarse X2B mesh's
+        where = f" of the coarse X2B mesh {x2br_outputs(a.out)['the X2B mesh <stem>_x2b'].name}" + where
+    print(f"confidence: mean {rec.mean_confidence:.3f} per vertex{where}")
+    for w in warnings:
+        print(f"WARNING: {Path(a.xray).name} may be outside what the model was trained on: {w}", file=sys.stderr)
+    path = _confidence_json(a.out)
+    atomic_write_bytes(path, (json.dumps(summary, indent=1) + "\n").encode())
+    print(path)
+
+
 def _reconstruct_outputs(a) -> dict:
     """Every file ``reconstruct`` writes, by what names it (checked for collisions before any work)."""
-    outputs = {"--out": a.out, "--render": a.render}
+    outputs = {"--out": a.out, "--render": a.render, "the confidence summary <stem>_confidence.json":
+               _confidence_json(a.out)}
     if a.refine == "template":
         outputs.update(x2br_outputs(a.out))
     return outputs
@@ -358,6 +404,12 @@ def add_parsers(sub) -> None:
                    help="keep marching cubes' raw surface (open at the box border, every speck); by default the "
                         "mesh is closed, manifold and without pieces under 50 mm³")
     p.add_argument("--render", type=output_file, help="also write a PNG rendering of the mesh here")
+    p.add_argument("--render-confidence", action="store_true",
+                   help="with --render: colour the rendering by the per-vertex confidence (0 blue: the occupancy is "
+                        "flat near the threshold, the surface is a guess; 1 red: a decisive boundary). The "
+                        "confidence is always computed: a vertex scalar in .ply/.vtk meshes (.stl/.obj/.off cannot "
+                        "carry it: its values go to <stem>_confidence.json, with the mean and any warning that the "
+                        "X-ray does not look like what the model was trained on)")
     p.add_argument("--progress-lines", action="store_true", help="print 'X2RECON_PROGRESS <percent> <message>' lines")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reconstruct)

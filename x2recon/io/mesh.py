@@ -69,6 +69,14 @@ def _write_vtk(mesh: trimesh.Trimesh, path: Path) -> None:
     from vtkmodules.vtkIOLegacy import vtkPolyDataWriter
 
     pd = to_polydata(mesh)
+    for name, values in getattr(mesh, "vertex_attributes", {}).items():  # per-vertex scalars (confidence)
+        values = np.asarray(values)
+        if values.ndim == 1 and len(values) == len(mesh.vertices) and values.dtype.kind == "f":
+            from vtkmodules.util import numpy_support as ns
+
+            arr = ns.numpy_to_vtk(np.ascontiguousarray(values, np.float32), deep=1)
+            arr.SetName(str(name))
+            pd.GetPointData().AddArray(arr)
     w = vtkPolyDataWriter()
     w.SetInputData(pd)
     w.SetFileName(native_path(path))
@@ -187,6 +195,35 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, bytes]:
     if space and space.group(1).upper() == b"RAS":
         v = v * [-1.0, -1.0, 1.0]  # RAS → LPS
     return v, f, head
+
+
+#: formats that carry per-vertex scalars (``mesh.vertex_attributes``) when written
+SCALAR_SUFFIXES = (".ply", ".vtk")
+
+
+def read_vertex_scalar(path: str | Path, name: str) -> np.ndarray | None:
+    """The per-vertex scalar ``name`` of a PLY (vertex property) or legacy VTK (point-data array) file, in the
+    order ``read_mesh`` gives the vertices; None when the file does not carry it (STL, OBJ and OFF never do)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".ply":
+        m = trimesh.load(str(path), file_type="ply", force="mesh", process=False)
+        data = ((m.metadata.get("_ply_raw") or {}).get("vertex") or {}).get("data")
+        if data is None or name not in (data.dtype.names or ()):
+            return None
+        return np.asarray(data[name], np.float32).reshape(-1)
+    if suffix == ".vtk":
+        from vtkmodules.util import numpy_support as ns
+        from vtkmodules.vtkIOLegacy import vtkPolyDataReader
+
+        r = vtkPolyDataReader()
+        r.SetFileName(native_path(path))
+        r.ReadAllScalarsOn()
+        r.ReadAllFieldsOn()
+        r.Update()
+        arr = r.GetOutput().GetPointData().GetArray(name)
+        return None if arr is None else ns.vtk_to_numpy(arr).astype(np.float32).reshape(-1)
+    return None
 
 
 def read_mesh(path: str | Path) -> trimesh.Trimesh:

@@ -150,3 +150,12 @@ def render_png(mesh: trimesh.Trimesh, path: str | Path, *, views: tuple[str, ...
     win.Finalize()
     atomic_write_bytes(path, ns.vtk_to_numpy(w.GetResult()).tobytes())
     return path
+
+
+def render_confidence(mesh: trimesh.Trimesh, confidence: np.ndarray, path: str | Path, *,
+                      views: tuple[str, ...] = ("AP", "LAT"), size: int = 600, title: str | None = None) -> Path:
+    """``mesh`` coloured by its per-vertex confidence on a fixed 0–1 scale (blue: unsure, red: decisive; see
+    ``x2b.confidence``), the legend naming the scale — so renderings of different runs compare."""
+    return render_png(mesh, path, views=views, scalars=confidence, scalar_range=(0.0, 1.0),
+                      legend="confidence 0 (unsure) - 1 (decisive)", size=size, title=title)
+

@@ -43,6 +43,13 @@ class Reconstruction:
     evaluations: int
     dense_evaluations: int
     precision: str = "fp32"  # the decoder's matrix products during MISE (``decoder.resolve_precision``)
+    #: per-vertex confidence in [0, 1] (``confidence.vertex_confidence``), also the meshes' vertex attribute
+    #: ``"confidence"``
+    confidence: np.ndarray | None = None
+
+    @property
+    def mean_confidence(self) -> float:
+        return float(np.mean(self.confidence)) if self.confidence is not None and len(self.confidence) else 0.0
 
 
 def upsampling_steps(resolution: int, resolution0: int = 32) -> int:
@@ -251,9 +258,16 @@ def reconstruct(model, xrays: list[XRay], *, resolution: int = 256, threshold: f
             n[bad] = mesh.vertex_normals[bad]
     else:
         n = np.asarray(mesh.vertex_normals)
+    report(0.97, "per-vertex confidence")
+    from .confidence import CONFIDENCE_ARRAY, vertex_confidence
+
+    conf = vertex_confidence(field.prob, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals))
     box = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_normals=n, process=False)
     geom = xrays[0].geometry
     world = trimesh.Trimesh(geom.from_box(np.asarray(mesh.vertices, np.float64)), mesh.faces, vertex_normals=n,
                             process=False)
+    for m in (box, world):
+        m.vertex_attributes[CONFIDENCE_ARRAY] = conf
     report(1.0, "done")
-    return Reconstruction(world, box, geom, time.time() - t0, res.evaluations, res.dense_evaluations, field.precision)
+    return Reconstruction(world, box, geom, time.time() - t0, res.evaluations, res.dense_evaluations, field.precision,
+                          conf)

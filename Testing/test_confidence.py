@@ -1,7 +1,7 @@
 """Issue 19 §5, "say when it does not know": every X2B reconstruction carries a per-vertex confidence (mesh
 scalar, printed mean, <stem>_confidence.json, colour-mapped rendering), and an X-ray unlike the model's training
 images (a lateral given as frontal, an abdomen, a head) gets a warning naming why; the training patient's own
-AP/PA DRRs and another patient's chest AP do not.  DRRs are rendered in the bundled ``skeleton`` model's training
+AP/PA DRRs, another patient's chest AP and a real chest film do not.  DRRs are rendered in the bundled ``skeleton`` model's training
 geometry (its card's SDD/SOD/detector/box, ``--isocenter thorax``) at 64² to stay fast."""
 
 from __future__ import annotations
@@ -127,6 +127,17 @@ def test_the_training_patients_frontal_drrs_do_not_warn(chest_half, build, chest
 def test_another_patients_chest_ap_does_not_warn(shared_data, build):
     """A patient the model never saw (couch in the image, other body): still a frontal chest."""
     x = _drr(shared_data / "chest_lungdx_a0001" / "ct.nii.gz", build, "AP")
+    assert training_likeness_warnings(x) == []
+
+
+def test_a_real_chest_film_placed_from_its_lung_fields_does_not_warn(shared_data, skeleton):
+    """A real PA radiograph (NIH ChestX-ray14, no geometry): arms and soft tissue fill its outer columns where a
+    DRR shows air, its display mapping differs — still a frontal chest."""
+    from x2recon.io.xray import model_geometry, read_xray
+    from x2recon.nn.checkpoint import read_config
+
+    x = read_xray(shared_data / "xray_nih_cxr" / "00000001_000.png", model_geometry=model_geometry(read_config(skeleton)))
+    assert x.placement.method == "lung fields"
     assert training_likeness_warnings(x) == []
 
 

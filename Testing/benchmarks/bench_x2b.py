@@ -112,7 +112,7 @@ def bench_train(a) -> None:
                           workers=a.workers, device=str(device), compile=a.compile, save_every=0, progress=False,
                           val_every=10**6)
         r = train_x2b(data, s, cfg, n_points=a.points, val_split="", train_split=a.split)
-        e2e = r["samples_per_s_steady"] or r["samples_per_s"]
+        e2e = r.get("samples_per_s_steady") or r["samples_per_s"]  # steady: after the warm-up steps
         print(f"x2recon train end to end:  {e2e:8.1f} img/s  = {e2e / ceiling:.0%} of the ceiling "
               f"(data loading with {a.workers} workers, {r['steps']} steps)")
     what = f"X2B training, {a.backbone} {S}², batch {B}, {'bf16' if device.type == 'cuda' else 'fp32'}"

@@ -566,3 +566,28 @@ def test_the_panel_says_how_an_xray_was_placed_and_draws_the_box(logic, scene, d
     uv, cuv = np.asarray(g.project(pts)), np.asarray(g.project(corners))
     assert np.allclose(uv.min(0), cuv.min(0)) and np.allclose(uv.max(0), cuv.max(0))
     assert node.GetAttribute("x2recon.io.xray") == bare.GetID()
+
+
+@pytest.mark.slow  # the bundled skeleton model and two DRRs in its training geometry (~30 s on 2 loaded cores)
+def test_the_panel_names_an_xray_unlike_the_training_images(logic, scene, chest_half):
+    """Issue 19 §5 in the panel: the sample's lateral DRR given to the bundled (thorax-framed) skeleton model as its
+    frontal view is named, with the reason, in ``ood_warnings``; its AP DRR is not."""
+    from dataclasses import replace
+
+    from x2recon.dataset.config import BuildConfig
+    from x2recon.dataset.thorax import lung_center
+    from x2recon.drr.render import render_drr
+    from x2recon.io.volume import read_ct
+    from x2recon.nn.checkpoint import read_config
+    from x2recon.resources import bundled
+
+    b = read_config(bundled("skeleton"))["dataset"]["build"]
+    build = BuildConfig(drr_size=64, sdd=b["sdd"], sod=b["sod"], detector_mm=b["detector_mm"], box_size=b["box_size"],
+                        isocenter="thorax")
+    ct = read_ct(chest_half[0])
+    ap = render_drr(ct, build.geometry("AP", lung_center(ct)))
+    lat = replace(render_drr(ct, build.geometry("LAT", lung_center(ct))), geometry=ap.geometry)
+    logic.reconstruct(drr_to_volume_node(ap, scene, "AP"), "", resolution=32, device="cpu")
+    assert logic.ood_warnings == []
+    logic.reconstruct(drr_to_volume_node(lat, scene, "LAT as AP"), "", resolution=32, device="cpu")
+    assert len(logic.ood_warnings) == 1 and "left–right profile" in logic.ood_warnings[0]

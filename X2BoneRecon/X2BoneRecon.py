@@ -216,6 +216,8 @@ class X2BoneReconWidget(PanelWidget, ScriptedLoadableModuleWidget, VTKObservatio
             else:
                 node = self.logic.load_reconstruction(mesh, xray, model_path)
                 self._x2b_node = None
+                for w in self.logic.ood_warnings:  # read from reconstruct's <stem>_confidence.json: never silent
+                    self.log(f"WARNING: the X-ray may be outside what the model was trained on: {w}")
             self.ui.reconstructionSelector.setCurrentNode(node)
             self.log(f"{node.GetName()}: {node.GetPolyData().GetNumberOfPolys():,} triangles in world coordinates")
             slicer.util.resetThreeDViews()

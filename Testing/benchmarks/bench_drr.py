@@ -1,12 +1,16 @@
-"""Benchmark: our exact Siddon DRR vs DiffDRR's Siddon and trilinear renderers, same device and volume.
+"""Benchmark: our exact Siddon DRR vs DiffDRR's Siddon and trilinear renderers and nanodrr, same device and volume.
 
 Renders a ``size³`` phantom (axis-aligned boxes whose faces lie on voxel boundaries, so the exact
 line integrals are known analytically) to a ``pixels²`` cone-beam DRR at an oblique angle, with
-  * ours: ``x2recon.drr.siddon.line_integrals`` (Triton kernel on CUDA, torch on CPU),
+  * ours: ``x2recon.drr.siddon.line_integrals`` (Triton kernel on CUDA, the numba kernel on CPU — torch
+    where numba is missing),
   * DiffDRR 0.6 ``renderers.Siddon`` (all plane crossings sorted per ray, nearest-voxel lookup)
     and ``renderers.Trilinear`` (uniform samples, trilinear interpolation),
-fed the same rays (from ``ProjectionGeometry.rays()``, in voxel coordinates, computed once and not
-timed for DiffDRR; ours is timed whole, ray generation included).  The detector is placed outside the
+  * nanodrr 0.1.7 ``drr.render`` (``--nanodrr-samples`` uniform samples per ray inside the volume,
+    trilinear ``grid_sample``; its fused Triton kernel on CUDA, the torch reference on CPU),
+fed the same rays (from ``ProjectionGeometry.rays()``, in voxel coordinates for DiffDRR and in world mm
+with the camera frame = the world frame for nanodrr, computed once and not timed for the peers; ours is
+timed whole, ray generation included).  The detector is placed outside the
 volume (DiffDRR integrates every plane crossing, also those beyond the detector; we stop at it).
 ``--volume chest`` uses the shared chest CT resampled to ``size³`` instead (errors then vs ours).  Prints median wall and CPU seconds per DRR, the speed ratio to DiffDRR's
 Siddon, and each renderer's error against the analytic line integrals.
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest.shared_
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
 
 import _record  # noqa: E402
-from x2recon.drr.siddon import line_integrals  # noqa: E402
+from x2recon.drr.siddon import auto_backend, line_integrals  # noqa: E402
 from x2recon.geometry import ProjectionGeometry  # noqa: E402
 
 TARGET_RATIO = 20.0
@@ -103,6 +107,33 @@ def analytic(geom, aff, boxes) -> np.ndarray:
     return total.reshape(geom.height, geom.width)
 
 
+def nanodrr_renderer(vol: torch.Tensor, aff: np.ndarray, geom, n_samples: int):
+    """A call that renders ``geom``'s rays through ``vol`` (μ, [k, j, i], on its device) with nanodrr's
+    ``render``: a ``Subject`` of the volume with our index → LPS affine (values used as they are), rays given
+    as source and detector-pixel points in world mm with the identity camera pose.  Raises ImportError
+    when nanodrr is not installed."""
+    from nanodrr.data import Subject
+    from nanodrr.drr import render
+
+    dev = vol.device
+    f32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32, device=dev)  # noqa: E731
+    img = vol.float()[None, None].contiguous()
+    subject = Subject(img, torch.zeros_like(img), f32(aff), f32(np.linalg.inv(aff)),
+                      Subject._make_voxel_to_grid(img.shape).to(dev), f32(aff[:3, 3]), max_label=0,
+                      convert_to_mu=False).to(dev)
+    o, d, L = geom.rays()
+    src = f32(o.reshape(1, -1, 3))
+    tgt = f32((o + d * L[..., None]).reshape(1, -1, 3))
+    eye = torch.eye(4, device=dev)[None]
+    one = torch.ones(1, device=dev)
+
+    def run():
+        with torch.no_grad():
+            return render(subject, eye[:, :3, :3], eye, one, geom.height, geom.width, n_samples,
+                          src=src, tgt=tgt)[0, 0]
+    return run
+
+
 def timed(fn, device: str, repeats: int):
     """Median wall and CPU seconds of ``fn()`` after one warm-up call (compilation, caches)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -162,6 +193,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=None, help="rays per DiffDRR call (default: all)")
     ap.add_argument("--trilinear-points", type=int, default=500, help="DiffDRR Trilinear samples per ray")
     ap.add_argument("--no-diffdrr", action="store_true")
+    ap.add_argument("--nanodrr-samples", type=int, default=500, help="nanodrr samples per ray (its default)")
+    ap.add_argument("--no-nanodrr", action="store_true")
     ap.add_argument("--max-diffdrr-gb", type=float, default=None,
                     help="skip DiffDRR when its estimated memory exceeds this (default: 60 %% of device/host memory)")
     ap.add_argument("--batch-views", type=int, default=0,
@@ -187,7 +220,19 @@ def main() -> int:
     rows = []
     ours, t_ours, c_ours = timed(lambda: line_integrals(vol, aff, geom), dev, a.repeats)
     ours = ours.float().cpu().numpy()
-    rows.append(("ours: exact Siddon (" + ("Triton" if dev.startswith("cuda") else "torch") + ")", ours, t_ours, c_ours))
+    rows.append((f"ours: exact Siddon ({auto_backend(vol)})", ours, t_ours, c_ours))
+    nano_name = f"nanodrr ({a.nanodrr_samples} pts)"
+    nano_error = None
+    if not a.no_nanodrr:
+        try:
+            nano = nanodrr_renderer(vol, aff, geom, a.nanodrr_samples)
+        except Exception as e:  # not installed, or its import fails: the table row says which
+            nano_error = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+            print(f"nanodrr not run: {nano_error}")
+        else:
+            out, t, c = timed(nano, dev, a.repeats)
+            rows.append((nano_name, out.reshape(pixels, pixels).float().cpu().numpy(), t, c))
+            del out
 
     if not a.no_diffdrr:
         try:
@@ -248,10 +293,12 @@ def main() -> int:
     name = f"DRR {a.size}³ → {pixels}², exact Siddon ({a.volume})"
     err = lambda img: float(np.abs(img.astype(np.float64) - base).max() / base.max())  # noqa: E731
     records = []
-    for peer in ("DiffDRR Siddon", f"DiffDRR Trilinear ({a.trilinear_points} pts)"):
+    for peer in ("DiffDRR Siddon", f"DiffDRR Trilinear ({a.trilinear_points} pts)", nano_name):
         match = [r for r in rows if r[0] == peer]
+        why = ("diffdrr missing or too big" if peer.startswith("DiffDRR") else
+               nano_error or ("--no-nanodrr" if a.no_nanodrr else "failed"))
         records.append(_record.figure(
-            name, t_ours, "s", device=dev, peer=peer if match else f"{peer}: not run (diffdrr missing or too big)",
+            name, t_ours, "s", device=dev, peer=peer if match else f"{peer}: not run ({why})",
             peer_value=match[0][2] if match else None, target="≥ 50× DiffDRR Siddon (issue 15, H100)",
             peak_gib=_record.peak_gib(dev),
             notes=f"max error vs {'analytic' if ref is not None else 'ours'}: ours {err(ours):.1e}"

@@ -10,7 +10,9 @@ built from the sample chest CT into a temporary folder), and prints (2)/(1) and 
 Targets (issue 3): (3) ≥ 80 % of (1) on a GPU.
 ``latency`` times ``reconstruct`` (encode + MISE + marching cubes) from a stored DRR (default model: the
 default bundled bone model, `skeleton`; `--model demo` for the older one), and reports MISE's evaluations against a dense grid, wall and CPU seconds, and on
-CPU the decoder's FLOPs against a matrix-product rate measured in the same run (its bound).
+CPU the decoder's FLOPs against a matrix-product rate of the precision that ran (``--precision``, default auto)
+measured in the same run (its bound), beside fp32, bf16 and int8 product rates and the whole decoder's time
+per point in each precision with its largest logit difference from fp32.
 Targets (issue 15): ≤ 0.3 s on an H100, ≤ 5 s on 2 CPU cores at 256³.
 """
 
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest.shared_data_dir
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _record
 import _record  # noqa: E402
+from x2recon.x2b.decoder import cpu_precision, int8_available  # noqa: E402
 
 
 def _sync(device):
@@ -51,7 +54,8 @@ def time_steps(step, n: int, warmup: int, device) -> float:
     return (time.perf_counter() - t) / n
 
 
-def build_data(tmp: Path, image_size: int) -> Path:
+def build_data(tmp: Path, image_size: int, cases: int = 4) -> Path:
+    """A dataset of ``cases`` cases (the sample CT and deformed copies of it), so a step trains a full batch."""
     from conftest import shared_data_dir
 
     from x2recon.dataset.builder import build_dataset
@@ -59,7 +63,7 @@ def build_data(tmp: Path, image_size: int) -> Path:
     from x2recon.dataset.config import BuildConfig
 
     d = shared_data_dir() / "chest_lidc0001_half"
-    cfg = BuildConfig(views=["AP", "PA", "LAT"], drr_size=256, x2b_size=image_size, variants=3)
+    cfg = BuildConfig(views=["AP", "PA", "LAT"], drr_size=256, x2b_size=image_size, variants=max(1, cases - 1))
     build_dataset([CaseInput("chest", str(d / "ct.nii.gz"), str(d / "labels.nii.gz"))], tmp, cfg, progress=False)
     return tmp
 
@@ -70,7 +74,8 @@ def bench_train(a) -> None:
     from x2recon.x2b.train import occupancy_loss, train_x2b
 
     device = torch.device(a.device)
-    cfg = X2BConfig(backbone=a.backbone, image_size=a.image_size, local_features=a.local_features, fourier=a.fourier)
+    cfg = X2BConfig(backbone=a.backbone, image_size=a.image_size, local_features=a.local_features, fourier=a.fourier,
+                    hidden=a.hidden, local_stages=[int(v) for v in a.local_stages.split(",")])
     model = build_model(cfg).to(device)
     if device.type == "cuda":
         model.use_channels_last()
@@ -99,15 +104,23 @@ def bench_train(a) -> None:
         loss.backward()
         opt.step()
 
+    c0 = _record.cpu_seconds()
     t_enc = time_steps(enc_step, a.steps, 3, device)
+    c1 = _record.cpu_seconds()
     t_full = time_steps(full_step, a.steps, 3, device)
+    c2 = _record.cpu_seconds()
+    cpu_enc, cpu_full = (c1 - c0) / (a.steps + 3) / B, (c2 - c1) / (a.steps + 3) / B  # CPU-s per image
     ceiling = B / t_enc
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{a.backbone}, batch {B}, {S}², {a.points} points, compile={a.compile}")
     print(f"encoder fwd+bwd (ceiling): {ceiling:8.1f} img/s")
     print(f"X2B step, random tensors:  {B / t_full:8.1f} img/s  = {B / t_full / ceiling:.0%} of the ceiling")
+    cpu_note = (f"CPU-s per image: encoder fwd+bwd {cpu_enc:.3f}, X2B step {cpu_full:.3f} (the X2B step can reach at "
+                f"most {cpu_enc / cpu_full:.0%} of the encoder's rate on CPU; {_record.load_note()})") if device.type == "cpu" else ""
+    if cpu_note:
+        print(cpu_note)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(a.data) if a.data else build_data(Path(tmp) / "data", S)
+        data = Path(a.data) if a.data else build_data(Path(tmp) / "data", S, cases=max(4, B))
         s = TrainSettings(out=str(Path(tmp) / "run"), epochs=10**6, max_steps=a.e2e_steps, batch_size=B, lr=1e-4,
                           workers=a.workers, device=str(device), compile=a.compile, save_every=0, progress=False,
                           val_every=10**6)
@@ -120,7 +133,8 @@ def bench_train(a) -> None:
         _record.figure(what + ", end to end with data loading", e2e, "img/s", device=device, better="higher",
                        peer="encoder alone fwd+bwd (ceiling)", peer_value=ceiling, peak_gib=_record.peak_gib(device),
                        target="≥ 80 % of the encoder ceiling (ratio ≥ 0.8)",
-                       notes=f"X2B step on random tensors {B / t_full:.1f} img/s; compile={a.compile}")])
+                       notes=f"X2B step on random tensors {B / t_full:.1f} img/s; compile={a.compile}"
+                             + (f"; {cpu_note}" if cpu_note else ""))])
 
 
 def decoder_flops_per_point(folded) -> int:
@@ -129,23 +143,49 @@ def decoder_flops_per_point(folded) -> int:
     return sum(2 * w.numel() for w in mats if w is not None)
 
 
-def matmul_rate(rows: int, k: int, n: int, threads: int, windows: int = 8, seconds: float = 0.25) -> float:
-    """GFLOP/s of ``threads`` pool threads each running single-threaded (rows × k) @ (k × n) products —
-    the decoder's shape and threading on CPU: the ceiling its MLP can reach on this machine.  Each
-    thread keeps its best of ``windows`` short windows, so a moment of other load does not lower it."""
+def _product(rows: int, k: int, n: int, precision: str):
+    """A (rows × k) @ (k × n) product as the folded decoder runs it in ``precision`` (fp32 ``mm``, bf16
+    ``linear`` with fp32 in and out, int8 dynamically quantised ``Linear``)."""
+    a = torch.randn(rows, k)
+    if precision == "fp32":
+        b, c = torch.randn(k, n), torch.empty(rows, n)
+        return lambda: torch.mm(a, b, out=c)
+    w = torch.randn(n, k)
+    if precision == "bf16":
+        w16 = w.to(torch.bfloat16)
+        return lambda: torch.nn.functional.linear(a.to(torch.bfloat16), w16).float()
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    lin = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(torch.nn.Sequential(lin).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    return lambda: q(a)
+
+
+def matmul_rate(rows: int, k: int, n: int, threads: int, windows: int = 8, seconds: float = 0.1,
+                precision: str = "fp32") -> float:
+    """GFLOP/s (GOP/s for int8) of ``threads`` pool threads each running single-threaded (rows × k) @ (k × n)
+    products in ``precision`` — the decoder's shape and threading on CPU: the ceiling its MLP can reach on
+    this machine with its cores to itself.  Each thread's rate is per second of CPU time it got
+    (``time.thread_time``), its best of ``windows`` short windows, so other load on a shared machine (which
+    takes CPU time, not this thread's speed while it runs) does not lower it."""
     from concurrent.futures import ThreadPoolExecutor
 
     def work(_):
-        a, b = torch.randn(rows, k), torch.randn(k, n)
-        c = torch.empty(rows, n)
+        step = _product(rows, k, n, precision)
         best = 0.0
         for _ in range(windows):
-            reps, t = 0, time.perf_counter()
-            while time.perf_counter() - t < seconds:
+            reps, t = 0, time.thread_time()
+            while time.thread_time() - t < seconds:
                 for _ in range(10):
-                    torch.mm(a, b, out=c)
+                    step()
                 reps += 10
-            best = max(best, 2.0 * rows * k * n * reps / (time.perf_counter() - t))
+            best = max(best, 2.0 * rows * k * n * reps / (time.thread_time() - t))
         return best
 
     with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -175,47 +215,105 @@ def bench_latency(a) -> None:
             case = r.case_dir
         x = load_view(case, "AP", model.cfg.image_size)
         rc.reconstruct(model, [x], resolution=64, device=device)  # warm-up (allocations, kernels)
-        prob, spent = rc.OccupancyField.prob, [0.0]
+        prob, spent, spent_cpu = rc.OccupancyField.prob, [0.0], [0.0]
 
         def timed_prob(self, pts):  # the time spent in network evaluations (MISE's calls), for the split
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _record.cpu_seconds()
             try:
                 return prob(self, pts)
             finally:
                 spent[0] += time.perf_counter() - t
+                spent_cpu[0] += _record.cpu_seconds() - c
 
         rc.OccupancyField.prob = timed_prob
-        times, cpus, evals = [], [], []
+        times, cpus, evals, evals_cpu = [], [], [], []
         for _ in range(a.repeats):
             _sync(device)
-            spent[0], c0 = 0.0, _record.cpu_seconds()
-            rec = rc.reconstruct(model, [x], resolution=a.resolution, device=device)
+            spent[0], spent_cpu[0], c0 = 0.0, 0.0, _record.cpu_seconds()
+            rec = rc.reconstruct(model, [x], resolution=a.resolution, device=device, precision=a.precision)
             _sync(device)
             times.append(rec.seconds)
             cpus.append(_record.cpu_seconds() - c0)
             evals.append(spent[0])
+            evals_cpu.append(spent_cpu[0])
         rc.OccupancyField.prob = prob
-        folded = rc.OccupancyField(model, [x], device).folded
+        field = rc.OccupancyField(model, [x], device)
+        folded = field.folded
     med = sorted(range(a.repeats), key=lambda i: times[i])[a.repeats // 2]
     flops = decoder_flops_per_point(folded) * rec.evaluations
-    bound = ""
+    bound, extra = "", []
     if device.type == "cpu":
         hidden = folded.blocks[0][2].shape[0] if folded.blocks else 128
-        peak = matmul_rate(rc.CPU_CHUNK, hidden, hidden, torch.get_num_threads())
-        bound = (f"; decoder {flops / 1e12:.3f} TFLOP, network evaluations {evals[med]:.2f} s = "
-                 f"{flops / evals[med] / 1e9:.0f} GFLOP/s incl. local-feature sampling vs matmul {peak:.0f} GFLOP/s "
-                 f"({rc.CPU_CHUNK}×{hidden}×{hidden}, {torch.get_num_threads()} threads) → the MLP alone needs ≥ "
-                 f"{flops / peak / 1e9:.2f} s here")
+        threads = torch.get_num_threads()
+        rates = {prec: matmul_rate(rc.CPU_CHUNK, hidden, hidden, threads, precision=prec)
+                 for prec in ("fp32", "bf16", "int8") if prec != "int8" or int8_available()}
+        peak = rates[rec.precision]
+        decoder = decoder_precisions(model, field, rc.CPU_CHUNK)
+        shape = f"{rc.CPU_CHUNK}×{hidden}×{hidden}, {threads} threads"
+        bound = (f"; {rec.precision} decoder (auto: {cpu_precision()}; CPU flags: {flag_note()}), "
+                 f"{flops / 1e12:.3f} TFLOP, network evaluations {evals[med]:.2f} s wall, {evals_cpu[med]:.2f} CPU-s = "
+                 f"{flops / evals_cpu[med] / 1e9:.0f} GFLOP per CPU-s incl. local-feature sampling vs {rec.precision} "
+                 f"matmul {peak:.0f} GFLOP/s ({shape}, per CPU-s of each thread) → the MLP alone needs ≥ "
+                 f"{flops / peak / 1e9:.2f} s with {threads} cores to itself; matmul "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s; whole decoder per point, one thread: "
+                 + ", ".join(f"{k} {v[0]:.1f} µs CPU (max |Δlogit| vs fp32 {v[1]:.3f})" for k, v in decoder.items()))
+        for prec in rates:
+            if prec != "fp32":
+                extra.append(_record.figure(
+                    f"X2B decoder products in {prec} vs fp32 ({shape})", rates[prec], "GFLOP/s", device=device,
+                    better="higher", peer="fp32 products, same run", peer_value=rates["fp32"],
+                    notes=f"rates per CPU-s of each thread; whole folded decoder per point: {prec} "
+                          f"{decoder[prec][0]:.1f} µs vs fp32 {decoder['fp32'][0]:.1f} µs CPU, max |Δlogit| "
+                          f"{decoder[prec][1]:.3f}; CPU flags: {flag_note()}; "
+                          f"{_record.load_note()}"))
     print(f"device {device}, model {cfg['model']['backbone']} hidden {cfg['model']['hidden']}, {a.resolution}³, "
           f"{_record.load_note()}")
     print(f"X-ray → mesh: best {min(times):.2f} s, median {times[med]:.2f} s wall ({cpus[med]:.1f} CPU-s) over "
           f"{a.repeats}; {rec.evaluations:,} evaluations vs dense {rec.dense_evaluations:,} "
           f"({rec.dense_evaluations / rec.evaluations:.1f}× fewer), {len(rec.mesh.faces):,} triangles{bound}")
     _record.write(a.json, [_record.figure(
-        f"X-ray → mesh, {a.resolution}³ MISE, {cfg['model']['backbone']}", times[med], "s",
+        f"X-ray → mesh, {a.resolution}³ MISE, {cfg['model']['backbone']}, {rec.precision} decoder", times[med], "s",
         device=device, peak_gib=_record.peak_gib(device), target="≤ 0.3 s H100; ≤ 5 s on 2 CPU cores (issue 15)",
         notes=f"{cpus[med]:.1f} CPU-s, {_record.load_note()}; {rec.evaluations:,} network evaluations "
-              f"(dense {rec.dense_evaluations:,}), {evals[med]:.2f} s in them{bound}")])
+              f"(dense {rec.dense_evaluations:,}), {evals[med]:.2f} s in them{bound}")] + extra)
+
+
+def flag_note() -> str:
+    """The CPU's reduced-precision matrix instructions by name ("none: AVX2 only" when it has none)."""
+    from x2recon.x2b.decoder import cpu_flags
+
+    have = sorted(cpu_flags() & {"avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "avx512f"})
+    return ", ".join(have) if have else "no AVX-512/VNNI/AMX (" + ("AVX2" if "avx2" in cpu_flags() else "?") + ")"
+
+
+def decoder_precisions(model, field, chunk: int, seconds: float = 1.0) -> dict[str, tuple[float, float]]:
+    """Per precision: (µs of CPU time per point of the whole folded decoder on one thread, max |Δlogit| vs fp32)
+    on ``chunk`` points spread over the box, with this X-ray's latent and local features."""
+    from x2recon.x2b.decoder import FoldedDecoder
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(1, chunk, 3, generator=g) - 0.5
+    out = {}
+    with torch.no_grad():
+        local = model.sample_local(p, field.code)
+        local = None if local is None else local[0]
+        ref = field.folded(p[0], local)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for prec in ("fp32", "bf16", "int8"):
+                if prec == "int8" and not int8_available():
+                    continue
+                f = FoldedDecoder(model.decoder, field.code.latent, prec)
+                d = float((f(p[0], local) - ref).abs().max())
+                n, t = 0, time.thread_time()
+                while time.thread_time() - t < seconds:
+                    f(p[0], local)
+                    n += 1
+                out[prec] = ((time.thread_time() - t) / n / chunk * 1e6, d)
+        finally:
+            torch.set_num_threads(previous)
+    return out
 
 
 def main() -> None:
@@ -232,6 +330,8 @@ def main() -> None:
     t.add_argument("--workers", type=int, default=8)
     t.add_argument("--local-features", action="store_true")
     t.add_argument("--fourier", type=int, default=0)
+    t.add_argument("--hidden", type=int, default=256, help="decoder width (the CPU recipe: 128)")
+    t.add_argument("--local-stages", default="1,2", help="encoder stages of the local features (the CPU recipe: 0,1)")
     t.add_argument("--compile", action="store_true")
     t.add_argument("--data", help="dataset folder (default: built from the sample CT)")
     t.add_argument("--split", default="all")
@@ -243,6 +343,8 @@ def main() -> None:
     lat.add_argument("--data", help="dataset folder to take the X-ray from (default: a demo-like case)")
     lat.add_argument("--resolution", type=int, default=256)
     lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                     help="the decoder's products during MISE (reconstruct --precision)")
     _record.add_json_arg(lat)
     lat.set_defaults(func=bench_latency)
     a = p.parse_args()

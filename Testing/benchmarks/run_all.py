@@ -49,8 +49,10 @@ def profiles(device: str, quick: bool) -> dict[str, list[str]]:
             "spider": ["bench_spider.py", *dev, "--resolution", "64", "--steps", "3", "--repeats", "1", "--batch", "2",
                        "--points", "4096"],
             "x2b_latency": ["bench_x2b.py", "latency", *dev, "--resolution", "256", "--repeats", "1"],
+            # the CPU recipe (training/recipes.py, profile cpu): 14 end-to-end steps, the last 4 past the warm-up
             "x2b_train": ["bench_x2b.py", "train", *dev, "--backbone", "convnext_atto", "--image-size", "128",
-                          "--batch", "4", "--steps", "3", "--e2e-steps", "6", "--workers", "1"],
+                          "--batch", "8", "--hidden", "128", "--local-features", "--local-stages", "0,1", "--fourier",
+                          "6", "--steps", "3", "--e2e-steps", "14", "--workers", "1"],
             "registration": ["bench_registration.py", *dev, "--points", "5000", "--downsample", "0,2000"],
             "pipeline": ["bench_pipeline.py", *dev],
             "mise": ["bench_mise.py"],

@@ -232,7 +232,7 @@ def test_config_round_trips_through_the_command_line():
         structures=["rib_left_3", "vertebrae_T7"], label_convention="verse", segmentation="threshold",
         threshold_hu=-120.5, views=["LAT"], angles=[-20.0, 12.5], drr_size=256, x2b_size=128, sdd=1500.25,
         sod=1400.0, detector_mm=400.0, box_size=320.0, beam="parallel", isocenter="ct", clahe=False,
-        clahe_clip=0.02, device="cpu", smoothing_iterations=5, n_points=5000, near_surface_fraction=0.25,
+        clahe_clip=0.02, device="cpu", mesh_smoothing=0.5, n_points=5000, near_surface_fraction=0.25,
         spider_grid=64, variants=3, seed=7, preset="paper", xray_realism=True,
     )
     d0, d1 = BuildConfig().to_dict(), changed.to_dict()

@@ -108,6 +108,38 @@ def test_median_rule_and_structure_selection(ribs_dataset, tmp_path):
         assert lib.info(n)["candidates"] == 3
 
 
+def test_ground_truth_and_templates_drop_specks_alike(ribs_dataset, tmp_path):
+    """meta.json's meshes section counts the specks each structure lost (a deformed variant's labels can make some);
+    no case mesh keeps a piece under MIN_COMPONENT_MM3; a template built from a mesh that still has one (a
+    dataset built before the rule) drops it the same way and records it."""
+    import trimesh
+
+    from x2recon.io.mesh import read_mesh, write_mesh
+    from x2recon.mesh.extract import MIN_COMPONENT_MM3, SURFACE_METHOD
+    from x2recon.x2br.template import build_library
+
+    for cid in ("chest", "chest_v01"):
+        folder = ribs_dataset / "cases" / cid
+        meshes = json.loads((folder / "meta.json").read_text())["meshes"]
+        assert meshes["surface"] == SURFACE_METHOD and meshes["smoothing"] == 0.25
+        assert set(meshes["dropped_pieces"]) == set(meshes["structures"]) == set(meshes["dropped_mm3"])
+        for name, n in meshes["dropped_pieces"].items():
+            assert 0 <= meshes["dropped_mm3"][name] <= n * MIN_COMPONENT_MM3
+        pieces = read_mesh(folder / "meshes" / "bones.ply").split(only_watertight=False)
+        assert min(abs(p.volume) for p in pieces) >= MIN_COMPONENT_MM3
+    ds = tmp_path / "ds"
+    shutil.copytree(ribs_dataset / "cases" / "chest", ds / "cases" / "chest", ignore=shutil.ignore_patterns("spider", "images"))
+    path = ds / "cases" / "chest" / "meshes" / "rib_left_3.ply"
+    rib = read_mesh(path)
+    speck = trimesh.creation.icosphere(1, radius=1.5)  # 14 mm³
+    speck.apply_translation(rib.bounds[1] + 5.0)
+    write_mesh(trimesh.util.concatenate([rib, speck]), path)
+    lib = build_library(ds, tmp_path / "lib", structures="rib_left_3,rib_left_4")
+    assert lib.info("rib_left_3")["dropped_pieces"] == 1 and lib.info("rib_left_4")["dropped_pieces"] == 0
+    assert len(lib.mesh("rib_left_3").faces) == len(rib.faces)
+    assert lib.mesh("rib_left_3").volume == pytest.approx(rib.volume, rel=1e-6)
+
+
 def test_bad_datasets_fail_clearly(ribs_dataset, tmp_path):
     from x2recon.errors import X2ReconInputError
     from x2recon.x2br.template import build_library, load_library

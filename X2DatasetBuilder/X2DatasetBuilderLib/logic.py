@@ -46,7 +46,7 @@ _CLI_OPTIONS = {
     "clahe": "--no-clahe",
     "clahe_clip": "--clahe-clip",
     "device": "--device",
-    "smoothing_iterations": "--smoothing",
+    "mesh_smoothing": "--smoothing",
     "n_points": "--points",
     "near_surface_fraction": "--near-surface",
     "spider_grid": "--spider-grid",

@@ -436,7 +436,7 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
 def _stage_meshes(c: _Case, *_) -> None:
     """2. one watertight mesh per structure, the merged bones (LPS mm and normalised box)."""
     from ..io.mesh import write_mesh
-    from ..mesh.extract import labelmap_to_meshes, merge_meshes, signed_volume, to_box_coords
+    from ..mesh.extract import SURFACE_METHOD, labelmap_to_meshes, merge_meshes, signed_volume, to_box_coords
     from .box_coverage import outside_box_fractions
 
     if c.stages.finished("meshes"):
@@ -444,7 +444,7 @@ def _stage_meshes(c: _Case, *_) -> None:
     c.check_cancel()
     c.report(0.1, "extracting meshes")
     mesh_dir = c.work / "meshes"
-    meshes, skipped = labelmap_to_meshes(c.seg, c.names, smoothing_iterations=c.cfg.smoothing_iterations)
+    meshes, skipped = labelmap_to_meshes(c.seg, c.names, smoothing=c.cfg.mesh_smoothing)
     if not meshes:
         raise X2ReconInputError(c.inp.ct, "no structure is large enough for a mesh")
     files = []
@@ -456,7 +456,10 @@ def _stage_meshes(c: _Case, *_) -> None:
     write_mesh(to_box_coords(merged, c.geometry("AP")), mesh_dir / "bones_box.ply")
     files += [mesh_dir / "bones.ply", mesh_dir / "bones_box.ply"]
     c.stages.mark("meshes", files, {"structures": sorted(meshes), "skipped": skipped, "volume_mm3": signed_volume(merged),
-                                    "outside_box_fraction": outside_box_fractions(meshes, c.geometry("AP"), c.inp.case_id)})
+                                    "outside_box_fraction": outside_box_fractions(meshes, c.geometry("AP"), c.inp.case_id),
+                                    "surface": SURFACE_METHOD, "smoothing": c.cfg.mesh_smoothing,
+                                    "dropped_pieces": {k: m.metadata["dropped_pieces"] for k, m in sorted(meshes.items())},
+                                    "dropped_mm3": {k: round(m.metadata["dropped_volume"], 3) for k, m in sorted(meshes.items())}})
 
 
 def _stage_occupancy(c: _Case, *_) -> None:

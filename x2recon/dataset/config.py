@@ -46,7 +46,9 @@ class BuildConfig:
     xray_realism: bool = False  # radiograph-like variation per DRR (drr/realism.py); off: clean DRRs (paper)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     # meshes and occupancy
-    smoothing_iterations: int = 0
+    # Slicer's closed-surface smoothing factor, 0–1 (mesh/extract.py: windowed sinc after the slice-interpolated
+    # surface; 0 = off)
+    mesh_smoothing: float = 0.25
     n_points: int = 100_000
     near_surface_fraction: float = 0.5
     near_surface_sigma: float = 0.01  # in box units (× box_size mm)
@@ -72,6 +74,8 @@ class BuildConfig:
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.variants < 0:
             raise ValueError("variants must be >= 0")
+        if not (math.isfinite(float(self.mesh_smoothing)) and 0.0 <= float(self.mesh_smoothing) <= 1.0):
+            raise ValueError(f"mesh_smoothing (--smoothing) must be a smoothing factor in 0…1, got {self.mesh_smoothing}")
         lo, hi = THRESHOLD_HU_RANGE
         if not (math.isfinite(float(self.threshold_hu)) and lo <= float(self.threshold_hu) <= hi):
             raise ValueError(f"threshold_hu (--threshold-hu) must be a finite threshold of {lo:g}–{hi:g} HU, "
@@ -114,6 +118,11 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BuildConfig":
+        """Settings from a record (meta.json, a checkpoint's dataset).  ``smoothing_iterations``, which records
+        written before the slice-interpolated surfaces carry, is read and left out: the extraction it tuned no
+        longer exists, so such a record's cases are built with today's meshes at the default ``mesh_smoothing``
+        (and, the digest being new, an older dataset's cases are rebuilt by the next build)."""
+        d = {k: v for k, v in d.items() if k != "smoothing_iterations"}
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

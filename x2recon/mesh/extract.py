@@ -3,13 +3,34 @@
 Why not plain marching cubes at 0.5 on the mask: its surface passes half-way between inside and
 outside voxel centres, which is the voxel face on flat parts but cuts every convex voxel edge
 (1/8 voxel per unit length) and corner.  On chest_lidc0001_half (1.4×1.4×2.5 mm) that loses
-1–3 % of a vertebra's voxel volume, 3–6 % of a rib's and 10–11 % of the small 12th ribs.
-We therefore extract from the mask lightly smoothed (Gaussian, σ = ½ voxel, which also removes the
-staircase) at the iso-level, found per structure by secant steps, at which the enclosed volume
-equals the labelmap's voxel volume (count × voxel volume, to 0.3 %; levels 0.39–0.47 there).
-The level is the only fitted number; the tests check what it does not force: the analytic
-sphere's volume, area and radius, a box's face positions, and that the mesh classifies the
-labelled voxel centres (and the background around them) exactly as the labelmap does.
+1–3 % of a vertebra's voxel volume, 3–6 % of a rib's and 10–11 % of the small 12th ribs.  And a
+binary mask, however it is blurred, puts every surface that climbs slowly through the slices on
+terraces one slice high: 2.5–5 mm stairs on every rib of a thick-slice CT.
+
+So the surface is extracted from a field that knows where the boundary lies *between* slices
+(shape-based interpolation, Raya & Udupa 1990): in each slice (the grid's thickest axis) the in-plane
+signed distance to the mask's boundary in mm, clipped to ±``CLIP_SLICES`` slice thicknesses.  Marching
+cubes interpolates it linearly from slice to slice, so a contour that moves by 10 mm between two slices
+becomes a slope instead of a step; where a piece ends (the next slice holds nothing near it) the clip
+closes it within the next half slice, earlier for thin parts.  In the slices themselves the field is the
+mask's own boundary (lightly smoothed in-plane: Gaussian, σ = ½ pixel), so the mesh still classifies the
+labelled voxel centres as the labelmap does.  The iso-level, found per structure by secant steps, makes
+the enclosed volume equal the labelmap's voxel volume (count × voxel volume, to 0.3 %).  With 5 mm
+slices and 0.8 mm pixels the stairs' amplitude (SD of the distance to the analytic surface) falls from
+1.05 to 0.12 mm on a plane 30° off the slices and from 0.61 to 0.15 mm on a rib-sized rod
+(Testing/test_mesh_extract.py).
+
+Then, as 3D Slicer's closed-surface representation does, windowed-sinc smoothing (``smoothing`` is
+Slicer's smoothing factor: 20 iterations, pass band 10^(−4·factor)) removes the remaining pixel ripple,
+and a uniform offset along the normals restores the volume smoothing took.  The default factor is 0.25,
+not Slicer's 0.5: the filter's reach is counted in mesh edges, not millimetres, so 0.5 rounds and thins
+ribs only a few voxels across (the offset then fattens the thick bones).  On chest_lidc0001_half
+(1.4×1.4×2.5 mm) 0.5 moved the surface across 5–24 % of a rib's or vertebra's labelled voxel centres
+(0.25: 1–12 %, 0: none but specks), and put the ribs further from those of the full-resolution labels
+(0.7 mm pixels; symmetric mean distance 0.36 mm vs 0.33 at 0.25 and 0.30 unsmoothed; against that
+reference smoothed at 0.5 itself: 0.33 vs 0.31 and 0.31).
+Pieces enclosing less than ``MIN_COMPONENT_MM3`` are dropped (:func:`drop_small_components`, the one
+rule for ground truth, templates and reconstructions) and counted in the mesh's metadata.
 
 Marching cubes is VTK's flying edges: about twice as fast as scikit-image's Lewiner here, and its
 case table gives closed, manifold surfaces even on voxel noise, where scikit-image's output on
@@ -31,14 +52,30 @@ from ..errors import X2ReconInputError
 
 #: Structures smaller than this many voxels give no mesh (recorded as skipped, not failed).
 MIN_VOXELS = 10
-#: Gaussian σ (voxels) applied to the mask before extraction.
+#: Gaussian σ (voxels) applied to the field before extraction (in-plane only when slices are interpolated).
 SIGMA = 0.5
+#: Slice-interpolating field: the in-plane signed distance is clipped to this many slice thicknesses.  It
+#: sets how far a contour may move between slices and still be joined by a slope (2 slices: slopes down
+#: to ~15° above the slice plane on the ramp phantom), and how a piece ends past its last slice (a part
+#: deeper than the clip stops half a slice on, like its voxels; thinner parts earlier).
+CLIP_SLICES = 2.0
+#: Smoothing factor (0–1) of Slicer's closed surfaces: windowed sinc, 20 iterations, pass band 10^(−4·factor);
+#: 0.25, not Slicer's 0.5 (see the module doc).
+SMOOTHING = 0.25
+#: Windowed-sinc iterations (Slicer's, after VTK's documentation: "ten or twenty iterations").
+SINC_ITERATIONS = 20
 #: Boundary loops up to this many edges are closed by :func:`ensure_watertight`.
 MAX_HOLE_EDGES = 32
-#: Reconstructions (``x2b.reconstruct``, watertight): connected pieces enclosing less than this many mm³
-#: are dropped — specks of the occupancy field, a few cells at 256³ (1.5 mm cells: 3.4 mm³ each), far
-#: below the smallest whole bone of the chest (a 12th rib: 1 500 mm³ in the sample CT).
+#: Connected pieces enclosing less than this many mm³ are dropped, from ground-truth and template meshes
+#: (:func:`mask_to_mesh`, the template library) and reconstructions (``x2b.reconstruct``, watertight)
+#: alike — specks of a deformed labelmap or of the occupancy field (a few cells at 256³: 1.5 mm cells,
+#: 3.4 mm³ each), far below the smallest whole bone of the chest (a 12th rib: 1 500 mm³ in the sample CT).
 MIN_COMPONENT_MM3 = 50.0
+#: How :func:`mask_to_mesh` makes a surface, as a dataset's ``meta.json`` records it.
+SURFACE_METHOD = (f"flying edges on the slice-interpolated signed distance (clip {CLIP_SLICES:g} slices, in-plane "
+                  f"Gaussian sigma {SIGMA:g} voxel) at the level enclosing the voxel volume; windowed sinc "
+                  f"({SINC_ITERATIONS} iterations, Slicer's smoothing factor) with the volume restored; pieces under "
+                  f"{MIN_COMPONENT_MM3:g} mm3 dropped")
 #: :func:`closed_iso_surface`: grid values this close to the iso-level are moved this far off it
 #: (probability units; keeps every vertex ≥ 1e-4 of a cell from the grid points, beyond float32 rounding).
 LEVEL_GAP = 1e-4
@@ -46,6 +83,10 @@ LEVEL_GAP = 1e-4
 
 class MeshError(X2ReconInputError):
     """A structure's surface could not be extracted or made watertight."""
+
+
+class TooSmallError(MeshError):
+    """A structure too small for a mesh: under ``MIN_VOXELS`` voxels, or no piece of ``MIN_COMPONENT_MM3``."""
 
 
 # ----------------------------------------------------------------------------- marching cubes
@@ -103,18 +144,25 @@ def closed_iso_surface(values: np.ndarray, level: float, *, lo: float = -0.5, hi
 
 def drop_small_components(mesh: trimesh.Trimesh, min_volume: float) -> trimesh.Trimesh:
     """``mesh`` without its connected pieces that enclose less than ``min_volume`` (in the mesh's
-    units³; stray specks of an occupancy field).  Pieces are the face-connected components."""
-    if len(mesh.faces) == 0:
+    units³): specks of a labelmap or an occupancy field.  Pieces are the face-connected components (a
+    cavity's shell is a piece of its own).  The result's ``metadata`` adds ``dropped_pieces`` (how many)
+    and ``dropped_volume`` (what they enclosed, in the mesh's units³) to any counts already there."""
+    meta = dict(mesh.metadata)
+    n_drop, v_drop = 0, 0.0
+    if len(mesh.faces):
+        labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+        tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]
+        signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
+        volume = np.abs(np.bincount(labels, weights=signed))
+        small = volume < min_volume
+        n_drop, v_drop = int(small.sum()), float(volume[small].sum())
+    meta.update(dropped_pieces=int(meta.get("dropped_pieces", 0)) + n_drop,
+                dropped_volume=float(meta.get("dropped_volume", 0.0)) + v_drop)
+    if n_drop == 0:
+        mesh.metadata.update(meta)
         return mesh
-    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
-    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]
-    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
-    volume = np.abs(np.bincount(labels, weights=signed))
-    keep = volume[labels] >= min_volume
-    if keep.all():
-        return mesh
-    out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces)[keep], process=False,
-                          metadata=dict(mesh.metadata))
+    out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces)[~small[labels]], process=False,
+                          metadata=meta)
     out.remove_unreferenced_vertices()
     return out
 
@@ -169,16 +217,49 @@ def _match_level(extract, target: float, rtol: float = 0.003, max_iter: int = 25
     return level, verts, faces, vol
 
 
-def mask_to_mesh(mask: np.ndarray, affine: np.ndarray, *, smoothing_iterations: int = 0, name: str = "",
-                 match_volume: bool = True, sigma: float = SIGMA, simplify: bool = True) -> trimesh.Trimesh:
-    """Closed, outward-wound surface of a boolean mask ``[k, j, i]`` in world mm.
+def slice_distance_field(crop: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, int]:
+    """(field, slice axis) of a padded boolean mask ``crop [k, j, i]`` with voxel ``spacing`` (mm, same order).
+
+    The slice axis is the one with the largest spacing (axis 0 on a tie).  In each slice the field is
+    ½ − d / (2 c): ``d`` the in-plane signed distance (mm, < 0 inside) from a pixel centre to the nearest
+    centre of the other side, clipped to ±c = ``CLIP_SLICES`` slice thicknesses.  So the field is 0.5
+    half-way between inside and outside pixel centres, above 0.5 inside, 0 in an empty slice, and linear
+    interpolation between slices moves a contour smoothly from one slice's place to the next's.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    axis = int(np.argmax(spacing))
+    clip = CLIP_SLICES * float(spacing[axis])
+    in_plane = [float(s) for a, s in enumerate(spacing) if a != axis]
+    m = np.moveaxis(crop, axis, 0)
+    out = np.zeros(m.shape, np.float32)
+    for k in range(m.shape[0]):
+        sl = m[k]
+        if not sl.any():
+            continue
+        if sl.all():
+            out[k] = 1.0
+            continue
+        d = np.where(sl, -distance_transform_edt(sl, sampling=in_plane), distance_transform_edt(~sl, sampling=in_plane))
+        out[k] = 0.5 - np.clip(d, -clip, clip) / (2.0 * clip)
+    return np.moveaxis(out, 0, axis), axis
+
+
+def mask_to_mesh(mask: np.ndarray, affine: np.ndarray, *, smoothing: float = SMOOTHING, name: str = "",
+                 match_volume: bool = True, sigma: float = SIGMA, interpolate_slices: bool = True,
+                 simplify: bool = True, min_component_mm3: float = MIN_COMPONENT_MM3) -> trimesh.Trimesh:
+    """Closed, outward-wound surface of a boolean mask ``[k, j, i]`` in world mm (see the module doc).
 
     ``affine`` maps continuous voxel index ``(i, j, k, 1)`` to LPS mm (``Volume.affine``).
-    ``match_volume`` picks the iso-level of the σ-smoothed mask so that the enclosed volume equals
-    the voxel volume; with ``match_volume=False, sigma=0`` this is plain marching cubes at 0.5.
-    ``smoothing_iterations`` > 0 adds windowed-sinc smoothing (low-pass); with ``match_volume``
-    the volume it loses (~1 % on ribs) is restored by a uniform offset along the normals.
-    ``simplify`` drops vertices that change the surface by < 1e-3 (pyfqmr lossless mode).
+    ``interpolate_slices``: extract from :func:`slice_distance_field` smoothed in-plane by ``sigma``
+    (voxels); else from the mask smoothed by ``sigma`` in every direction.  ``match_volume`` picks the
+    iso-level at which the enclosed volume equals the voxel volume; with ``interpolate_slices=False,
+    match_volume=False, sigma=0, smoothing=0`` this is plain marching cubes at 0.5.  Pieces enclosing less
+    than ``min_component_mm3`` are dropped (counted in ``metadata["dropped_pieces"]``, their volume in
+    ``dropped_volume`` mm³); :class:`TooSmallError` when none is left.  ``smoothing`` > 0: Slicer's
+    windowed-sinc smoothing with that factor; with ``match_volume`` the volume it takes (~1 %) is
+    restored by a uniform offset along the normals.  ``simplify`` drops vertices that change the surface
+    by < 1e-3 (pyfqmr lossless mode).
     """
     from scipy.ndimage import gaussian_filter
 
@@ -191,21 +272,28 @@ def mask_to_mesh(mask: np.ndarray, affine: np.ndarray, *, smoothing_iterations: 
         raise MeshError(None, f"structure {name!r}: voxel affine is singular")
     n = int(mask.sum())
     if n < MIN_VOXELS:
-        raise MeshError(None, f"structure {name!r} has only {n} voxels (< {MIN_VOXELS})")
+        raise TooSmallError(None, f"structure {name!r} has only {n} voxels (< {MIN_VOXELS})")
 
     # crop to the bounding box, pad with background (1 voxel + the Gaussian's reach)
     pad = 1 + (int(math.ceil(4 * sigma)) if sigma > 0 else 0)
     idx = np.argwhere(mask)
     lo, hi = idx.min(0), idx.max(0) + 1
-    crop = np.zeros(tuple(hi - lo + 2 * pad), np.float32)
+    crop = np.zeros(tuple(hi - lo + 2 * pad), bool)
     crop[tuple(slice(pad, pad + h - l) for l, h in zip(lo, hi))] = mask[tuple(slice(l, h) for l, h in zip(lo, hi))]
-    field = gaussian_filter(crop, sigma, mode="constant") if sigma > 0 else crop
+    if interpolate_slices:
+        spacing = np.linalg.norm(A[:3, :3], axis=0)[::-1]  # mm per index step, in (k, j, i) order
+        field, axis = slice_distance_field(crop, spacing)
+        sig = [0.0 if a == axis else sigma for a in range(3)]
+    else:
+        field, sig = crop.astype(np.float32), [sigma] * 3
+    if max(sig) > 0:
+        field = gaussian_filter(field, sig, mode="constant")
 
     def extract(level):
         v, f = flying_edges(field, level)
         return v, f, abs(_signed_volume(v, f)) if len(f) else 0.0
 
-    if match_volume and sigma > 0:
+    if match_volume:
         level, verts, faces, _ = _match_level(extract, float(n))
     else:
         level = 0.5
@@ -217,15 +305,21 @@ def mask_to_mesh(mask: np.ndarray, affine: np.ndarray, *, smoothing_iterations: 
         faces = faces[:, ::-1]
     ijk = verts + (lo[::-1] - pad)
     world = ijk @ A[:3, :3].T + A[:3, 3]
-    mesh = trimesh.Trimesh(world, faces, process=False)
-    if smoothing_iterations > 0:
-        mesh = smooth_windowed_sinc(mesh, smoothing_iterations)
+    voxel_mm3 = float(n * abs(det))
+    mesh = drop_small_components(trimesh.Trimesh(world, faces, process=False), min_component_mm3)
+    if len(mesh.faces) == 0:
+        raise TooSmallError(None, f"structure {name!r}: no piece of its surface encloses {min_component_mm3:g} mm³ "
+                                  f"({mesh.metadata['dropped_pieces']} smaller pieces, {voxel_mm3:.0f} mm³ of voxels)")
+    dropped = {k: mesh.metadata[k] for k in ("dropped_pieces", "dropped_volume")}
+    if smoothing > 0:
+        mesh = smooth_windowed_sinc(mesh, SINC_ITERATIONS, sinc_pass_band(smoothing))
         if match_volume:
-            mesh = restore_volume(mesh, float(n * abs(det)))
+            mesh = restore_volume(mesh, voxel_mm3 - dropped["dropped_volume"])
     if simplify:
         mesh = simplify_lossless(mesh)
     mesh = ensure_watertight(mesh, name)
-    mesh.metadata.update(name=name, iso_level=float(level), voxel_volume_mm3=float(n * abs(det)))
+    mesh.metadata.update(name=name, iso_level=float(level), voxel_volume_mm3=voxel_mm3, smoothing=float(smoothing),
+                         **dropped)
     return mesh
 
 
@@ -279,8 +373,12 @@ def sinc_pass_band(factor: float) -> float:
     return 10.0 ** (-4.0 * float(factor))
 
 
-def smooth_windowed_sinc(mesh: trimesh.Trimesh, iterations: int = 20, pass_band: float = 0.1) -> trimesh.Trimesh:
-    """VTK windowed-sinc smoothing: removes the voxel staircase without the shrinkage of Laplacian."""
+def smooth_windowed_sinc(mesh: trimesh.Trimesh, iterations: int = SINC_ITERATIONS,
+                         pass_band: float = 0.1) -> trimesh.Trimesh:
+    """VTK windowed-sinc smoothing (a low-pass filter, as Slicer's closed surfaces): removes the pixel
+    ripple without the shrinkage of Laplacian smoothing.  Moves vertices only: a closed, manifold mesh
+    stays so.  The filter is linear in the coordinates, so smoothing in world mm equals smoothing in the
+    voxel index space where Slicer runs it."""
     from vtkmodules.util import numpy_support as ns
     from vtkmodules.vtkFiltersCore import vtkWindowedSincPolyDataFilter
 
@@ -304,17 +402,22 @@ def restore_volume(mesh: trimesh.Trimesh, target: float, iterations: int = 3) ->
     """Move the surface along its vertex normals by the uniform offset that restores ``target`` volume.
 
     To first order ΔV = offset × area; smoothing changes volume by ~1 % (offsets ≪ 0.1 voxel),
-    so a few steps converge without folding the surface.
+    so a few steps converge without folding the surface.  ``mesh`` is wound outward; the vertex normals
+    are area-weighted (a 500 k-face skeleton in a second, where trimesh's volume and angle-weighted
+    normals took eight).
     """
-    mesh = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False, metadata=mesh.metadata)
+    v, f = np.array(mesh.vertices, np.float64), np.asarray(mesh.faces)
     for _ in range(iterations):
-        vol = mesh.volume
+        vol = _signed_volume(v, f)
         if abs(vol - target) <= 1e-4 * target:
             break
-        offset = (target - vol) / mesh.area
-        mesh = trimesh.Trimesh(mesh.vertices + offset * mesh.vertex_normals, mesh.faces, process=False,
-                               metadata=mesh.metadata)
-    return mesh
+        tri = v[f]
+        fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # 2 × area × unit normal
+        area = 0.5 * float(np.linalg.norm(fn, axis=1).sum())
+        vn = np.stack([np.bincount(f.ravel(), np.repeat(fn[:, c], 3), minlength=len(v)) for c in range(3)], 1)
+        vn /= np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-300)
+        v = v + (target - vol) / area * vn
+    return trimesh.Trimesh(v, f, process=False, metadata=dict(mesh.metadata))
 
 
 def _edge_use_counts(mesh: trimesh.Trimesh) -> tuple[np.ndarray, np.ndarray]:
@@ -395,13 +498,16 @@ def ensure_watertight(mesh: trimesh.Trimesh, name: str = "") -> trimesh.Trimesh:
 
 
 # ----------------------------------------------------------------------------- labelmaps
-def labelmap_to_meshes(seg, names: dict[int, str], *, smoothing_iterations: int = 0,
+def labelmap_to_meshes(seg, names: dict[int, str], *, smoothing: float = SMOOTHING,
                        progress: Callable[[float, str], None] | None = None):
-    """One watertight mesh (LPS mm) per structure of ``seg`` (a Volume holding labels 1..K).
+    """One watertight mesh (LPS mm) per structure of ``seg`` (a Volume holding labels 1..K), made by
+    :func:`mask_to_mesh` (``smoothing``: Slicer's factor; each mesh's ``metadata["dropped_pieces"]``
+    counts the specks under ``MIN_COMPONENT_MM3`` it lost).
 
     Returns ``(meshes: {name: Trimesh}, skipped: {name: reason})``: a structure absent from the
-    labelmap or with fewer than ``MIN_VOXELS`` voxels is skipped with its reason; a surface that
-    cannot be closed raises :class:`MeshError` naming the labelmap and the structure.
+    labelmap, with fewer than ``MIN_VOXELS`` voxels or with no piece of ``MIN_COMPONENT_MM3`` is skipped
+    with its reason; a surface that cannot be closed raises :class:`MeshError` naming the labelmap and
+    the structure.
     """
     from scipy import ndimage
 
@@ -424,7 +530,9 @@ def labelmap_to_meshes(seg, names: dict[int, str], *, smoothing_iterations: int 
         A = seg.affine.copy()
         A[:3, 3] += A[:3, :3] @ np.array([s.start for s in sl][::-1], float)  # (i, j, k) offset of the crop
         try:
-            meshes[name] = mask_to_mesh(sub, A, smoothing_iterations=smoothing_iterations, name=name)
+            meshes[name] = mask_to_mesh(sub, A, smoothing=smoothing, name=name)
+        except TooSmallError as e:
+            skipped[name] = e.problem.split(": ", 1)[-1]
         except MeshError as e:
             raise MeshError(seg.path, e.problem) from None
     if progress:

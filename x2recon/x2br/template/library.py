@@ -183,11 +183,17 @@ def _wanted_structures(root: Path, structures, available: dict) -> tuple[list[st
 def _choose_template(root: Path, name: str, cands: list[str], reference: str):
     """(case, watertight mesh, rule, median volume) of the structure's template: the reference case, else
     the case whose mesh volume is closest to the median, else the next that can be made watertight;
-    None when none can."""
+    None when none can.  Pieces enclosing less than ``MIN_COMPONENT_MM3`` are dropped first (the rule of
+    ground-truth meshes, which datasets built before it lack; counted in ``metadata["dropped_pieces"]``)."""
     from ...io.mesh import read_mesh
-    from ...mesh.extract import MeshError, ensure_watertight
+    from ...mesh.extract import MIN_COMPONENT_MM3, MeshError, drop_small_components, ensure_watertight
 
-    meshes = {c: read_mesh(root / "cases" / c / "meshes" / f"{name}.ply") for c in cands}
+    meshes = {c: drop_small_components(read_mesh(root / "cases" / c / "meshes" / f"{name}.ply"), MIN_COMPONENT_MM3)
+              for c in cands}
+    meshes = {c: m for c, m in meshes.items() if len(m.faces)}
+    if not meshes:
+        return None
+    cands = [c for c in cands if c in meshes]
     vols = {c: float(abs(m.volume)) for c, m in meshes.items()}
     med = float(np.median(list(vols.values())))
     ranked = sorted(cands, key=lambda c: (abs(vols[c] - med), c))
@@ -200,7 +206,9 @@ def _choose_template(root: Path, name: str, cands: list[str], reference: str):
             rule = "fallback"
     for c in ranked:
         try:
-            return c, ensure_watertight(meshes[c].copy(), name), rule, med
+            mesh = ensure_watertight(meshes[c].copy(), name)
+            mesh.metadata["dropped_pieces"] = meshes[c].metadata["dropped_pieces"]
+            return c, mesh, rule, med
         except MeshError:
             continue
     return None
@@ -250,7 +258,8 @@ def build_library(
             rel = np.asarray(mesh.vertices, float) - np.asarray(metas[chosen]["isocenter"], float)
             rec = write_template(out, name, rel, np.asarray(mesh.faces), box_size)
             rec.update(source="dataset", source_case=chosen, selection=rule, covers=[name],
-                       candidates=len(available[name]), median_volume_mm3=round(med, 3))
+                       candidates=len(available[name]), median_volume_mm3=round(med, 3),
+                       dropped_pieces=int(mesh.metadata["dropped_pieces"]))
             structures_doc[name] = rec
         doc.update(dataset=recorded_path(root), split=split, cases=cases)
     if skel is not None:

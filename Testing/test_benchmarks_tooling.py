@@ -26,6 +26,7 @@ def test_ratio_says_how_many_times_ours_is_better_in_either_direction():
         _record.figure("z", 1.0, "s", device="cpu", better="faster")
 
 
+@pytest.mark.slow
 def test_a_benchmark_writes_its_figures_and_the_runner_tabulates_them(tmp_path):
     out = tmp_path / "mise.json"
     r = subprocess.run([sys.executable, str(BENCH / "bench_mise.py"), "--resolution0", "8", "--steps", "1",

@@ -297,6 +297,7 @@ def sample_ap(chest_half, tmp_path_factory):
     return png
 
 
+@pytest.mark.slow
 def test_reconstruct_refine_template_runs_with_only_bundled_files(sample_ap, tmp_path, capsys):
     from x2recon.io.mesh import read_mesh
     from x2recon.x2br.detection.detections import read_detections

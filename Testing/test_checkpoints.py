@@ -169,6 +169,7 @@ def test_weights_from_a_file_that_is_not_safetensors(tmp_path, make):
     assert str(p) in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_x2b_killed_between_the_two_writes_resumes_the_previous_pair(tiny_x2b_dataset, tmp_path, monkeypatch):
     """The real loop: killed after a later step's weights, before its state → the next run warns and resumes
     at step 2 from step 2's weights (before: "resuming at step 2" with the later weights, silently)."""

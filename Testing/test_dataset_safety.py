@@ -125,6 +125,7 @@ HOLD_LOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_writer_refuses_naming_the_holder_or_waits(tmp_path, shared_data):
     out = tmp_path / "ds"
     out.mkdir()
@@ -265,6 +266,7 @@ KILL_AT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_at_every_stage_then_resume_gives_the_bytes_of_one_run(tmp_path, chest_half):
     """A variant killed at each stage in turn — each run a fresh process that builds the variant
     alone — then finished here, has exactly the files of an uninterrupted build that built its
@@ -405,6 +407,7 @@ def test_a_good_dicom_series_reads_as_its_volume(bad_cts, shared_data):
     assert np.array_equal(a.array, b.array) and np.allclose(a.spacing, b.spacing)
 
 
+@pytest.mark.slow
 def test_devices_and_fifos_are_refused_and_never_read(tmp_path, bad_cts):
     fifo = bad_cts[0] / "fifo.nii.gz"
     r = cli("drr", "--ct", fifo, "--out", tmp_path / "x.png", timeout=60)  # used to hang reading the FIFO
@@ -416,6 +419,7 @@ def test_devices_and_fifos_are_refused_and_never_read(tmp_path, bad_cts):
 
 
 # ------------------------------------------------------------------ 6. manifest
+@pytest.mark.slow
 def test_manifest_refuses_what_is_not_a_dataset_and_creates_nothing(tmp_path):
     r = cli("manifest", tmp_path / "nowhere")
     assert r.returncode == 2 and "dataset folder not found" in r.stderr and not (tmp_path / "nowhere").exists()
@@ -539,6 +543,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_build_clearly_and_it_resumes(tmp_path, chest_dir, small_tmpfs):
     out = small_tmpfs / "ds"
     filler = small_tmpfs / "filler"
@@ -552,6 +557,7 @@ def test_a_full_disk_stops_the_build_clearly_and_it_resumes(tmp_path, chest_dir,
     assert json.loads((out / "manifest.json").read_text())["counts"] == {"done": 1, "failed": 0}
 
 
+@pytest.mark.slow
 def test_a_read_only_dataset_is_refused_by_name(tmp_path, chest_dir, small_tmpfs):
     (small_tmpfs / "ds" / "cases").mkdir(parents=True)
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)

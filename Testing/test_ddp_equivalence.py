@@ -80,6 +80,7 @@ def _differing(a, b):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "no-ddp"])
+@pytest.mark.slow
 def test_ranks_end_with_identical_parameters_only_under_ddp(tiny_x2b_dataset, tmp_path, mode):
     (r0, r1), start = _run(tmp_path, tiny_x2b_dataset, mode)
     assert set(r0) == set(r1) and len(r0) > 50

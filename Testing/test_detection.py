@@ -49,6 +49,7 @@ def _run(code: str, config_dir: Path, timeout: int = 240) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_first_import_prints_no_ultralytics_settings_notice(tmp_path):
     """ultralytics' "Creating new Ultralytics Settings … 'yolo settings' …" notice is about x2recon's private
     settings file: the first import (fresh config folder) creates the file without printing it."""
@@ -207,6 +208,7 @@ def test_cli_detect_writes_boxes(offline_run, tiny_x2b_dataset, tmp_path, yolo_c
     assert len(read_detections(out)) == len(doc["detections"]) > 0
 
 
+@pytest.mark.slow
 def test_stopped_training_resumes(tiny_x2b_dataset, tmp_path, yolo_config):
     """cancel() stops a run after saving last.pt (optimizer kept); the same call resumes it to the end."""
     from x2recon.x2br.detection import train_detector

@@ -304,6 +304,7 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_triton_kernel_equals_torch_path_in_the_interpreter():
     """triton 3.8 reads TRITON_INTERPRET when a kernel is decorated (module import): use a fresh process."""
     pytest.importorskip("triton")

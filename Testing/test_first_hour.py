@@ -55,6 +55,7 @@ def clone_only_demo(tmp_path_factory):
     return cwd, r
 
 
+@pytest.mark.slow
 def test_demo_runs_from_a_clone_alone(clone_only_demo):
     cwd, r = clone_only_demo
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -67,6 +68,7 @@ def test_demo_runs_from_a_clone_alone(clone_only_demo):
     assert (out / "xray_AP.png").is_file() and (out / "xray_AP.json").is_file()
 
 
+@pytest.mark.slow
 def test_demo_mesh_is_watertight(clone_only_demo):
     cwd, r = clone_only_demo
     assert r.returncode == 0, r.stderr[-3000:]
@@ -208,6 +210,7 @@ def test_info_reads_a_template_library_and_refuses_other_folders(tmp_path, capsy
 
 
 # ------------------------------------------------------------------------------------ evaluate, --model
+@pytest.mark.slow
 def test_evaluate_writes_its_csv_in_the_working_directory(clone_only_demo, tmp_path, monkeypatch, capsys):
     cwd, r = clone_only_demo
     assert r.returncode == 0, r.stderr[-3000:]
@@ -301,4 +304,3 @@ def test_modules_find_x2recon_beside_them_when_loaded_from_a_clone():
         prelude = src.index('if importlib.util.find_spec("x2recon") is None')
         assert prelude < src.index("\nfrom x2recon") and prelude < src.index(f"\nfrom {m}Lib")
         assert "sys.path.insert(0, str(Path(__file__).resolve().parent.parent))" in src[prelude:prelude + 300]
-

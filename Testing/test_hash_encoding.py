@@ -251,6 +251,7 @@ for cfg in cfgs:
 """
 
 
+@pytest.mark.slow
 def test_triton_kernels_equal_torch_path_in_the_interpreter():
     """Forward and parameter gradient of the Triton kernels = the torch path, on dense and hashed levels
     and 1, 2 and 4 features.  The interpreter's ``fma`` is not fused (numpy), so positions may differ by

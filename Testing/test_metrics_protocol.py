@@ -131,6 +131,7 @@ def test_paper_protocol_matches_an_independent_computation():
     assert 0.2 < ours["iou"] < 0.9 and 0.2 < ours["fscore"] < 0.95  # a case where the numbers mean something
 
 
+@pytest.mark.slow
 def test_half_outside_the_box_fraction_warning_and_clipped_scoring():
     gt = sphere(40.0)
     lo, hi = CENTRE - 200.0, CENTRE + [0.0, 200.0, 200.0]  # the box ends at the sphere's centre plane
@@ -169,6 +170,7 @@ def _compare(capsys, *args):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_compare_cli_prints_one_json_object(tmp_path, capsys):
     write_mesh(sphere(36.0), tmp_path / "pred.stl")
     write_mesh(sphere(40.0), tmp_path / "gt.ply")

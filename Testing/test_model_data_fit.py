@@ -116,6 +116,7 @@ def test_spider_refuses_a_dataset_without_its_class(tiny_x2b_dataset, tmp_path, 
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_evaluate_says_which_cases_the_model_trained_on(tiny_x2b_dataset, tiny_run, tmp_path, capsys):
     """A model trained today records its training cases; evaluating every case names the one it trained on and
     the two deformed copies of its CT — in the title and per case — against the split file it trained from."""

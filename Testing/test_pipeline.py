@@ -113,6 +113,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run(tmp_path, chest_half):
     ct, labels = chest_half
     out = tmp_path / "cases"
@@ -134,6 +135,7 @@ def test_resume_after_a_killed_run(tmp_path, chest_half):
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_a_corrupted_stage_output_is_rebuilt(tmp_path, chest_half):
     ct, labels = chest_half
     out = tmp_path / "cases"
@@ -181,6 +183,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_their_case_with_a_clear_reason_and_the_run_continues(tmp_path, bad_inputs, chest_half):
     inputs, _ = bad_inputs
     ct, labels = chest_half
@@ -233,6 +236,7 @@ def test_threshold_fallback_is_labelled(chest_half):
     assert (seg.array[bone] > 0).mean() > 0.7
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "x2recon.cli", "build-dataset", "--ct", str(tmp_path / "nothing"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)

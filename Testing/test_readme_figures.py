@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 #: ``run_demo(resolution=64, device="cpu")`` (the default bundled model, ``skeleton``, and the sample CT),
 #: measured 2026-12-07.
 PINNED = {"iou": 0.215, "chamfer_l1": 0.0220, "fscore": 0.573, "normal_consistency": 0.571,
@@ -26,6 +28,7 @@ def test_readme_states_the_pinned_figures():
     assert readme_line(PINNED) in readme
 
 
+@pytest.mark.slow
 def test_demo_reproduces_the_pinned_figures(tmp_path):
     from x2recon.demo import run_demo
 

@@ -117,6 +117,7 @@ def test_skeleton_stands_alone_and_an_empty_ct_is_named():
         segment(air, None, BuildConfig(structures="skeleton"))
 
 
+@pytest.mark.slow
 def test_dice_against_totalsegmentator_bones_on_chest_half(chest_half):
     """Measured 0.757 (bone classes without costal cartilages, 2×2-binned chest_lidc0001); margin 0.035."""
     from x2recon.io.volume import read_ct, read_labelmap

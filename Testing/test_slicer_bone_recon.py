@@ -182,6 +182,7 @@ def test_reconstruct_places_the_model_in_the_geometry_box(logic, scene, drr, che
     assert node.GetAttribute("x2recon.structures") == "vertebrae"
 
 
+@pytest.mark.slow
 def test_background_command_gives_the_same_model(logic, scene, drr, checkpoints, direct, tmp_path):
     """The panel's path: the CLI in a separate process, its progress lines, its mesh loaded back."""
     from x2recon.cli import build_parser
@@ -310,6 +311,7 @@ def xnode_model(scene):
 
 
 # ------------------------------------------------------------------------------------- compare
+@pytest.mark.slow
 def test_compare_with_a_segmentation_equals_the_metrics(logic, scene, drr, direct, ground_truth):
     """The table holds ``x2recon evaluate``'s scores in both protocols: the ground truth cut to the model's
     reconstruction box, world F-score at 0.02 × its edge."""
@@ -376,6 +378,7 @@ def test_compare_with_a_segmentation_equals_the_metrics(logic, scene, drr, direc
         logic.reference_mesh(seg, "rib_right_3")
 
 
+@pytest.mark.slow
 def test_compare_with_a_model_node_and_with_itself(logic, scene, ground_truth, tmp_path, capsys):
     """A model node without geometry is scored whole, as ``x2recon compare`` scores two mesh files: the
     panel's paper and world rows are that command's JSON, protocol by protocol."""
@@ -488,6 +491,7 @@ def test_structure_colours_are_stable_and_distinct():
     assert all(0 <= c <= 1 for rgb in cols.values() for c in rgb)
 
 
+@pytest.mark.slow
 def test_compare_methods_puts_each_reconstruction_in_a_column(logic, scene, ground_truth):
     from x2recon.metrics.protocol import score
 

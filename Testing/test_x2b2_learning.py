@@ -85,12 +85,14 @@ def _iou(model, c, images, points, occ) -> float:
     return float((pred & gt).sum() / (pred | gt).sum())
 
 
+@pytest.mark.slow
 def test_x2b2_beats_x2b_when_depth_shows_only_laterally(trained):
     test = _batch(np.random.default_rng(123), 64, 4096)  # unseen shapes
     iou1, iou2 = _iou(trained["x2b"], *test), _iou(trained["x2b2"], *test)
     assert iou2 > iou1 + 0.1, (iou1, iou2)
 
 
+@pytest.mark.slow
 def test_moving_the_lateral_disc_moves_the_prediction_in_depth(trained):
     """Same frontal image, lateral disc at depth −0.15 then +0.15: the predicted occupancy's depth centroid
     follows (at least half the 0.3 shift, right direction); X2B's cannot see it."""

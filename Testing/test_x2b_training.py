@@ -102,6 +102,7 @@ def test_persistent_workers_see_new_epochs(tiny_x2b_dataset):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tiny_x2b_dataset, tmp_path):
     """torchrun with two Gloo processes: one global batch split between them, one checkpoint."""
     import subprocess

@@ -28,6 +28,7 @@ def _case(dataset, case="chest_v02", view="AP"):
     return (xray, ground_truth_detections(folder, view, (64, 64)), read_mesh(folder / "meshes" / "bones.ply"))
 
 
+@pytest.mark.slow
 def test_x2br_registers_the_placed_template_part_by_part(library, tiny_x2b_dataset):
     """Ground-truth boxes of a held-out variant, the true bones as the coarse shape: X2BR's GBCPD++
     keeps the placed template's fit (Chamfer-L1 within 10 %) and its parts.  (GBCPD's advantage over

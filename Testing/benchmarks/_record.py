@@ -49,13 +49,18 @@ def figure(name: str, ours: float, unit: str, *, device, peer: str | None = None
             "target": target, "device": device_name(device), "peak_gib": peak_gib, "notes": notes}
 
 
-def cpu_seconds() -> float:
+def cpu_seconds(children: bool = False) -> float:
     """User + system CPU seconds of this process so far (all threads): the figure to compare on a shared
-    machine, where wall time depends on what else runs."""
+    machine, where wall time depends on what else runs.  ``children``: plus its finished and waited-for
+    child processes (e.g. data-loading workers after a training run)."""
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    total = r.ru_utime + r.ru_stime
+    if children:
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += c.ru_utime + c.ru_stime
+    return total
 
 
 def load_note() -> str:

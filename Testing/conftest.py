@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 ALL_TESTS_ENV = "X2RECON_ALL_TESTS"
-#: Fixtures that train a network (minutes of CPU each, once per session): every test using one is slow too.
+#: Fixtures that train a network or build a dataset of many structures (each costs more than the default
+#: tier's whole budget share of its tests): every test using one is slow too.
 SLOW_FIXTURES = {
     "tiny_x2b_model": "trains X2B for 400 steps",
     "tiny_spider_model": "trains SPIDER for 250 steps",
     "offline_run": "trains the YOLO detector for an epoch in a fresh process",
+    "ribs_dataset": "builds a two-case dataset of every rib and vertebra (template library tests)",
 }
 
 

@@ -54,6 +54,7 @@ def test_no_lungs_is_a_clear_error():
     assert e.value.args[0] == "synthetic.nii.gz" or "synthetic.nii.gz" in str(e.value)
 
 
+@pytest.mark.slow
 def test_whole_body_ct_lungs_are_in_its_upper_part(shared_data):
     """The real skull-base → mid-thigh CT: the lung centre lies in the chest, not at the CT's middle."""
     from x2recon.io.volume import read_ct

@@ -188,6 +188,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.slow
 def test_killing_a_parallel_build_leaves_no_worker_writing(tmp_path, chest_half):
     src = tmp_path / "src"
     for name in ("a", "b", "c"):

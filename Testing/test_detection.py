@@ -97,6 +97,7 @@ def test_offline_import_in_fresh_process(tmp_path):
     assert Path(r["font"]) == Path(r["config"]) / "Arial.ttf"
 
 
+@pytest.mark.slow
 def test_ultralytics_reads_16bit_drr_as_high_byte(tiny_x2b_dataset, yolo_config):
     """Our 16-bit PNG DRRs reach ultralytics as their high byte (no 8-bit copy needed), and to_uint8
     gives the same picture from the uint16 array and from the float display image."""

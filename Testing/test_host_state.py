@@ -61,6 +61,7 @@ def test_a_drr_render_leaves_torch_threads_as_they_were(unusual_threads):
     assert_threads_unchanged(unusual_threads)
 
 
+@pytest.mark.slow
 def test_a_render_before_the_main_threads_first_parallel_op_leaves_it_torchs_default():
     """The suite's order dependence, in a fresh interpreter: a DRR render that comes before the main thread's
     first parallel operation used to leave the main thread on one thread (it takes the process-wide value

@@ -147,6 +147,7 @@ def test_sampled_ranges_are_sensible():
     assert len({p.noise_seed for p in ps}) == 200
 
 
+@pytest.mark.slow
 def test_a_dataset_build_records_and_reproduces_each_views_variation(tmp_path):
     """build-dataset with xray_realism: each view's parameters are in meta.json, its geometry JSON is the moved
     camera, and render + apply from the record gives the stored image exactly; off: clean DRRs, no record."""

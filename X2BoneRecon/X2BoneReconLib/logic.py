@@ -224,6 +224,7 @@ class X2BoneReconLogic:
         detector or template path means the bundled one (``x2recon.slicer.bundled``).
         """
         from x2recon.io.image import write_png16
+        from x2recon.io.xray import write_geometry
         from x2recon.resources import DEFAULT_BONE_MODEL
         from x2recon.slicer.bundled import or_bundled
 
@@ -231,7 +232,6 @@ class X2BoneReconLogic:
         if refine == "template":
             detector, templates = or_bundled(detector, "detector"), or_bundled(templates, "templates")
         cfg = self.model_config(model_path)
-        from x2recon.io.xray import write_geometry
         xrays = self.xrays(cfg, model_path, xray_node, lateral_node, view, lateral_view)
         self.placements = [x.placement for x in xrays]
         self.check_resolution(resolution)

@@ -448,6 +448,12 @@ def test_manifest_rebuilds_status_and_skips_bad_records(tmp_path, chest_half):
     assert m["counts"]["done"] == 1 and (out / "splits" / "train.txt").read_text() == "chest\n"
     assert any("nameless.json: status record lacks 'case_id'" in p for p in m["problems"])
     assert any("garbage.json: unreadable status record" in p for p in m["problems"])
+    # the split policy is recorded and kept by a later manifest; an impossible one is refused by name
+    r = cli("manifest", out, "--split-by", "variant")
+    assert r.returncode == 0 and json.loads((out / "manifest.json").read_text())["split_by"] == "variant"
+    assert cli("manifest", out).returncode == 0 and json.loads((out / "manifest.json").read_text())["split_by"] == "variant"
+    r = cli("manifest", out, "--split-by", "patient")
+    assert r.returncode == 2 and "--split-by patient: splitting by patient needs at least 3 CTs" in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------ 7. geometry

@@ -159,6 +159,15 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", type=non_negative_int, default=argparse.SUPPRESS,
                    help=preset_help(pre, "variants", "extra deformed cases per CT (anatomical augmentation)"))
     g.add_argument("--seed", help="random seed of the occupancy samples, variants and DRR realism", type=non_negative_int, default=0)
+    _add_split_by(p)
+
+
+def _add_split_by(p) -> None:
+    p.add_argument("--split-by", choices=["auto", "patient", "variant"], default=None,
+                   help="how splits/ divides the cases: auto (default of a new dataset) — whole CTs per split with ≥ 3 "
+                   "CTs, else by variant; patient — whole CTs (needs ≥ 3); variant — every CT's scan trains, its "
+                   "highest-numbered variants validate and test (all patients train, e.g. a leave-one-patient-out fold). "
+                   "Recorded in manifest.json; left out, a dataset keeps its recorded choice")
 
 
 def _config_from_args(a):
@@ -210,7 +219,7 @@ def cmd_build_dataset(a) -> int:
 
     summary = build_dataset(
         cases, a.out, config, workers=a.workers, shard=parse_shard(a.shard), dask=a.dask,
-        progress=not a.quiet, on_case=line, wait=a.wait,
+        progress=not a.quiet, on_case=line, wait=a.wait, split_by=a.split_by,
     )
     print(summary.text())
     print(f"manifest: {Path(a.out) / 'manifest.json'}")
@@ -247,7 +256,7 @@ def cmd_drr(a) -> int:
 def cmd_manifest(a) -> int:
     from ..dataset.builder import write_manifest
 
-    m = write_manifest(a.dataset, wait=a.wait)
+    m = write_manifest(a.dataset, wait=a.wait, split_by=a.split_by)
     print(f"{m['counts']['done']} done, {m['counts']['failed']} failed; splits {m['splits']}")
     for p in m["problems"]:
         print(f"  WARNING {p}", file=sys.stderr)
@@ -301,4 +310,5 @@ def add_parsers(sub) -> None:
     m = sub.add_parser("manifest", help="re-aggregate a dataset's manifest/splits/dataset.yaml (after shards)")
     m.add_argument("dataset", help="dataset folder (x2recon build-dataset --out)")
     m.add_argument("--wait", action="store_true", help="wait for a build that holds the dataset instead of stopping")
+    _add_split_by(m)
     m.set_defaults(func=cmd_manifest)

@@ -270,11 +270,13 @@ def build_dataset(
     cancel: Callable[[], bool] | None = None,
     on_case: Callable[[CaseResult, int, int], None] | None = None,
     wait: bool = False,
+    split_by: str | None = None,
 ) -> Summary:
     """Build every case (after variants and sharding) into ``out``; resumable and idempotent.
 
     Holds the dataset's writer lock (:mod:`.lock`) throughout: a second writer refuses at once,
-    or with ``wait`` waits for the first.
+    or with ``wait`` waits for the first.  ``split_by``: how the manifest splits the cases
+    (:data:`SPLIT_POLICIES`; None keeps the dataset's recorded policy, else ``auto``).
     """
     config = config or BuildConfig()
     out = prepare_out(out)
@@ -286,8 +288,9 @@ def build_dataset(
         clash = sorted({i for i in ids if ids.count(i) > 1})
         raise X2ReconInputError(None, f"case ids {clash} occur more than once (a CT's id equals another's "
                                 "variant id?); rename the CT files or folders")
+    check_split_by(split_by)
     with dataset_lock(out, shard=shard, wait=wait):
-        return _build_locked(cases, out, config, workers, dask, progress, cancel, on_case)
+        return _build_locked(cases, out, config, workers, dask, progress, cancel, on_case, split_by)
 
 
 def prepare_out(out: str | Path) -> Path:
@@ -304,7 +307,7 @@ def prepare_out(out: str | Path) -> Path:
     return out
 
 
-def _build_locked(cases, out: Path, config, workers, dask, progress, cancel, on_case) -> Summary:
+def _build_locked(cases, out: Path, config, workers, dask, progress, cancel, on_case, split_by=None) -> Summary:
     from tqdm.auto import tqdm
 
     summary = Summary()
@@ -337,7 +340,7 @@ def _build_locked(cases, out: Path, config, workers, dask, progress, cancel, on_
         bar.close()
         summary.seconds = time.time() - t0
         try:
-            summary.problems = write_manifest(out, config, _locked=True)["problems"]
+            summary.problems = write_manifest(out, config, split_by=split_by, _locked=True)["problems"]
         except OSError as e:
             if ok:  # after a failure, that failure is the one to report
                 raise X2ReconInputError(out, f"cannot write the manifest ({e.strerror}); run "
@@ -430,8 +433,11 @@ def _run_dask(cases, out, config, address, record):
 
 
 def write_manifest(out: str | Path, config: BuildConfig | None = None, *, wait: bool = False,
-                   _locked: bool = False) -> dict:
+                   split_by: str | None = None, _locked: bool = False) -> dict:
     """Aggregate ``status/*.json`` into ``manifest.json``, ``splits/`` and the YOLO ``dataset.yaml``.
+
+    ``split_by`` (:data:`SPLIT_POLICIES`) is recorded in the manifest; None keeps the recorded one
+    (``auto`` for a dataset without one), so re-aggregating after shards keeps a build's choice.
 
     Refuses a missing folder or one that is not a dataset (creates nothing then).  A dataset
     without ``status/`` (e.g. copied without it) gets its status records rebuilt from the cases'
@@ -445,7 +451,10 @@ def write_manifest(out: str | Path, config: BuildConfig | None = None, *, wait: 
         raise X2ReconInputError(out, "not an x2recon dataset (no status/, cases/ or manifest.json)")
     if not _locked:
         with dataset_lock(out, wait=wait, what="manifest"):
-            return write_manifest(out, config, _locked=True)
+            return write_manifest(out, config, split_by=split_by, _locked=True)
+    check_split_by(split_by)
+    if split_by is None:
+        split_by = _recorded_split_by(out)
     problems: list[str] = []
     if not (out / "status").is_dir() and (out / "cases").is_dir() and any((out / "cases").iterdir()):
         problems += _status_from_cases(out)
@@ -463,7 +472,10 @@ def write_manifest(out: str | Path, config: BuildConfig | None = None, *, wait: 
                 rec["status"], rec["reason"] = "failed", f"case folder incomplete: {bad}"
         recs.append(rec)
     done = [r for r in recs if r["status"] == "done"]
-    splits = make_splits(done)
+    try:
+        splits = make_splits(done, by=split_by)
+    except ValueError as e:
+        raise X2ReconInputError(out, f"--split-by {split_by}: {e}") from None
     for name, ids in splits.items():
         atomic_write_text(out / "splits" / f"{name}.txt", "".join(f"{i}\n" for i in ids))
     classes, views = None, None
@@ -484,6 +496,7 @@ def write_manifest(out: str | Path, config: BuildConfig | None = None, *, wait: 
         "problems": problems,
         "counts": {s: sum(r["status"] == s for r in recs) for s in ("done", "failed")},
         "splits": {k: len(v) for k, v in splits.items()},
+        "split_by": split_by,
         "classes": classes,
         "views": views,
         "config": None if config is None else config.to_dict(),
@@ -532,16 +545,42 @@ def _status_from_cases(out: Path) -> list[str]:
     return problems
 
 
-def make_splits(done: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, list[str]]:
-    """Train/val/test case ids that never share a CT, unless there is only one or two CTs.
+#: How ``make_splits`` divides a dataset: ``auto`` — by patient with ≥ 3 CTs, else by variant;
+#: ``patient`` — whole CTs (with their variants) per split; ``variant`` — every CT's original scan
+#: trains, the highest-numbered variants validate and test (all patients train: a leave-one-patient-out
+#: fold whose held-out patient is a dataset of its own).
+SPLIT_POLICIES = ("auto", "patient", "variant")
 
-    With ≥ 3 CTs whole CTs (all their variants) go to one split.  With fewer, the split is by
-    variant: the original scans train, the highest-numbered variants validate and test — the
-    paper's single-scan situation, where variants are the only unseen anatomy.
+
+def check_split_by(split_by: str | None) -> None:
+    if split_by is not None and split_by not in SPLIT_POLICIES:
+        raise ValueError(f"split_by must be one of {SPLIT_POLICIES}, got {split_by!r}")
+
+
+def _recorded_split_by(out: Path) -> str:
+    """The split policy recorded in ``out``'s manifest (``auto`` when there is none or it is unreadable)."""
+    try:
+        rec = json.loads((out / "manifest.json").read_text()).get("split_by", "auto")
+    except (OSError, ValueError, AttributeError):
+        return "auto"
+    return rec if rec in SPLIT_POLICIES else "auto"
+
+
+def make_splits(done: list[dict], val_fraction: float = 0.1, test_fraction: float = 0.1,
+                by: str = "auto") -> dict[str, list[str]]:
+    """Train/val/test case ids (``by``: :data:`SPLIT_POLICIES`).
+
+    ``auto``: with ≥ 3 CTs whole CTs (all their variants) go to one split, so the splits never share
+    a CT; with fewer, the split is by variant: the original scans train, the highest-numbered variants
+    validate and test — the paper's single-scan situation, where variants are the only unseen anatomy.
+    ``patient`` needs ≥ 3 CTs; ``variant`` splits by variant however many CTs there are.
     """
+    check_split_by(by)
     bases = sorted({r["base_id"] for r in done})
     ids_of = {b: sorted(r["case_id"] for r in done if r["base_id"] == b) for b in bases}
-    if len(bases) >= 3:
+    if by == "patient" and done and len(bases) < 3:
+        raise ValueError(f"splitting by patient needs at least 3 CTs (train, val, test), the dataset has {len(bases)}")
+    if len(bases) >= 3 and by != "variant":
         n_test = max(1, round(len(bases) * test_fraction))
         n_val = max(1, round(len(bases) * val_fraction))
         test_b, val_b, train_b = bases[-n_test:], bases[-n_test - n_val : -n_test], bases[: -n_test - n_val]

@@ -66,6 +66,27 @@ def test_overfits_one_case_on_cpu(tiny_x2b_dataset, tiny_x2b_model):
     assert iou >= 0.5, iou
 
 
+def test_threshold_calibration_is_the_best_validation_iou(tiny_x2b_dataset, tiny_x2b_model):
+    """The calibrated τ is the grid's argmax of the mean IoU (computed here with numpy), and the
+    volume ratio is the occupied points over the true ones at that τ."""
+    import numpy as np
+
+    from x2recon.x2b.train import CALIBRATION_THRESHOLDS
+
+    model, _ = load_model(tiny_x2b_model)
+    val = ValidationDataset(tiny_x2b_dataset, "train", image_size=64, n_uniform=5000)
+    loader = torch.utils.data.DataLoader(val, batch_size=2)
+    v = validate(model, loader, torch.device("cpu"), 0.2, contextlib.nullcontext, calibrate=True)
+    with torch.no_grad():
+        p = np.concatenate([torch.sigmoid(model(b["images"], b["grid"], b["points"])).numpy() for b in loader])
+    gt = np.concatenate([b["occupancies"].numpy() for b in loader]) > 0.5
+    ious = {t: np.mean(((p >= t) & gt).sum(1) / np.maximum(1, ((p >= t) | gt).sum(1))) for t in CALIBRATION_THRESHOLDS}
+    best = max(ious.values())
+    assert v["val/threshold"] in CALIBRATION_THRESHOLDS and abs(ious[v["val/threshold"]] - best) < 1e-6
+    assert abs(v["val/iou_calibrated"] - best) < 1e-5 and v["val/iou_calibrated"] >= v["val/iou"] - 1e-6
+    assert abs(v["val/volume_ratio"] - (p >= v["val/threshold"]).sum() / gt.sum()) < 1e-4
+
+
 def test_resume_continues_and_mismatch_is_refused(tiny_x2b_dataset, tmp_path):
     out = tmp_path / "run"
     cfg = X2BConfig(views=["AP"], **{**SMALL, "hidden": 32})
@@ -161,6 +182,10 @@ def test_cli_run_keeps_one_last_one_best_says_the_batch_and_measures_steady_rate
                                                                  "last.safetensors"]
     assert sorted(p.name for p in out.glob("*.pt")) == ["last.prev.state.pt", "last.state.pt"]
     assert os.path.samefile(out / "last.safetensors", out / "last.prev.safetensors")  # no second copy on disk
+    # our preset calibrates the surface threshold on validation; the model loads with it
+    tr = read_config(out / "best.safetensors")["training"]
+    assert tr["calibrate_threshold"] is True and 0 < tr["val/threshold"] < 1
+    assert load_model(out / "best.safetensors")[0].cfg.threshold == tr["val/threshold"]
 
 
 def test_steady_rate_is_absent_with_its_reason_when_too_few_steps():

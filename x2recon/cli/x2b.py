@@ -28,6 +28,8 @@ TRAIN_PRESETS = {
     "points": {"ours": 2048, "paper": 2048},
     "threshold": {"ours": 0.2, "paper": 0.2},
     "augment": {"ours": True, "paper": False},
+    # ours: the surface threshold with the best validation IoU, recorded and used by reconstruct (the paper's τ is fixed)
+    "calibrate_threshold": {"ours": True, "paper": False},
 }
 
 
@@ -161,7 +163,8 @@ def _train(a) -> int:
                              val_every=a.val_every, save_every=a.save_every, resume=a.resume, progress=not a.quiet,
                              threads=a.threads)
     summary = train_x2b(a.data, settings, cfg, n_points=a.points, pretrained=a.pretrained, train_split=a.train_split,
-                        val_split=a.val_split, augment=a.augment, preset=a.preset)
+                        val_split=a.val_split, augment=a.augment, preset=a.preset,
+                        calibrate_threshold=a.calibrate_threshold)
     if summary.get("stopped"):
         print(f"stopped at step {summary['steps']}; run the same command again to resume", file=sys.stderr)
         return 130
@@ -209,12 +212,26 @@ def add_x2b_train_parsers(tsub) -> None:
         g.add_argument("--threshold", type=float, default=keep,
                        help=preset_help(pre, "threshold", "occupancy probability τ of the surface (validation IoU; "
                                         "reconstruct's default)"))
+        g.add_argument("--calibrate-threshold", action=argparse.BooleanOptionalAction, default=keep,
+                       help=preset_help(pre, "calibrate_threshold", "choose the surface threshold with the best IoU "
+                                        "on the validation split at each validation; the checkpoint records it and "
+                                        "reconstruct uses it unless --threshold is given"))
         g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=keep,
                        help=preset_help(pre, "augment", "image augmentation (gamma, contrast, noise, in-plane shift "
                                         "that the geometry follows)"))
         g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (initialisation, sampling)")
         add_training_run_options(p, val_every=1)
         p.set_defaults(func=cmd_train)
+
+
+def _threshold_text(a, model, cfg: dict) -> str:
+    """Which surface threshold the mesh is at, and where it came from."""
+    from ..nn.checkpoint import calibrated_threshold
+
+    if a.threshold is not None:
+        return f"threshold {a.threshold:g} (--threshold)"
+    why = "calibrated on validation" if calibrated_threshold(cfg) is not None else "the model's"
+    return f"threshold {model.cfg.threshold:g} ({why})"
 
 
 def cmd_reconstruct(a) -> int:
@@ -285,7 +302,7 @@ def cmd_reconstruct(a) -> int:
         return 0
     write_mesh(rec.mesh, a.out)
     print(f"{a.out}: {len(rec.mesh.faces):,} triangles, LPS mm, in {rec.seconds:.1f} s on {dev}, {rec.precision} decoder "
-          f"({rec.evaluations:,} of {rec.dense_evaluations:,} grid points evaluated)")
+          f"({rec.evaluations:,} of {rec.dense_evaluations:,} grid points evaluated), {_threshold_text(a, model, cfg)}")
     if a.render:
         from ..mesh.render import render_png
 
@@ -381,7 +398,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--sod", type=positive_float, help="source–patient (isocentre) distance of --xray, mm (default: "
                    "DICOM, else 1600)")
     p.add_argument("--resolution", type=mise_resolution, default=256, help="final MISE grid, cells per side (32·2^k)")
-    p.add_argument("--threshold", type=probability, default=None, help="occupancy threshold τ (default: the model's, 0.2)")
+    p.add_argument("--threshold", type=probability, default=None,
+                   help="occupancy threshold τ (default: the model's — calibrated on validation where its training "
+                   "recorded one, else 0.2)")
     p.add_argument("--faces", type=non_negative_int, default=0, help="simplify to about this many triangles (pyfqmr; 0: off)")
     p.add_argument("--refine-steps", type=non_negative_int, default=0, help="gradient steps moving vertices onto the level set")
     p.add_argument("--network-normals", action="store_true", help="vertex normals from the network's gradient")

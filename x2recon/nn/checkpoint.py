@@ -225,4 +225,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, expect: 
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(path, f"cannot build its model from its 'model' config ({type(e).__name__}: {e})") from None
     load_weights(path, model)
+    tau = calibrated_threshold(cfg)
+    if tau is not None and hasattr(getattr(model, "cfg", None), "threshold"):
+        model.cfg.threshold = tau  # the surface threshold its validation chose (x2b.train.validate)
     return model.to(device).eval(), cfg
+
+
+def calibrated_threshold(cfg: dict) -> float | None:
+    """The surface threshold a checkpoint's training calibrated on validation data, None when it has none."""
+    tr = cfg.get("training") or {}
+    tau = tr.get("val/threshold")
+    if not tr.get("calibrate_threshold") or not isinstance(tau, (int, float)) or not 0 < float(tau) < 1:
+        return None
+    return float(tau)

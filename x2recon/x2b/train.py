@@ -22,24 +22,43 @@ def occupancy_loss(logits: torch.Tensor, occ: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), occ, reduction="none").sum(-1).mean()
 
 
+#: Thresholds τ the calibration tries (occupancy probability of the surface).
+CALIBRATION_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
 @torch.no_grad()
-def validate(model, loader, device, threshold: float, amp_ctx) -> dict:
-    """Mean IoU (and BCE per point) over the validation items, occupancy = p ≥ threshold."""
+def validate(model, loader, device, threshold: float, amp_ctx, calibrate: bool = False) -> dict:
+    """Mean IoU (and BCE per point) over the validation items, occupancy = p ≥ threshold.
+
+    ``calibrate``: also the τ of :data:`CALIBRATION_THRESHOLDS` with the best mean IoU (``val/threshold``), that
+    IoU (``val/iou_calibrated``) and the occupied volume over the true one at it (``val/volume_ratio``) — the
+    surface threshold ``reconstruct`` then uses (``nn.checkpoint.load_model``)."""
     model.eval()
-    ious, losses = [], []
-    logit_t = math.log(threshold / (1 - threshold))
+    probs, gts, losses = [], [], []
     for b in loader:
         with amp_ctx():
             logits = model(b["images"].to(device), b["grid"].to(device), b["points"].to(device)).float()
         occ = b["occupancies"].to(device)
         losses.append(F.binary_cross_entropy_with_logits(logits, occ, reduction="none").mean(-1).cpu())
-        pred = logits >= logit_t
-        gt = occ > 0.5
-        inter = (pred & gt).sum(-1).float()
-        union = (pred | gt).sum(-1).float()
-        ious.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).cpu())
+        probs.append(torch.sigmoid(logits).cpu())
+        gts.append((occ > 0.5).cpu())
     model.train()
-    return {"val/iou": float(torch.cat(ious).mean()), "val/bce": float(torch.cat(losses).mean())}
+    p, gt = torch.cat(probs), torch.cat(gts)
+    out = {"val/iou": _mean_iou(p >= threshold, gt), "val/bce": float(torch.cat(losses).mean())}
+    if calibrate:
+        ious = [_mean_iou(p >= t, gt) for t in CALIBRATION_THRESHOLDS]
+        k = max(range(len(ious)), key=lambda i: (ious[i], -abs(CALIBRATION_THRESHOLDS[i] - threshold)))
+        tau = CALIBRATION_THRESHOLDS[k]
+        out.update({"val/threshold": tau, "val/iou_calibrated": ious[k],
+                    "val/volume_ratio": float((p >= tau).sum()) / max(1.0, float(gt.sum()))})
+    return out
+
+
+def _mean_iou(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean over items (rows) of |pred ∧ gt| / |pred ∨ gt| (1 where both are empty)."""
+    inter = (pred & gt).sum(-1).float()
+    union = (pred | gt).sum(-1).float()
+    return float(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).mean())
 
 
 def _fused_adam_on_cpu() -> bool:
@@ -52,12 +71,15 @@ def _fused_adam_on_cpu() -> bool:
 
 
 class X2BTask(Task):
-    """X2B / X2B2 in the training loop: occupancy BCE per step, validation IoU picks the best checkpoint."""
+    """X2B / X2B2 in the training loop: occupancy BCE per step, validation IoU picks the best checkpoint
+    (with ``calibrate``: the IoU at the validation-calibrated threshold, the one reconstruction will use)."""
 
     metric, metric_label, initial_best, throughput = "val/iou", "IoU", -1.0, "samples"
 
-    def __init__(self, model_cfg: X2BConfig, pretrained: str | None, val_ds, dist):
-        self.cfg, self.val_ds, self.dist = model_cfg, val_ds, dist
+    def __init__(self, model_cfg: X2BConfig, pretrained: str | None, val_ds, dist, calibrate: bool = False):
+        self.cfg, self.val_ds, self.dist, self.calibrate = model_cfg, val_ds, dist, calibrate
+        if calibrate:
+            self.metric = "val/iou_calibrated"
         self.name, self.has_validation = model_cfg.kind, val_ds is not None
         self.model = build_model(model_cfg, pretrained_path=pretrained)
 
@@ -87,10 +109,14 @@ class X2BTask(Task):
 
     def validate(self, amp_ctx, batch_size: int) -> dict:
         loader = torch.utils.data.DataLoader(self.val_ds, batch_size=max(1, min(8, batch_size)), num_workers=0)
-        return validate(self.model, loader, self.dist.device, self.cfg.threshold, amp_ctx)
+        return validate(self.model, loader, self.dist.device, self.cfg.threshold, amp_ctx, self.calibrate)
 
     def describe(self, val: dict) -> str:
-        return f"val IoU {val['val/iou']:.4f}, BCE {val['val/bce']:.4f}"
+        text = f"val IoU {val['val/iou']:.4f} (τ {self.cfg.threshold:g}), BCE {val['val/bce']:.4f}"
+        if "val/threshold" in val:
+            text += (f"; calibrated τ {val['val/threshold']:g}: IoU {val['val/iou_calibrated']:.4f}, "
+                     f"volume {val['val/volume_ratio']:.2f}× the true one")
+        return text
 
     def summary(self, best: float) -> dict:
         return {"best_val_iou": best}
@@ -98,9 +124,11 @@ class X2BTask(Task):
 
 def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *, n_points: int = 2048,
               pretrained: str | None = None, train_split: str = "train", val_split: str = "val",
-              augment: bool = True, preset: str = "ours", log=print) -> dict:
+              augment: bool = True, preset: str = "ours", calibrate_threshold: bool = False, log=print) -> dict:
     """Train (or resume) into ``settings.out``; returns a summary (steps, best IoU, seconds).  ``preset``
-    (``ours`` | ``paper``, the CLI's ``--preset``) is recorded in the checkpoint config."""
+    (``ours`` | ``paper``, the CLI's ``--preset``) is recorded in the checkpoint config.  ``calibrate_threshold``:
+    each validation also finds the surface threshold with the best IoU; the checkpoint records it and
+    reconstruction uses it (the paper's fixed τ otherwise)."""
     from ..dataset.torch_data import OccupancyDataset, ValidationDataset
 
     data = Path(data)
@@ -118,7 +146,11 @@ def train_x2b(data: str | Path, settings: TrainSettings, model_cfg: X2BConfig, *
             "dataset": {"root": recorded_path(data), "train_cases": len(train_ds), "build": dataset_build_config(data),
                         "training_cases": training_cases(data, train_split)},
             "training": {**settings.recorded(), "n_points": n_points, "pretrained": recorded_path(pretrained),
-                         "augment": augment, "preset": preset, "world_size": dist.world},
+                         "augment": augment, "preset": preset, "world_size": dist.world,
+                         "calibrate_threshold": bool(calibrate_threshold and val_ds is not None)},
         }
-        task = X2BTask(model_cfg, pretrained, val_ds if dist.main else None, dist)
+        if calibrate_threshold and val_ds is None:
+            log(f"note: {data} has no '{val_split}' split: the surface threshold stays τ = {model_cfg.threshold:g} "
+                "(not calibrated)")
+        task = X2BTask(model_cfg, pretrained, val_ds if dist.main else None, dist, calibrate=calibrate_threshold)
         return train(task, train_ds, settings, dist, config, log=log)

@@ -48,6 +48,9 @@ def test_concentric_spheres_match_the_closed_forms_in_both_protocols():
     # ICP cannot shrink a sphere: each sample is off by 4 mm along its normal n, and mean |n_x| = ½ on a sphere
     for k in ("maxe", "maye", "maze"):
         assert res[k] == pytest.approx((r_gt - r_pred) / 2, rel=0.02), k
+    # predicted over true volume: (r_pred / r_gt)³; a blob twice the radius is 8×
+    assert world["volume_ratio"] == pytest.approx((r_pred / r_gt) ** 3, abs=0.02)
+    assert score(sphere(2 * r_gt), sphere(r_gt), n_points=N)["world"]["volume_ratio"] == pytest.approx(8.0, rel=0.05)
 
 
 def test_a_shifted_cube_matches_the_closed_forms():

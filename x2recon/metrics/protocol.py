@@ -13,7 +13,8 @@ same transform.  In those units:
 Both IoUs on one region: the joint bounding box of prediction and ground truth, cut to the
 reconstruction box when one is given (points: ``n`` uniform; voxels: centres of a 64³ grid);
 Chamfer-L1 in mm; F-score at ``tau_mm`` (``evaluate`` uses 0.02 × the box edge, 7.68 mm for the
-default 384 mm box).
+default 384 mm box); the volume ratio (predicted over true bone volume in that region, from the same
+points: a blob is > 1, missing bone < 1).
 
 Per-axis errors after ICP (maxe, maye, maze) are in mm in both protocols (the paper's Table 2).  The
 same surface samples serve both protocols (uniform by area stays uniform under a similarity), so a
@@ -269,9 +270,12 @@ def score_world(pred: Solid, gt: Solid, samples: Samples, *, tau_mm: float, n_po
     """The world protocol's metrics in mm (see the module doc)."""
     lo, hi = world_region(pred, gt, box)
     pts = np.random.default_rng(seed + 2).uniform(lo, hi, size=(n_points, 3))
-    out = {"iou": iou_occupancy(pred.inside(pts), _nonempty(gt, gt.inside(pts), "world")),
+    inside_pred, inside_gt = pred.inside(pts), _nonempty(gt, gt.inside(pts), "world")
+    out = {"iou": iou_occupancy(inside_pred, inside_gt),
            "iou_vox": iou_occupancy(voxel_occupancy(pred, lo, hi, voxels, False),
-                                    voxel_occupancy(gt, lo, hi, voxels, False))}
+                                    voxel_occupancy(gt, lo, hi, voxels, False)),
+           # predicted over true bone volume in the scored region (a blob is > 1, missing bone < 1)
+           "volume_ratio": float(np.count_nonzero(inside_pred)) / float(np.count_nonzero(inside_gt))}
     out.update(samples.surface_scores(1.0, tau_mm))
     return out
 

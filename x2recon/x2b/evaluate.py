@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 PAPER_LABELS = {"iou": "IoU ↑", "iou_vox": "IoU(vox 32³) ↑", "chamfer_l1": "Chamfer-L1 ↓", "fscore": "F-score@0.02 ↑",
                 "normal_consistency": "NC ↑"}
 WORLD_LABELS = {"iou": "IoU ↑", "iou_vox": "IoU(vox 64³) ↑", "chamfer_l1": "Chamfer-L1 (mm) ↓",
-                "fscore": "F-score@{tau} mm ↑", "normal_consistency": "NC ↑"}
+                "fscore": "F-score@{tau} mm ↑", "normal_consistency": "NC ↑", "volume_ratio": "volume pred/true"}
 AXIS_LABELS = {"maxe": "maxe (mm) ↓", "maye": "maye (mm) ↓", "maze": "maze (mm) ↓"}
 #: The metric columns of a row (CSV): each protocol's, prefixed, then the per-axis errors (mm).
-COLUMNS = [f"{p}_{c}" for p in ("paper", "world") for c in PAPER_LABELS] + list(AXIS_LABELS)
+COLUMNS = [f"{p}_{c}" for p in ("paper", "world") for c in PAPER_LABELS] + ["world_volume_ratio"] + list(AXIS_LABELS)
 
 
 def evaluation_items(root: Path, split: str, kind: str, views: list[str] | None, model_views: list[str]) -> list[tuple[str, tuple[str, ...]]]:

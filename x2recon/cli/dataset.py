@@ -145,6 +145,10 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    "L/R markers (default: %(default)s — no measurement yet shows it helps; off under --preset paper)")
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
                    help="device that renders the DRRs")
+    g.add_argument("--keep-outside-body", action="store_true",
+                   help="keep what lies outside the body outline (couch, head rest, blankets, tubes) in the DRRs, "
+                   "meshes and targets as scanned (default: set it to air, -1024 HU, and drop its labels: a "
+                   "radiograph of a standing patient has no couch)")
     g = p.add_argument_group("meshes, samples, targets")
     g.add_argument("--smoothing", type=float_in(0.0, 1.0), default=d.mesh_smoothing, metavar="FACTOR",
                    help="surface smoothing factor 0–1 as in 3D Slicer's closed surfaces: windowed sinc, 20 iterations, "
@@ -166,7 +170,8 @@ def _add_split_by(p) -> None:
     p.add_argument("--split-by", choices=["auto", "patient", "variant"], default=None,
                    help="how splits/ divides the cases: auto (default of a new dataset) — whole CTs per split with ≥ 3 "
                    "CTs, else by variant; patient — whole CTs (needs ≥ 3); variant — every CT's scan trains, its "
-                   "highest-numbered variants validate and test (all patients train, e.g. a leave-one-patient-out fold). "
+                   "highest-numbered variants validate, no test split (all patients train, e.g. a leave-one-patient-out "
+                   "fold whose test is another dataset). "
                    "Recorded in manifest.json; left out, a dataset keeps its recorded choice")
 
 
@@ -194,6 +199,7 @@ def _config_from_args(a):
         clahe_clip=a.clahe_clip,
         xray_realism=a.xray_realism == "on",
         device=a.device,
+        keep_outside_body=a.keep_outside_body,
         mesh_smoothing=a.smoothing,
         n_points=a.points,
         near_surface_fraction=a.near_surface,

@@ -350,6 +350,7 @@ class _Case:
     t_stage: dict = field(default_factory=dict)
     cpu_stage: dict = field(default_factory=dict)  # CPU seconds of this process (all threads) per stage
     ct_sha256: str | None = None  # voxel checksum of the scan (before any deformation): the case's identity
+    outside_body: dict | None = None  # what clearing outside the body did (None: kept, --keep-outside-body)
 
     def geometry(self, view: str):
         return self.cfg.geometry(view, self.iso)
@@ -406,6 +407,11 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
     if c.inp.variant > 0:  # seeded by the case, never by process state: the same bytes in any run
         deformation = random_deformation(variant_seed(c.cfg, c.inp.base_id, c.inp.variant), ct)
         ct = deformation.apply(ct, kind="ct")
+    body = None
+    if not c.cfg.keep_outside_body:  # couch, blankets, tubes → air, before anything is rendered or meshed
+        from .skeleton import clear_outside_body
+
+        ct, body, c.outside_body = clear_outside_body(ct)
     c.ct, c.ct_sha256 = ct, voxel_sha256(ct0)
     if not c.stages.finished("segment"):
         c.check_cancel()
@@ -414,6 +420,9 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
         seg, names, source = segment(ct0, lab_input, c.cfg)
         if deformation is not None:
             seg = deformation.apply(seg, kind="labels")
+        if body is not None:  # no label outside the body (a labelmap may name the couch's neighbours)
+            seg = seg.with_array(np.where(body, seg.array, 0).astype(seg.array.dtype))
+        if deformation is not None or body is not None:
             present = set(np.unique(seg.array).tolist()) - {0}
             names = {k: v for k, v in names.items() if k in present}
         _warn_missing_structures(c.inp.case_id, source, c.cfg.structures, names)
@@ -557,6 +566,8 @@ def _write_meta(c: _Case, fp: dict) -> dict:
         "config": c.cfg.to_dict(),
         "segmentation": {"source": info["source"], "names": info["names"], "missing": info["missing"]},
         "deformation": info["deformation"],
+        "outside_body": ({"kept": True} if c.outside_body is None
+                         else {"kept": False, "set_to_hu": -1024, **c.outside_body}),
         "isocenter": c.iso.tolist(),
         "box_size": c.cfg.box_size,
         "views": views,

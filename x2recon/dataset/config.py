@@ -45,6 +45,10 @@ class BuildConfig:
     clahe_clip: float = 0.01
     xray_realism: bool = False  # radiograph-like variation per DRR (drr/realism.py); off: clean DRRs (paper)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # what lies outside the body outline (couch, blankets, tubes): air (-1024 HU) and no labels (False, the
+    # default: a radiograph of a standing patient has no couch) or kept as scanned (True; every build before
+    # this setting existed kept it, so a record without it reads as kept)
+    keep_outside_body: bool = False
     # meshes and occupancy
     # Slicer's closed-surface smoothing factor, 0–1 (mesh/extract.py: windowed sinc after the slice-interpolated
     # surface; 0 = off)
@@ -121,8 +125,10 @@ class BuildConfig:
         """Settings from a record (meta.json, a checkpoint's dataset).  ``smoothing_iterations``, which records
         written before the slice-interpolated surfaces carry, is read and left out: the extraction it tuned no
         longer exists, so such a record's cases are built with today's meshes at the default ``mesh_smoothing``
-        (and, the digest being new, an older dataset's cases are rebuilt by the next build)."""
+        (and, the digest being new, an older dataset's cases are rebuilt by the next build).  A record without
+        ``keep_outside_body`` was built when the couch was kept: it reads as kept."""
         d = {k: v for k, v in d.items() if k != "smoothing_iterations"}
+        d.setdefault("keep_outside_body", True)  # recorded before the setting existed: the couch was kept
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -132,6 +138,8 @@ class BuildConfig:
     def digest(self) -> str:
         """Short hash of the settings: a case built with other settings is rebuilt.  The preset's name is
         left out: the same values under another name are the same data.  ``xray_realism`` counts only when
-        on, so datasets built before it existed keep their digest."""
-        d = {k: v for k, v in self.to_dict().items() if k != "preset" and not (k == "xray_realism" and not v)}
+        on and ``keep_outside_body`` only when off, so datasets built before they existed keep their digest
+        (and are rebuilt, without the couch, by a build with the defaults)."""
+        d = {k: v for k, v in self.to_dict().items() if k != "preset" and not (k == "xray_realism" and not v)
+             and not (k == "keep_outside_body" and v)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

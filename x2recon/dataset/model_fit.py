@@ -136,6 +136,7 @@ class ModelFit:
     seen: dict[str, str] = field(default_factory=dict)  # case id → SEEN, NOT_SEEN, SAME_CT, UNKNOWN, NOT_RECORDED
     allowed: bool = False  # mismatches were allowed (--allow-mismatch)
     trained_on: str = ""  # a bundled model's training patients from its card, said where no cases are recorded
+    notes: list[str] = field(default_factory=list)  # differences that are no error (what lies outside the body)
 
     def seen_note(self) -> str:
         """``seen in training: k of n cases`` (and the same-CT and unknown counts), or why it cannot be told."""
@@ -155,12 +156,13 @@ class ModelFit:
 
     def warning(self) -> str:
         """The loud line tables carry when the model does not fit the data (or could not be checked)."""
+        w = ""
         if self.mismatches:
-            return ("WARNING: MODEL/DATA MISMATCH (--allow-mismatch): " + "; ".join(self.mismatches)
-                    + " — these scores do not measure the model on data it was made for")
-        if self.unchecked:
-            return f"WARNING: {self.unchecked}"
-        return ""
+            w = ("WARNING: MODEL/DATA MISMATCH (--allow-mismatch): " + "; ".join(self.mismatches)
+                 + " — these scores do not measure the model on data it was made for")
+        elif self.unchecked:
+            w = f"WARNING: {self.unchecked}"
+        return "; ".join(x for x in (w, *(f"NOTE: {n}" for n in self.notes)) if x)
 
     def title(self) -> str:
         """What every table title adds: the warning (if any) and the seen-in-training note."""
@@ -194,6 +196,7 @@ def check_fit(cfg: dict, root: str | Path, case_ids: list[str], *, allow_mismatc
             vals = [c[key] for c in configs if key in c]
             if key in build and any(not _same(build[key], v) for v in vals):
                 fit.mismatches.append(f"{label}: model {_value(key, build[key])} vs dataset {_dataset_values(key, vals)}")
+        fit.notes += _outside_body_notes(build, configs)
     if fit.mismatches and not allow_mismatch:
         raise X2ReconInputError(root, "the model does not fit this dataset — " + "; ".join(fit.mismatches)
                                 + ". Its scores here would not measure the model: evaluate on data built with the "
@@ -201,6 +204,18 @@ def check_fit(cfg: dict, root: str | Path, case_ids: list[str], *, allow_mismatc
                                 "anyway with a warning in the tables")
     fit.seen = _seen(cfg, metas)
     return fit
+
+
+def _outside_body_notes(build: dict, configs: list[dict]) -> list[str]:
+    """A note when the model trained with the couch and all outside the body kept and the data has it cleared
+    to air, or the other way round (``build-dataset --keep-outside-body``; a record without the key = kept)."""
+    text = {True: "kept (couch in the DRRs)", False: "cleared to air"}
+    model = bool(build.get("keep_outside_body", True))
+    data = [bool(c.get("keep_outside_body", True)) for c in configs]
+    if all(v == model for v in data):
+        return []
+    return [f"outside the body: model trained on data with it {text[model]} vs dataset "
+            f"{_dataset_values('keep_outside_body', [text[v] for v in data])}"]
 
 
 def _check_spider_classes(cfg: dict, root: Path, configs: list[dict]) -> None:

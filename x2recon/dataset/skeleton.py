@@ -116,6 +116,48 @@ def body_mask(hu: np.ndarray, spacing, rules: SkeletonRules) -> np.ndarray:
     return m
 
 
+#: Grid (mm) the body outline of ``clear_outside_body`` is found on (fast on any CT), and the band (mm)
+#: beyond it in which voxels above ``body_hu`` still count as body (the skin rim that the opening and the
+#: coarse grid round off; a couch touching the back keeps at most this sliver).
+OUTLINE_COARSE_MM = 2.0
+OUTLINE_MARGIN_MM = 3.0
+#: What lies outside the body becomes air.
+OUTSIDE_HU = -1024
+
+
+def body_outline(hu: np.ndarray, spacing, rules: SkeletonRules | None = None) -> np.ndarray:
+    """The body on the CT's own grid (bool, array order k, j, i): :func:`body_mask` on a grid of about
+    ``OUTLINE_COARSE_MM``, back on the CT's grid, plus the voxels above ``body_hu`` within
+    ``OUTLINE_MARGIN_MM`` of it.  Lungs and bowel gas are inside (holes filled slice by slice)."""
+    from scipy import ndimage
+
+    rules = rules or SkeletonRules()
+    spacing = np.asarray(spacing, float)
+    a, f = _coarse(hu, spacing, OUTLINE_COARSE_MM)
+    cs = spacing * np.asarray(f)
+    cbody = body_mask(a, cs, rules)
+    r = np.maximum(1, np.ceil(OUTLINE_MARGIN_MM / cs[1:])).astype(int)
+    disk = (np.mgrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1] ** 2 / (r[:, None, None] ** 2)).sum(0) <= 1
+    band = ndimage.binary_dilation(cbody, structure=disk[None])
+    return _fine(cbody, f, hu.shape) | (_fine(band, f, hu.shape) & (hu > rules.body_hu))
+
+
+def clear_outside_body(ct, rules: SkeletonRules | None = None):
+    """``(ct with every voxel outside the body at OUTSIDE_HU, body mask, record)`` for a CT
+    :class:`~x2recon.io.volume.Volume` (a new Volume; ``ct`` is not changed).  The couch, head rests,
+    blankets and tubes outside the body leave the DRRs, meshes and targets: a radiograph of a standing
+    patient has none of them.  The record holds the body's volume and the volume above ``body_hu``
+    that was cleared (ml)."""
+    rules = rules or SkeletonRules()
+    hu = np.asarray(ct.array)
+    body = body_outline(hu, np.asarray(ct.spacing, float)[::-1], rules)
+    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+    cleared = int(np.count_nonzero((hu > rules.body_hu) & ~body))
+    out = np.where(body, hu, np.asarray(OUTSIDE_HU).astype(hu.dtype))
+    return ct.with_array(out), body, {"body_ml": round(float(body.sum()) * voxel_ml, 1),
+                                      "cleared_dense_ml": round(cleared * voxel_ml, 1)}
+
+
 def blood_pools(sm: np.ndarray, body: np.ndarray, spacing, rules: SkeletonRules) -> np.ndarray:
     """Thick 150–900 HU regions that are homogeneous or large without a dense rim (heart, aorta…)."""
     from scipy import ndimage

@@ -294,15 +294,15 @@ def test_splits_never_share_a_ct():
 
 def test_split_by_variant_trains_every_patient():
     """A leave-one-patient-out fold of 3 training CTs: by default 1 CT would train (whole CTs per split);
-    by variant all three train, and only variants validate and test."""
+    by variant all three train, only variants validate, and none is spent on a test split."""
     recs = [{"case_id": f"ct{i}" + (f"_v{v:02d}" if v else ""), "base_id": f"ct{i}", "variant": v}
             for i in range(3) for v in range(3)]
     base = lambda ids: {i.split("_v")[0] for i in ids}
     assert len(base(make_splits(recs)["train"])) == 1
     s = make_splits(recs, by="variant")
     assert base(s["train"]) == {"ct0", "ct1", "ct2"} and {"ct0", "ct1", "ct2"} <= set(s["train"])
-    assert s["val"] and s["test"] and all("_v" in i for i in s["val"] + s["test"])
-    assert not set(s["train"]) & set(s["val"] + s["test"])
+    assert s["val"] and not s["test"] and all("_v" in i for i in s["val"]) and len(s["train"]) == 8
+    assert not set(s["train"]) & set(s["val"])
     assert make_splits(recs, by="patient") == make_splits(recs)
     with pytest.raises(ValueError, match="at least 3 CTs"):
         make_splits([r for r in recs if r["base_id"] != "ct2"], by="patient")

@@ -547,8 +547,8 @@ def _status_from_cases(out: Path) -> list[str]:
 
 #: How ``make_splits`` divides a dataset: ``auto`` — by patient with ≥ 3 CTs, else by variant;
 #: ``patient`` — whole CTs (with their variants) per split; ``variant`` — every CT's original scan
-#: trains, the highest-numbered variants validate and test (all patients train: a leave-one-patient-out
-#: fold whose held-out patient is a dataset of its own).
+#: trains, the highest-numbered variants validate, no test split (all patients train: a leave-one-patient-out
+#: fold, whose held-out patient is a dataset of its own).
 SPLIT_POLICIES = ("auto", "patient", "variant")
 
 
@@ -573,7 +573,8 @@ def make_splits(done: list[dict], val_fraction: float = 0.1, test_fraction: floa
     ``auto``: with ≥ 3 CTs whole CTs (all their variants) go to one split, so the splits never share
     a CT; with fewer, the split is by variant: the original scans train, the highest-numbered variants
     validate and test — the paper's single-scan situation, where variants are the only unseen anatomy.
-    ``patient`` needs ≥ 3 CTs; ``variant`` splits by variant however many CTs there are.
+    ``patient`` needs ≥ 3 CTs; ``variant`` splits by variant however many CTs there are, with an empty test
+    split (the test is another patient's dataset).
     """
     check_split_by(by)
     bases = sorted({r["base_id"] for r in done})
@@ -591,6 +592,8 @@ def make_splits(done: list[dict], val_fraction: float = 0.1, test_fraction: floa
     n_hold = len(variants)
     n_test = max(1, round(n_hold * test_fraction)) if n_hold >= 3 else (1 if n_hold >= 2 else 0)
     n_val = max(1, round(n_hold * val_fraction)) if n_hold >= 3 else (1 if n_hold >= 1 else 0)
+    if by == "variant":  # the test is another dataset (a held-out patient): no variant is spent on a test split
+        n_test = 0
     test = [r["case_id"] for r in variants[len(variants) - n_test :]] if n_test else []
     val = [r["case_id"] for r in variants[len(variants) - n_test - n_val : len(variants) - n_test]] if n_val else []
     train = originals + [r["case_id"] for r in variants[: len(variants) - n_test - n_val]]

@@ -73,6 +73,20 @@ def _point(s: str) -> list[float]:
     return p
 
 
+def _shift(s: str) -> list[float]:
+    """``--variant-shift-mm``: three distances x,y,z ≥ 0 (mm), or one for all three axes."""
+    import math
+
+    try:
+        p = _floats(s)
+    except ValueError:
+        p = []
+    p = p * 3 if len(p) == 1 else p
+    if len(p) != 3 or not all(math.isfinite(x) and x >= 0 for x in p):
+        raise _type_error(f"expected three distances x,y,z ≥ 0 in mm (or one for all), got {s!r}")
+    return p
+
+
 def _shard(s: str) -> str:
     """``--shard K/N`` with 1 ≤ K ≤ N."""
     from ..dataset.builder import parse_shard
@@ -162,6 +176,16 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spider-grid", type=positive_int, default=d.spider_grid, help="SPIDER target grid, voxels per side of the box")
     g.add_argument("--variants", type=non_negative_int, default=argparse.SUPPRESS,
                    help=preset_help(pre, "variants", "extra deformed cases per CT (anatomical augmentation)"))
+    g.add_argument("--variant-scale", type=float_in(0.0, 0.5), default=d.variant_scale, metavar="S",
+                   help="each variant's body size: scale 1 ± S drawn per axis (default: %(default)s; e.g. 0.15 for "
+                   "patients of other builds)")
+    g.add_argument("--variant-rotation", type=float_in(0.0, 30.0, "degrees"), default=d.variant_rotation_deg,
+                   metavar="DEG", help="each variant's rotation, ± DEG about each axis (default: %(default)s)")
+    g.add_argument("--variant-shift-mm", type=_shift, default=",".join(f"{x:g}" for x in d.variant_shift_mm),
+                   metavar="X,Y,Z", help="each variant's place in the reconstruction box: its isocentre moves by up "
+                   "to ± X (left–right), Y (front–back: the AP view's depth), Z (head–foot) mm, seeded and recorded "
+                   "in meta.json as box_shift_mm (default: %(default)s; e.g. 15,25,15). The isocentre is found again "
+                   "on each deformed CT, so this, not the deformation, moves the patient in the box")
     g.add_argument("--seed", help="random seed of the occupancy samples, variants and DRR realism", type=non_negative_int, default=0)
     _add_split_by(p)
 
@@ -206,6 +230,9 @@ def _config_from_args(a):
         spider_grid=a.spider_grid,
         variants=a.variants,
         seed=a.seed,
+        variant_scale=a.variant_scale,
+        variant_rotation_deg=a.variant_rotation,
+        variant_shift_mm=a.variant_shift_mm,
     )
 
 

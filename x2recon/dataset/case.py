@@ -96,6 +96,18 @@ def variant_seed(config: BuildConfig, base_id: str, variant: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
+def box_shift(config: BuildConfig, base_id: str, variant: int) -> np.ndarray:
+    """A variant's isocentre offset (LPS mm), uniform in ± ``config.variant_shift_mm`` per axis, seeded like
+    the variant (its own stream: the deformation does not change with it); zero for the CT itself.
+    The isocentre is found again on each deformed CT, which cancels a translation of the patient: this
+    offset is what moves the patient in the box."""
+    lim = np.asarray(config.variant_shift_mm, float)
+    if variant == 0 or not lim.any():
+        return np.zeros(3)
+    h = hashlib.sha256(f"{config.seed}:{base_id}:{variant}:box".encode()).digest()
+    return np.random.default_rng(int.from_bytes(h[:4], "little")).uniform(-1, 1, 3) * lim
+
+
 def realism_seed(config: BuildConfig, case_id: str, view: str) -> int:
     """Seed of one DRR's radiograph-like variation: the build seed, the case and the view."""
     h = hashlib.sha256(f"{config.seed}:{case_id}:{view}:realism".encode()).digest()
@@ -405,7 +417,8 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
     _check_extent(ct)
     deformation, ct0 = None, ct
     if c.inp.variant > 0:  # seeded by the case, never by process state: the same bytes in any run
-        deformation = random_deformation(variant_seed(c.cfg, c.inp.base_id, c.inp.variant), ct)
+        deformation = random_deformation(variant_seed(c.cfg, c.inp.base_id, c.inp.variant), ct,
+                                         params=c.cfg.deformation_params())
         ct = deformation.apply(ct, kind="ct")
     body = None
     if not c.cfg.keep_outside_body:  # couch, blankets, tubes → air, before anything is rendered or meshed
@@ -426,7 +439,8 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
             present = set(np.unique(seg.array).tolist()) - {0}
             names = {k: v for k, v in names.items() if k in present}
         _warn_missing_structures(c.inp.case_id, source, c.cfg.structures, names)
-        iso = isocenter_of(seg, ct, c.cfg)
+        shift = box_shift(c.cfg, c.inp.base_id, c.inp.variant)
+        iso = isocenter_of(seg, ct, c.cfg) + shift
         write_volume(seg, seg_path)
         c.stages.mark("segment", [seg_path], {
             "names": {str(k): v for k, v in names.items()},
@@ -434,6 +448,7 @@ def _stage_segment(c: _Case, ct_vol, lab_vol) -> None:
             "isocenter": iso.tolist(),
             "missing": [s for s in c.cfg.structures if s not in names.values()],
             "deformation": None if deformation is None else deformation.to_dict(),
+            "box_shift_mm": shift.tolist(),
         })
     # always the stored segmentation: a resumed run continues from exactly what a fresh run has
     c.seg = read_labelmap(seg_path)
@@ -569,6 +584,9 @@ def _write_meta(c: _Case, fp: dict) -> dict:
         "outside_body": ({"kept": True} if c.outside_body is None
                          else {"kept": False, "set_to_hu": -1024, **c.outside_body}),
         "isocenter": c.iso.tolist(),
+        # the variant's box jitter: the isocentre moved by this much (LPS mm), so the patient sits that much
+        # the other way in the box (0 for the CT itself; --variant-shift-mm)
+        "box_shift_mm": info.get("box_shift_mm", [0.0, 0.0, 0.0]),
         "box_size": c.cfg.box_size,
         "views": views,
         "classes": class_names("groups", c.cfg.structures),

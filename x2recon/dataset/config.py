@@ -18,6 +18,10 @@ PAPER_BUILD = {"structures": list(DEFAULT_STRUCTURES), "drr_size": 512, "x2b_siz
                "n_points": 100_000, "near_surface_fraction": 0.0, "variants": 0,
                "xray_realism": False}
 PRESETS = ("ours", "paper")
+#: Largest ``--variant-scale``: a body 1.5× or 0.5× as large along an axis is another body shape, not a patient.
+MAX_VARIANT_SCALE = 0.5
+#: Variant settings left out of the digest at these values, so datasets built before they existed keep theirs.
+_VARIANT_DEFAULTS = {"variant_scale": 0.06, "variant_rotation_deg": 5.0, "variant_shift_mm": [0.0, 0.0, 0.0]}
 #: Thresholds ``--threshold-hu`` accepts: values a CT holds for tissue (air −1000 … dense cortical bone 3000 HU);
 #: NaN or 1e9 is a typo, not a threshold.
 THRESHOLD_HU_RANGE = (-1000.0, 3000.0)
@@ -61,6 +65,12 @@ class BuildConfig:
     # augmentation
     variants: int = 0
     seed: int = 0
+    # each variant's body size (per-axis scale 1 ± variant_scale), rotation (± degrees about each axis) and,
+    # because the isocentre is found again on the deformed CT (which cancels a translation), a box jitter: the
+    # variant's isocentre moves by up to ± variant_shift_mm (x L–R, y A–P = the AP view's depth, z S–I)
+    variant_scale: float = 0.06
+    variant_rotation_deg: float = 5.0
+    variant_shift_mm: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     # "ours" | "paper": the preset the settings started from (a label; the values above are what count)
     preset: str = "ours"
 
@@ -88,6 +98,22 @@ class BuildConfig:
         for v in self.views:
             ProjectionGeometry.from_view(v)  # raises on unknown view names
         self.angles = [float(a) for a in self.angles]
+        if not (math.isfinite(float(self.variant_scale)) and 0.0 <= float(self.variant_scale) <= MAX_VARIANT_SCALE):
+            raise ValueError(f"variant_scale (--variant-scale) must be 0–{MAX_VARIANT_SCALE:g}, got {self.variant_scale}")
+        if not (math.isfinite(float(self.variant_rotation_deg)) and 0.0 <= float(self.variant_rotation_deg) <= 30):
+            raise ValueError(f"variant_rotation_deg (--variant-rotation) must be 0–30 degrees, got {self.variant_rotation_deg}")
+        shift = [float(x) for x in self.variant_shift_mm]
+        if len(shift) != 3 or not all(math.isfinite(x) and 0.0 <= x <= self.box_size / 4 for x in shift):
+            raise ValueError(f"variant_shift_mm (--variant-shift-mm) must be three distances x,y,z of 0–"
+                             f"{self.box_size / 4:g} mm (a quarter of the box), got {self.variant_shift_mm}")
+        self.variant_scale, self.variant_rotation_deg = float(self.variant_scale), float(self.variant_rotation_deg)
+        self.variant_shift_mm = shift
+
+    def deformation_params(self):
+        """The limits each variant's deformation is drawn within (``dataset.augment.DeformationParams``)."""
+        from .augment import DeformationParams
+
+        return DeformationParams(max_rotation_deg=self.variant_rotation_deg, max_scale=self.variant_scale)
 
     def view_names(self) -> list[str]:
         """Named views plus extra angles, without duplicates (``'AP'``, ``'PA'``, ``'LAT'``, ``'30'``…)."""
@@ -141,5 +167,5 @@ class BuildConfig:
         on and ``keep_outside_body`` only when off, so datasets built before they existed keep their digest
         (and are rebuilt, without the couch, by a build with the defaults)."""
         d = {k: v for k, v in self.to_dict().items() if k != "preset" and not (k == "xray_realism" and not v)
-             and not (k == "keep_outside_body" and v)}
+             and not (k == "keep_outside_body" and v) and not (k in _VARIANT_DEFAULTS and v == _VARIANT_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

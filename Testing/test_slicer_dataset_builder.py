@@ -233,7 +233,8 @@ def test_config_round_trips_through_the_command_line():
         threshold_hu=-120.5, views=["LAT"], angles=[-20.0, 12.5], drr_size=256, x2b_size=128, sdd=1500.25,
         sod=1400.0, detector_mm=400.0, box_size=320.0, beam="parallel", isocenter="ct", clahe=False,
         clahe_clip=0.02, device="cpu", mesh_smoothing=0.5, n_points=5000, near_surface_fraction=0.25,
-        spider_grid=64, variants=3, seed=7, preset="paper", xray_realism=True,
+        spider_grid=64, variants=3, seed=7, preset="paper", xray_realism=True, keep_outside_body=True,
+        variant_scale=0.15, variant_rotation_deg=7.5, variant_shift_mm=[15.0, 25.0, 12.5],
     )
     d0, d1 = BuildConfig().to_dict(), changed.to_dict()
     no_option = {"near_surface_sigma"}  # not a command-line setting

@@ -54,7 +54,13 @@ _CLI_OPTIONS = {
     "seed": "--seed",
     "preset": "--preset",
     "xray_realism": "--xray-realism",  # on|off
+    "keep_outside_body": "--keep-outside-body",  # a flag that switches on (False is the default)
+    "variant_scale": "--variant-scale",
+    "variant_rotation_deg": "--variant-rotation",
+    "variant_shift_mm": "--variant-shift-mm",
 }
+#: Boolean settings whose option switches them on (the others' options switch them off, e.g. --no-clahe).
+_FLAGS_ON = {"keep_outside_body"}
 
 
 def config_to_cli_args(config) -> list[str]:
@@ -76,6 +82,10 @@ def config_to_cli_args(config) -> list[str]:
             raise ValueError(f"build setting {key!r} = {value!r} has no x2recon build-dataset option")
         if key == "xray_realism":
             args.append(f"{opt}={'on' if value else 'off'}")
+        elif isinstance(value, bool) and key in _FLAGS_ON:
+            if not value:
+                raise ValueError(f"build setting {key!r} cannot be switched off from the command line")
+            args.append(opt)
         elif isinstance(value, bool):
             if value:  # only the "off" flag exists (--no-clahe); True is the default
                 raise ValueError(f"build setting {key!r} cannot be switched on from the command line")

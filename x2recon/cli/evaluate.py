@@ -19,8 +19,14 @@ def default_csv(model: str | Path, split: str) -> Path:
 
 def cmd_evaluate(a) -> int:
     from ..dataset.lock import dataset_read_lock
+    from ..errors import X2ReconInputError
     from ..nn.checkpoint import read_config
 
+    if (a.model is None) == (a.atlas is None):
+        raise X2ReconInputError("--model" if a.model else None, "give one of --model (a network) or --atlas "
+                                                                "DIR[,DIR] (the no-learning atlas)")
+    if a.atlas is not None:
+        return _evaluate_atlas(a)
     cfg = read_config(a.model)
     root = Path(a.data)
     # a build, shard or manifest rewrite still writing the dataset: refuse (or wait) rather than score part of it;
@@ -67,6 +73,41 @@ def _evaluate(a, cfg: dict, root: Path) -> int:
     return 0
 
 
+#: ``evaluate`` options of a network alone, with their defaults: --atlas refuses any other value.
+NETWORK_ONLY = {"--resolution": 128, "--device": "auto", "--refine": "none", "--detector": None, "--templates": None,
+                "--registration": "gbcpd,cpd", "--allow-mismatch": False}
+
+
+def _evaluate_atlas(a) -> int:
+    """``evaluate --atlas DIR[,DIR]``: the atlas (x2b.atlas) scored like X2B — the same CSV columns and tables,
+    method "atlas"; a library case from a scored patient's CT is refused before any work."""
+    import contextlib
+
+    from ..dataset.lock import dataset_read_lock
+    from ..errors import X2ReconInputError
+    from ..x2b.atlas import METHOD, evaluate_atlas, load_library
+    from ..x2b.evaluate import summary_table
+
+    given = [o for o, d in NETWORK_ONLY.items() if getattr(a, o[2:].replace("-", "_")) != d]
+    if given:
+        raise X2ReconInputError(given[0], "is not used by --atlas (no network); leave it out")
+    cases = load_library(a.atlas)
+    roots = [Path(a.data)] + list(dict.fromkeys(c.root for c in cases))
+    out_csv = Path(a.out) if a.out else Path.cwd() / f"evaluate_atlas_{a.split}.csv"
+    with contextlib.ExitStack() as locks:  # neither the scored data nor the library may change while scored
+        for r in roots:
+            locks.enter_context(dataset_read_lock(r, wait=a.wait, on_wait=lambda holder, r=r: print(
+                f"x2recon evaluate: {r}: waiting for {holder} to finish writing it", file=sys.stderr, flush=True)))
+        rows = evaluate_atlas(cases, roots[0], split=a.split, views=views(a.views) or None, n_points=a.points,
+                              out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet,
+                              log=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    note = (f"library: {len(cases)} cases of {', '.join(str(r) for r in roots[1:])}, none from a scored "
+            "patient's CT")
+    print(summary_table(rows, method=METHOD, note=note))
+    print(f"per-case results: {out_csv}")
+    return 0
+
+
 def _card_patients(model) -> str:
     """A bundled model's training patients as its card names them ("" for any other model): what evaluate can
     still say about a model that predates recorded training cases."""
@@ -90,8 +131,11 @@ def add_parsers(sub) -> None:
                                    "a warning in every table title), and the titles and the CSV's seen_in_training "
                                    "column say which cases the model trained on.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, type=model_arg,
+    p.add_argument("--model", type=model_arg,
                    help="checkpoint (.safetensors), or 'demo' for the bundled X2B demo model")
+    p.add_argument("--atlas", help="instead of --model: score the no-learning atlas with this library, dataset "
+                                   "folder(s) built with x2recon build-dataset, comma-separated (rows labelled "
+                                   "'atlas'; a library case from a scored case's CT is refused)")
     p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
     p.add_argument("--split", default="test", help="train, val, test or all")
     p.add_argument("--views", default="", help="X2B: views to reconstruct from (default: the model's training views)")
@@ -99,7 +143,8 @@ def add_parsers(sub) -> None:
                    help="MISE grid of the evaluation meshes, cells per side (32·2^k)")
     p.add_argument("--points", type=positive_int, default=100_000, help="surface/volume samples per metric")
     p.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", type=output_file, help="per-case CSV (default: ./evaluate_<model name>_<split>.csv in the working directory)")
+    p.add_argument("--out", type=output_file, help="per-case CSV (default: ./evaluate_<model name>_<split>.csv, with --atlas "
+                                                       "./evaluate_atlas_<split>.csv, in the working directory)")
     p.add_argument("--meshes", type=output_dir, help="also write each reconstruction (meshes; SPIDER: CT + labelmap) into this folder")
     p.add_argument("--refine", choices=["none", "template"], default="none",
                    help="template: also score X2BR (X2B + detection + template registration) — Tables 1–3")

@@ -234,7 +234,65 @@ def _threshold_text(a, model, cfg: dict) -> str:
     return f"threshold {model.cfg.threshold:g} ({why})"
 
 
+#: ``reconstruct`` options of the network alone, with their defaults: --method atlas refuses any other value.
+NETWORK_ONLY = {"--model": None, "--lateral": None, "--lateral-geometry": None, "--resolution": 256,
+                "--threshold": None, "--faces": 0, "--refine-steps": 0, "--network-normals": False, "--refine": "none",
+                "--detector": None, "--templates": None, "--registration": "gbcpd", "--conf": 0.25, "--device": "auto",
+                "--precision": "auto", "--no-watertight": False, "--render-confidence": False}
+
+
 def cmd_reconstruct(a) -> int:
+    from ..errors import X2ReconInputError
+
+    if a.method == "atlas":
+        return _reconstruct_atlas(a)
+    if a.model is None:
+        raise X2ReconInputError("--model", "is required (a checkpoint or a bundled model), or use --method atlas "
+                                           "--library DIR")
+    if a.library:
+        raise X2ReconInputError("--library", "is used by --method atlas only; leave it out or add --method atlas")
+    return _reconstruct_network(a)
+
+
+def _reconstruct_atlas(a) -> int:
+    """``reconstruct --method atlas``: the library's best-matching skeleton placed on the X-ray (x2b.atlas)."""
+    from ..errors import X2ReconInputError
+    from ..io.mesh import MESH_SUFFIXES, write_mesh
+    from ..io.xray import read_xray
+    from ..x2b.atlas import library_geometry, load_library, reconstruct_atlas
+
+    given = [o for o, d in NETWORK_ONLY.items() if getattr(a, o[2:].replace("-", "_")) != d]
+    if given:
+        raise X2ReconInputError(given[0], "is not used by --method atlas (one X-ray, no network, no occupancy); "
+                                          "leave it out")
+    if not a.library:
+        raise X2ReconInputError("--library", "--method atlas needs --library DIR[,DIR] (datasets built with "
+                                             "x2recon build-dataset)")
+    if Path(a.out).suffix.lower() not in MESH_SUFFIXES:
+        raise X2ReconInputError(a.out, f"--out: x2recon cannot write a mesh in this format; use one of "
+                                       f"{', '.join(MESH_SUFFIXES)}")
+    refuse_colliding_paths({"--out": a.out, "--render": a.render}, {"--xray": a.xray, "--geometry": a.geometry})
+    cases = load_library(a.library)
+    x = read_xray(a.xray, view=a.view, geometry=a.geometry, pixel_spacing=a.pixel_spacing, sdd=a.sdd, sod=a.sod,
+                  model_geometry=library_geometry(cases))
+    if x.placement is not None and (x.placement.assumed or x.placement.warnings or not a.quiet):
+        print(f"{Path(a.xray).name}: {x.placement.text()}")
+    prog = ProgressLines(a.progress_lines, a.quiet)
+    try:
+        res = reconstruct_atlas(x, cases, progress=prog)
+    finally:
+        prog.close()
+    write_mesh(res.mesh, a.out)
+    print(f"{a.out}: {len(res.mesh.faces):,} triangles, LPS mm, in {res.seconds:.1f} s: {res.text()}")
+    if a.render:
+        from ..mesh.render import render_png
+
+        render_png(res.mesh, a.render, title=Path(a.xray).name)
+        print(a.render)
+    return 0
+
+
+def _reconstruct_network(a) -> int:
     from ..io.mesh import write_mesh
     from ..nn.checkpoint import load_model
     from ..x2b.reconstruct import reconstruct, resolve_device
@@ -381,10 +439,17 @@ def add_parsers(sub) -> None:
                                    "2D NIfTI/NRRD/MHA. The mesh is written in LPS millimetres in the X-ray's geometry.")
     p.add_argument("--xray", required=True, help="the (frontal) X-ray")
     p.add_argument("--lateral", help="the lateral X-ray (X2B2 models)")
-    p.add_argument("--model", required=True, type=model_arg,
+    p.add_argument("--model", type=model_arg,
                    help="checkpoint (.safetensors), or a bundled X2B model (not clinical; x2recon info --bundled): "
                         "'demo' (x2recon/resources/models/x2b_demo.safetensors, trained on one patient) or 'skeleton' "
-                        "(x2b_skeleton.safetensors, the whole skeleton, trained on every shared patient)")
+                        "(x2b_skeleton.safetensors, the whole skeleton, trained on every shared patient); needed by "
+                        "--method network")
+    p.add_argument("--method", choices=["network", "atlas"], default="network",
+                   help="network: the X2B/X2B2 model (--model); atlas: no learning — the --library case whose DRR "
+                        "of the X-ray's view matches best after a 2D scale + shift alignment, its bones placed on "
+                        "the X-ray (docs/models.md)")
+    p.add_argument("--library", help="--method atlas: dataset folder(s) built with x2recon build-dataset, "
+                                     "comma-separated (every case, scans and variants, is a candidate)")
     p.add_argument("--out", required=True, type=output_file, help="mesh file: .stl, .ply, .obj, .off or .vtk")
     p.add_argument("--view", type=view_name, help="view of --xray when it has no geometry file: AP, PA, LAT or degrees "
                    "(default: the DICOM ViewPosition, else AP; printed)")

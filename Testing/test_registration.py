@@ -245,7 +245,10 @@ def test_bcpd_recovers_warp_with_similarity():
 def test_nystrom_and_plusplus_agree_with_full():
     """Nyström-rank and "++" (downsampled, interpolated) BCPD/GBCPD land where the full versions do:
     the Gaussian kernel's spectrum decays fast (rank 200 ≈ exact); "++" within a fraction of the
-    fitted subset's point spacing (≈ 0.1 here)."""
+    fitted subset's point spacing (≈ 0.1 here; the warp moves points 0.078 on average). Which 500 of the
+    642 points are fitted decides the "++" error: over seeds 0–19 BCPD++ spreads 0.014–0.056 (median
+    0.027), GBCPD++ 0.020–0.076 (median 0.036). Seed 0 draws 0.035 for both; the bounds are BCPD++'s
+    90th percentile (0.045) and, as before, 0.04 for GBCPD++ (a little above its median)."""
     m = bumpy()
     GT = smooth_warp(m.vertices)
     X = GT + np.random.default_rng(7).normal(0, 0.003, GT.shape)
@@ -254,12 +257,30 @@ def test_nystrom_and_plusplus_agree_with_full():
     b_full, b_nys, b_pp = bcpd(m, X, nystrom=0), bcpd(m, X, nystrom=200), bcpd(m, X, nystrom=0, downsample=500)
     assert b_nys.info["kernel_rank"] <= 200 and b_pp.method == "bcpd++" and b_pp.info["fitted_source"] == 500
     assert err(b_full) < 0.003 and diff(b_nys, b_full) < 1e-4
-    assert err(b_pp) < 0.03 and diff(b_pp, b_full) < 0.03
+    assert err(b_pp) < 0.045 and diff(b_pp, b_full) < 0.045
     g_full, g_nys = gbcpd(m, X, nystrom=0), gbcpd(m, X, nystrom=300)  # exact geodesic kernel, eigen-truncated
     g_pp = gbcpd(m, X, nystrom=300, downsample=500)
     assert g_nys.info["landmarks"] == 300 and g_pp.method == "gbcpd++"
     assert err(g_full) < 0.012 and err(g_nys) < 0.012 and diff(g_nys, g_full) < 0.006
     assert err(g_pp) < 0.04 and diff(g_pp, g_full) < 0.04
+
+
+@pytest.mark.parametrize("method", ["gbcpd", "bcpd"])
+def test_plusplus_target_subset_covers_a_target_sampled_with_the_same_seed(method):
+    """"++" with ``downsample`` ≥ the source's vertex count (only the target is subsampled) onto a target
+    sampled from a surface with the same seed, as X2BR does (``sample_surface(coarse, n, seed)`` then
+    ``register(..., seed=seed)``). The subset was drawn from the very random stream of that sampling, so it
+    held only the points of the last-listed faces: 2.6–3.1× the error of not registering at all. Now the
+    template moves towards the warp (≈ 0.6–0.7× — the floor of a target sampled between the vertices)."""
+    from x2recon.metrics.mesh import sample_surface
+
+    m = bumpy(2)
+    GT = smooth_warp(m.vertices, a=0.1)
+    X, _ = sample_surface(trimesh.Trimesh(GT, m.faces, process=False), 1500, seed=0)
+    res = (gbcpd if method == "gbcpd" else bcpd)(m, X, seed=0, downsample=500)
+    assert len(m.vertices) < 500 and res.info["fitted_target"] == 500
+    before = np.linalg.norm(m.vertices - GT, axis=1).mean()
+    assert np.linalg.norm(res.Y_hat - GT, axis=1).mean() < 0.85 * before
 
 
 def test_local_estep_matches_dense():

@@ -189,6 +189,21 @@ def _kernel(kernel, Yn, Yfit, iy, faces, beta, tau, nystrom, eps, rng, dev, dt, 
     return gaussian(Yt, Yt, beta), None
 
 
+def _subsets(Yn, Xn, downsample: int, voxel: float, seed: int):
+    """"++": (source indices or None, target indices or None) of the registered subsets, and the random
+    generator of the kernel's landmarks.
+
+    One independent stream per draw (source subset, target subset, landmarks): a draw does not depend on
+    whether another one happened, and none repeats the stream of ``default_rng(seed)`` itself, which a
+    caller's own sampling with the same seed uses (X2BR samples its target surface so: drawn from that
+    stream, the "++" target subset held only the points of the last-listed faces, and with ``downsample``
+    ≥ the source's vertex count the template ended farther from the target than it started)."""
+    rng_y, rng_x, rng_k = (np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(3))
+    iy = voxel_sample(Yn, downsample, voxel, rng_y) if 0 < downsample < len(Yn) else None
+    ix = voxel_sample(Xn, downsample, voxel, rng_x) if 0 < downsample < len(Xn) else None
+    return iy, ix, rng_k
+
+
 def _interpolate_displacement(disp, Gfull, Yn, Y, beta, dev, dt, mon):
     """"++": the displacement fitted on the subset, at every source point."""
     mon(0.98, "interpolating the displacement")
@@ -242,9 +257,7 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     mon = Monitor(progress, cancel)
-    rng = np.random.default_rng(seed)
     M0, D = src.points.shape
-    N0 = len(tgt.points)
     mode = normalize
     if "n" not in transform and "s" not in transform and mode == "e":
         mode = "y"  # rigid: one scale for both sets (as Hirose's program does)
@@ -253,9 +266,7 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
     nonrigid = "n" in transform
     info: dict = {}
 
-    # "++": the subsets that are registered
-    iy = voxel_sample(Yn, downsample, downsample_voxel, rng) if 0 < downsample < M0 else None
-    ix = voxel_sample(Xn, downsample, downsample_voxel, rng) if 0 < downsample < N0 else None
+    iy, ix, rng_k = _subsets(Yn, Xn, downsample, downsample_voxel, seed)
     Yfit = Yn if iy is None else Yn[iy]
     Xfit = Xn if ix is None else Xn[ix]
     M = len(Yfit)
@@ -264,7 +275,7 @@ def bcpd(source, target, *, w: float = 0.0, lam: float = 2.0, beta: float = 2.0,
 
     G, Gfull = None, None
     if nonrigid:
-        G, Gfull = _kernel(kernel, Yn, Yfit, iy, src.faces, beta, tau, nystrom, eps, rng, dev, dt, mon, info)
+        G, Gfull = _kernel(kernel, Yn, Yfit, iy, src.faces, beta, tau, nystrom, eps, rng_k, dev, dt, mon, info)
     X = torch.as_tensor(Xfit, dtype=dt, device=dev)
     Y = torch.as_tensor(Yfit, dtype=dt, device=dev)
     st = _core(X, Y, G, w=w, lam=lam, kappa=kappa, gamma=gamma, transform=transform, tol=tol,

@@ -107,7 +107,8 @@ def test_the_scaled_and_shifted_copy_is_chosen_and_lands_on_the_patient(atlas_se
 
 def test_a_library_holding_the_scored_patient_is_refused(tiny_x2b_dataset, atlas_setup, tmp_path, capsys):
     """A library with a deformed variant of the scored patient's CT (same CT checksum, another deformation) is
-    refused before any work, naming the library case and the scored one; the CSV is not written."""
+    refused before any work, naming the library case and the scored one, and so is one whose checksum was never
+    recorded; the CSV is not written."""
     lib = tmp_path / "lib"
     shutil.copytree(tiny_x2b_dataset / "cases" / "chest_v01", lib / "cases" / "chest_v01")
     out = tmp_path / "scores.csv"
@@ -116,6 +117,15 @@ def test_a_library_holding_the_scored_patient_is_refused(tiny_x2b_dataset, atlas
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"x2recon evaluate: error: {lib / 'cases' / 'chest_v01'}: the library case has the same CT")
     assert "as the scored case chest of" in err
+    assert not out.exists()
+    # a library case without a recorded CT checksum cannot be told apart from the scored patient: refused too
+    meta_path = lib / "cases" / "chest_v01" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["inputs"]["ct_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    code, _, err = run_main(capsys, "evaluate", "--atlas", lib, "--data", tiny_x2b_dataset, "--split", "train",
+                            "--out", out, "--quiet")
+    assert code == 2 and "built before x2recon recorded CT checksums" in err, err
     assert not out.exists()
 
 

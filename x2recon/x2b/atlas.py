@@ -142,9 +142,9 @@ def library_geometry(cases: list[LibraryCase]) -> dict:
 def refuse_same_patient(cases: list[LibraryCase], scored: dict[str, str], data: Path) -> None:
     """An error before any work when a library case comes from the CT of a scored case (``scored``: case id →
     CT checksum) — the atlas would copy the answer — or when either side has no recorded checksum."""
-    unknown = [c.label for c in cases if not c.ct_sha256]
+    unknown = [c for c in cases if not c.ct_sha256]
     if unknown:
-        raise X2ReconInputError(cases[0].root if len(unknown) == len(cases) else unknown[0],
+        raise X2ReconInputError(unknown[0].folder,
                                 "the library case was built before x2recon recorded CT checksums: cannot tell "
                                 "whether it is a scored patient; rebuild the library")
     missing = [cid for cid, ct in scored.items() if not ct]

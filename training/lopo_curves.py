@@ -154,8 +154,9 @@ class Curves:
     def evaluate(self, tag: str, held: Path, args: list[str], method: str, n_train: int, steps: int | None) -> None:
         csv_path = self.a.out / "eval" / f"{tag}.csv"
         csv_path.parent.mkdir(parents=True, exist_ok=True)
+        net = ["--device", self.a.device, *self.prof["eval"]] if "--model" in args else _without(self.prof["eval"], "--resolution")
         self.st.step(f"eval.{tag}", ["evaluate", *args, "--data", str(self.a.out / "tests" / held.name), "--split", "all",
-                                     "--out", str(csv_path), "--device", self.a.device, "--quiet", *self.prof["eval"]])
+                                     "--out", str(csv_path), "--quiet", *net])
         rows = [{**r, "method": method, "steps": steps} for r in table_rows("x2b", held.name, n_train, csv_path)]
         atomic_write_text(self.a.out / "rows" / f"{tag}.json", json.dumps(rows, indent=1))
 

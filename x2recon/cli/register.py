@@ -85,9 +85,10 @@ def add_parsers(sub) -> None:
         description="Move SOURCE (a mesh, or points) onto TARGET and write it (the source's triangles kept). "
                     "Methods:\n" + "\n".join(f"  {k:<11} {v}" for k, v in METHODS.items()) +
                     "\nParameters keep Hirose's names (bcpd program letters in brackets). Unset ones: CPD takes "
-                    "Myronenko's defaults; BCPD/GBCPD take ours (β 0.7, λ 50, γ 0.3, GBCPD τ 0.2: chosen by "
-                    "Testing/benchmarks/bench_registration_sweep.py on real bones, where Hirose's β = λ = 2, "
-                    "γ = 1, τ = 1 drag a rib onto its neighbour; docs/registration.md). Prints a JSON summary.",
+                    "Myronenko's defaults; BCPD/GBCPD take ours (β 2, λ 200, γ 0.3, GBCPD τ 0.2, ≥ 100 "
+                    "iterations: chosen by Testing/benchmarks/bench_registration_sweep.py on real bones with "
+                    "partial, noisy targets, where Hirose's β = λ = 2, γ = 1, τ = 1 drag a rib onto its "
+                    "neighbour; docs/registration.md). Prints a JSON summary.",
         epilog="example: x2recon register template.ply x2b_bones.ply --method gbcpd --beta 1 --lambda 20 "
                "--downsample 5000 --out registered.ply")
     p.add_argument("source", help="mesh (.stl .ply .obj .off .vtk) or points (a point cloud in those formats, or "
@@ -99,8 +100,8 @@ def add_parsers(sub) -> None:
                              "Myronenko's for CPD)")
     g.add_argument("--w", type=probability_below_one, help="outlier probability ω in [0,1) [-w] (default 0)")
     g.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=positive_float,
-                   help="λ: stiffness of the deformation [-l] (BCPD/GBCPD 50, CPD 2)")
-    g.add_argument("--beta", type=positive_float, help="β: kernel width, normalised units [-b] (BCPD/GBCPD 0.7, CPD 2)")
+                   help="λ: stiffness of the deformation [-l] (BCPD/GBCPD 200, CPD 2)")
+    g.add_argument("--beta", type=positive_float, help="β: kernel width, normalised units [-b] (BCPD/GBCPD 2, CPD 2)")
     g.add_argument("--gamma", type=positive_float, help="γ: initial σ scale [-g] (BCPD/GBCPD, default 0.3)")
     g.add_argument("--kappa", type=_positive_or_inf, help="κ: mixing-coefficient prior [-k] (BCPD/GBCPD, default inf)")
     g.add_argument("--tau", type=non_negative_float, help="τ: weight of the geodesic term [-G geodesic,τ] "
@@ -110,7 +111,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--downsample", type=positive_int, metavar="N", help="'++': register N points of each set and "
                    "interpolate the displacement [-D B,N,0.08] (BCPD/GBCPD)")
     g.add_argument("--max-iter", type=positive_int, help="maximum iterations [-n] (BCPD 500, CPD 150)")
-    g.add_argument("--min-iter", type=non_negative_int, help="minimum iterations [-N] (BCPD/GBCPD, default 30)")
+    g.add_argument("--min-iter", type=non_negative_int, help="minimum iterations [-N] (BCPD/GBCPD, default 100)")
     g.add_argument("--tol", type=positive_float, help="convergence tolerance [-c] (BCPD: σ change 1e-4; CPD: relative "
                    "likelihood change 1e-5)")
     g.add_argument("--normalize", choices=["e", "x", "y", "n"], help="[-u] each set / by target / by source / none "

@@ -31,17 +31,20 @@ PARAMETERS = {
 
 
 #: Defaults of ``register`` (so of ``x2recon register`` and X2BR) where they differ from Hirose's program
-#: (β = λ = 2, γ = 1, τ = 1), which the functions ``bcpd``/``gbcpd`` keep. Chosen by the worst case over
-#: three real bone deformations (Testing/benchmarks/bench_registration_sweep.py, table in
-#: docs/registration.md): neighbouring ribs pulled apart 12–18 mm, a bent T6–T9 segment, a vertebra scaled 10 %.
-#: γ 0.3 (σ starts small, so each point is drawn to its near neighbours first) is what stops a rib from
-#: being dragged onto its neighbour (Hirose's defaults: 15 mm error there; γ 0.3: < 0.1 mm); λ 50 (stiffer
-#: than 2, softer than 200) was best over the β × λ grid; τ 0.2 (a fifth geodesic) lets the separate
-#: vertebrae of a spine bend together (τ 1: 0.39 mm, τ 0.2: 0.18 mm) while ribs still stay apart; at τ 0.2,
-#: β 0.7 beat 0.5 and 1 (worst case 0.11 mm).
+#: (β = λ = 2, γ = 1, τ = 1, 30 iterations at least), which the functions ``bcpd``/``gbcpd`` keep. Chosen by
+#: the worst case over three real bone deformations (neighbouring ribs pulled apart 12–18 mm, a bent T6–T9
+#: segment, a vertebra scaled 10 %) × target fraction (100, 80, 60 % of the points, shuffled) × Gaussian
+#: noise (0, 1 mm), two random targets a cell (Testing/benchmarks/bench_registration_sweep.py, table in
+#: docs/registration.md). γ 0.3 (σ starts small, so each point is drawn to its near neighbours first) stops
+#: a rib from being dragged onto its neighbour (Hirose's defaults: 15 mm there); τ 0.2 (a fifth geodesic)
+#: lets the separate vertebrae of a spine bend together while ribs stay apart; β 2 and λ 200 (wider and
+#: stiffer than the β 0.7, λ 50 chosen on one full-looking target) carry the motion across the gaps of a
+#: partial target and average out noise (80 % rib targets: 0.58 → 0.15 mm; with 1 mm noise 1.56 → 0.31);
+#: at least 100 iterations, because on partial, noisy targets σ can stall for a while before the last
+#: slide into place (min_iter 30 left one 80 % rib target at 1.13 mm, 100 at 0.31).
 DEFAULTS = {
-    "gbcpd": dict(beta=0.7, lam=50.0, gamma=0.3, tau=0.2),
-    "bcpd": dict(beta=0.7, lam=50.0, gamma=0.3),
+    "gbcpd": dict(beta=2.0, lam=200.0, gamma=0.3, tau=0.2, min_iter=100),
+    "bcpd": dict(beta=2.0, lam=200.0, gamma=0.3, min_iter=100),
 }
 
 

@@ -34,9 +34,10 @@ from ..errors import X2ReconInputError
 from ..registration.methods import DEFAULTS as REGISTRATION_DEFAULTS
 
 #: Registration settings for template → coarse shape, in Hirose's names: ``x2recon register``'s defaults
-#: (``registration.methods.DEFAULTS``: β 0.7, λ 50, γ 0.3, GBCPD τ 0.2), chosen by their worst case over real
-#: bone deformations in Testing/benchmarks/bench_registration_sweep.py (neighbouring ribs pulled apart, a
-#: bent spine segment, a scaled vertebra — the motions that separate a placed template from the bones),
+#: (``registration.methods.DEFAULTS``: β 2, λ 200, γ 0.3, GBCPD τ 0.2, ≥ 100 iterations), chosen by their
+#: worst case over real bone deformations with partial, noisy targets in
+#: Testing/benchmarks/bench_registration_sweep.py (neighbouring ribs pulled apart, a bent spine segment, a
+#: scaled vertebra — the motions that separate a placed template from the bones),
 #: plus what the template's size needs: a 55 k-vertex template cannot have the exact kernel, so Nyström
 #: K 300 (in the sweep, K 300 instead of the exact kernel added 0.13 mm on the spine at τ 1) and GBCPD++
 #: with 4 000 points registered and interpolated.

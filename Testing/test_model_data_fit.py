@@ -104,6 +104,21 @@ def test_allow_mismatch_scores_with_a_warning_in_every_title(tiny_x2b_dataset, t
     assert {r["seen_in_training"] for r in rows} == {NOT_RECORDED}
 
 
+def test_evaluate_threshold_sets_every_reconstructions_surface(tiny_x2b_dataset, tmp_path, capsys):
+    """--threshold τ: a higher occupancy threshold encloses less (the level sets are nested), so every case's
+    predicted/true volume falls; --atlas refuses it (no network)."""
+    vols = {}
+    for tau in ("0.2", "0.6"):
+        out = tmp_path / f"t{tau}.csv"
+        code, _, err = run_main(capsys, "evaluate", "--model", "skeleton", "--data", tiny_x2b_dataset, "--split", "test",
+                                "--out", out, "--allow-mismatch", "--threshold", tau, *CHEAP)
+        assert code == 0, err
+        vols[tau] = [float(r["world_volume_ratio"]) for r in read_rows(out)]
+    assert all(hi < lo for lo, hi in zip(vols["0.2"], vols["0.6"])), vols
+    code, _, err = run_main(capsys, "evaluate", "--atlas", tmp_path, "--data", tiny_x2b_dataset, "--threshold", "0.5")
+    assert code == 2 and "--threshold" in err and "not used by --atlas" in err, err
+
+
 def test_spider_refuses_a_dataset_without_its_class(tiny_x2b_dataset, tmp_path, capsys):
     """The bundled SPIDER's one class is 'skeleton'; a vertebrae dataset has no such labels, so its Dice would be
     0 and its HD95 the box diagonal (665 mm) whatever the model did: an error, even with --allow-mismatch."""

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..resources import model_arg
-from .common import device, mise_resolution, output_dir, output_file, positive_int, views
+from .common import device, mise_resolution, output_dir, output_file, positive_int, probability, views
 from .x2br import need_x2br_inputs
 
 
@@ -67,14 +67,14 @@ def _evaluate(a, cfg: dict, root: Path) -> int:
                                      [m.strip() for m in a.registration.split(",") if m.strip()], device=a.device)
     rows = evaluate_model(a.model, root, split=a.split, views=views(a.views) or None, resolution=a.resolution,
                           device=a.device, n_points=a.points, out_csv=out_csv, mesh_dir=a.meshes, progress=not a.quiet,
-                          refiners=refiners, fit=fit)
+                          refiners=refiners, fit=fit, threshold=a.threshold)
     print(summary_table(rows, method=cfg["network"].upper(), note=fit.title()))
     print(f"per-case results: {out_csv}")
     return 0
 
 
 #: ``evaluate`` options of a network alone, with their defaults: --atlas refuses any other value.
-NETWORK_ONLY = {"--resolution": 128, "--device": "auto", "--refine": "none", "--detector": None, "--templates": None,
+NETWORK_ONLY = {"--resolution": 128, "--threshold": None, "--device": "auto", "--refine": "none", "--detector": None, "--templates": None,
                 "--registration": "gbcpd,cpd", "--allow-mismatch": False}
 
 
@@ -139,6 +139,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", required=True, help="dataset folder (x2recon build-dataset)")
     p.add_argument("--split", default="test", help="train, val, test or all")
     p.add_argument("--views", default="", help="X2B: views to reconstruct from (default: the model's training views)")
+    p.add_argument("--threshold", type=probability, default=None,
+                   help="occupancy threshold τ of every reconstruction (default: the model's — calibrated on validation "
+                   "where its training recorded one, else 0.2)")
     p.add_argument("--resolution", type=mise_resolution, default=128,
                    help="MISE grid of the evaluation meshes, cells per side (32·2^k)")
     p.add_argument("--points", type=positive_int, default=100_000, help="surface/volume samples per metric")

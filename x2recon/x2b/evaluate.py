@@ -62,13 +62,14 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
                    resolution: int = 128, device: str = "auto", n_points: int = 100_000, out_csv: str | Path | None = None,
                    mesh_dir: str | Path | None = None, progress: bool = True,
                    cancel: Callable[[], bool] | None = None, refiners: list[Refiner] = (),
-                   fit: "ModelFit | None" = None) -> list[dict]:
+                   fit: "ModelFit | None" = None, threshold: float | None = None) -> list[dict]:
     """One row per reconstruction (case, view(s), method, metrics, seconds, whether the model was trained on
     the case); written to ``out_csv`` as it goes.
 
     ``refiners`` each add a row after every X2B row — X2BR's registrations (``x2br.evaluate.template_refiners``,
     paper Tables 1–3).  ``fit``: the model checked against the split (``dataset.model_fit.check_fit``); by
-    default it is checked here, before any work, and a mismatch of structures or geometry is an error."""
+    default it is checked here, before any work, and a mismatch of structures or geometry is an error.
+    ``threshold``: the surface τ of every reconstruction (None: the model's)."""
     from ..dataset.model_fit import NOT_RECORDED, check_fit
     from ..dataset.torch_data import load_view, read_split
     from ..nn.checkpoint import load_model, read_config
@@ -89,7 +90,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "te
             raise CancelledError("evaluation cancelled")
         folder = root / "cases" / cid
         xrays = [load_view(folder, v, mc.image_size) for v in vs]
-        rec = reconstruct(model, xrays, resolution=resolution, device=dev)
+        rec = reconstruct(model, xrays, resolution=resolution, threshold=threshold, device=dev)
         row = scorer(folder, vs, rec, rec.mesh, cfg["network"].upper(), rec.seconds)
         _write_mesh(mesh_dir, rec.mesh, f"{cid}_{'+'.join(vs)}")
         for r in [row] + [_refined_row(scorer, refiner, folder, vs, rec, xrays, mesh_dir) for refiner in refiners]:

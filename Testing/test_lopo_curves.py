@@ -62,3 +62,22 @@ def test_folds_and_steps_are_checked(curves, tmp_path, capsys):
             curves.parse_args(base + bad)
         assert said in capsys.readouterr().err
     assert curves._without(["--steps", "150", "--lr", "1e-3", "--threads", "2"], "--steps", "--threads") == ["--lr", "1e-3"]
+
+
+def test_the_bundled_threshold_is_the_best_held_out_chamfer_with_a_sane_volume(curves):
+    """As measured on two folds: calibrated τ (0.35/0.3) 16.1/25.0 mm at 0.36×/1.15×, τ 0.25 12.5/22.5 mm at
+    0.98×/1.81×, τ 0.15 11.7/19.9 mm at 2.45×/4.73×: 0.15 has the lowest Chamfer but a blob's volume; 0.25 wins."""
+    def r(held, method, chamfer, vol):
+        x = row(held, 3, 600, chamfer, method=method)
+        x["metrics"]["volume_ratio"] = vol
+        return x
+    rows = [r("A", "x2b", 16.1, 0.36), r("B", "x2b", 25.0, 1.15), r("A", "x2b τ=0.25", 12.5, 0.98),
+            r("B", "x2b τ=0.25", 22.5, 1.81), r("A", "x2b τ=0.15", 11.7, 2.45), r("B", "x2b τ=0.15", 19.9, 4.73),
+            r("A", "atlas (no learning)", 1.0, 1.0)]
+    c = curves.choose_threshold(rows, 600, 3)
+    assert c["threshold"] == 0.25 and c["folds"] == 2 and c["chamfer_mm"] == pytest.approx(17.5)
+    assert set(c["candidates"]) == {"x2b", "x2b τ=0.25", "x2b τ=0.15"}  # never the atlas
+    without = [x for x in rows if x["method"] != "x2b τ=0.25"]  # the calibrated one (mean 0.76×) is the only sane one
+    assert curves.choose_threshold(without, 600, 3)["threshold"] is None
+    blobs = [x for x in without if x["method"] != "x2b"]  # none within 0.67–1.5: the volume nearest 1 (mean 3.6×)
+    assert curves.choose_threshold(blobs, 600, 3)["threshold"] == 0.15

@@ -44,6 +44,8 @@ from recipes import OURS, PROFILES, table_rows  # noqa: E402
 from x2recon.io.atomic import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+#: Method label of the rows scored at a fixed threshold (followed by τ).
+FIXED = "x2b τ="
 PATIENTS = ["chest_lidc0001", "wholebody_tcga_thca", "chest_lungdx_a0001", "abdomen_pancreas_cb001"]
 #: The figures the curves and the card report (world protocol unless prefixed), lower or higher better.
 KEY_METRICS = [("world", "chamfer_l1", "Chamfer-L1 (mm) ↓"), ("world", "fscore", "F@7.68 mm ↑"),
@@ -69,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-steps", type=int, default=300,
                    help="step budget of the patients curve (one of --steps; default: %(default)s)")
     p.add_argument("--no-atlas", action="store_true", help="leave out the no-learning baseline")
+    p.add_argument("--thresholds", default="0.15,0.25",
+                   help="fixed surface thresholds the final model of each fold is also scored at, beside the one its "
+                        "validation calibrated (default: %(default)s); --bundle keeps the one with the best mean held-out "
+                        "figures")
     p.add_argument("--bundle", type=Path, metavar="DIR", help="then train the bundled skeleton model on every patient "
                    "to the largest --steps and write it with its card into DIR (e.g. x2recon/resources/models)")
     p.add_argument("--device", default="auto")
@@ -82,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for d in a.patients:
         if not (d / "ct.nii.gz").is_file():
             p.error(f"--patients: {d} holds no ct.nii.gz")
+    a.thresholds = sorted({float(t) for t in a.thresholds.split(",") if t.strip()})
+    if any(not 0 < t < 1 for t in a.thresholds):
+        p.error("--thresholds: occupancy probabilities between 0 and 1")
     a.steps = sorted({int(s) for s in a.steps.split(",") if s.strip()})
     if not a.steps or min(a.steps) <= 0:
         p.error("--steps: positive step budgets, e.g. 100,300,900")
@@ -115,7 +124,7 @@ class Curves:
         self.build = ["--structures", "skeleton", "--isocenter", "thorax", "--quiet", "--split-by", "variant",
                       *_without(self.prof["build"], "--variants")]
         n, k = len(a.patients), len(a.steps)
-        self.st = Study(a.out, 2 * n + len(a.folds) * (1 + 2 * k + 3 * (n - 2) + (0 if a.no_atlas else 1))
+        self.st = Study(a.out, 2 * n + len(a.folds) * (1 + 2 * k + len(a.thresholds) + 3 * (n - 2) + (0 if a.no_atlas else 1))
                         + (3 if a.bundle else 0))
 
     @property
@@ -169,6 +178,9 @@ class Curves:
         for s in a.steps:
             ckpt = self.train_to(f"{held.name}.n{len(others)}", full, s)
             self.evaluate(f"{held.name}.n{len(others)}.s{s}", held, ["--model", str(ckpt)], "x2b", len(others), s)
+        for t in a.thresholds:  # the final model at fixed thresholds: is the calibrated one right for new patients?
+            self.evaluate(f"{held.name}.n{len(others)}.s{s}.t{t:g}", held, ["--model", str(ckpt), "--threshold", f"{t:g}"],
+                          f"{FIXED}{t:g}", len(others), s)
         for n in range(1, len(others)):
             data = self.compose(f"{held.name}.n{n}", others[:n])
             ckpt = self.train_to(f"{held.name}.n{n}", data, a.curve_steps)
@@ -182,25 +194,57 @@ class Curves:
         data = self.compose("all", a.patients)
         top = max(a.steps)
         ckpt = self.train_to("all", data, top)
-        install_skeleton(a, ckpt, data, self.rows, top, self.st.record(f"train.all.s{top}"))
+        tau = choose_threshold(self.rows, top, len(a.patients) - 1)
+        install_skeleton(a, ckpt, data, self.rows, top, self.st.record(f"train.all.s{top}"), tau)
 
 
-def install_skeleton(a, ckpt: Path, data: Path, rows: list[dict], steps: int, record: Path) -> None:
-    """The bundled skeleton model (float16) and its card: training patients, command, held-out rows at ``steps``."""
+def choose_threshold(rows: list[dict], steps: int, n_train: int) -> dict:
+    """The surface threshold of the bundled model, chosen on the folds (patients the fold models never saw): among
+    the calibrated one ("x2b") and the fixed ones, the lowest mean held-out world Chamfer-L1 whose mean volume ratio
+    is within 0.67–1.5 (or, if none is, the mean volume ratio nearest 1)."""
+    cands = {}
+    for s in summarise([r for r in rows if r["steps"] == steps and r["n_train_patients"] == n_train]):
+        if s["method"] == "x2b" or s["method"].startswith(FIXED):
+            cands[s["method"]] = (s["stats"]["world_chamfer_l1"][0], s["stats"]["world_volume_ratio"][0], s["folds"])
+    ok = {m: v for m, v in cands.items() if 0.67 <= v[1] <= 1.5}
+    best = min(ok, key=lambda m: ok[m][0]) if ok else min(cands, key=lambda m: abs(math.log(max(cands[m][1], 1e-6))))
+    tau = None if best == "x2b" else float(best[len(FIXED):])
+    return {"threshold": tau, "method": best, "chamfer_mm": cands[best][0], "volume_ratio": cands[best][1],
+            "folds": cands[best][2], "candidates": {m: {"chamfer_mm": v[0], "volume_ratio": v[1]} for m, v in cands.items()}}
+
+
+def install_skeleton(a, ckpt: Path, data: Path, rows: list[dict], steps: int, record: Path, tau: dict) -> None:
+    """The bundled skeleton model (float16) at the threshold ``choose_threshold`` chose, and its card: training
+    patients, command, held-out rows at ``steps``."""
+    from x2recon.nn.checkpoint import load_model, read_config, save_checkpoint
+
     dest = a.bundle
     dest.mkdir(parents=True, exist_ok=True)
-    save_half(ckpt, dest / "x2b_skeleton.safetensors")
+    if tau["threshold"] is None:
+        save_half(ckpt, dest / "x2b_skeleton.safetensors")
+    else:  # a fixed τ the folds chose: the model's own threshold, no calibrated one
+        model, _ = load_model(ckpt)
+        config = {k: v for k, v in read_config(ckpt).items() if k not in ("format", "versions")}
+        config["model"]["threshold"] = tau["threshold"]
+        config["training"] = {**config["training"], "calibrate_threshold": False,
+                              "threshold_chosen_by": "leave-one-patient-out folds (training/lopo_curves.py)"}
+        save_checkpoint(dest / "x2b_skeleton.safetensors", model, config, half=True)
     manifest = json.loads((data / "manifest.json").read_text())
     meta = json.loads((data / "cases" / manifest["cases"][0]["case_id"] / "meta.json").read_text())
     rec = json.loads(record.read_text())
-    folds = [r for r in rows if r["method"] == "x2b" and r["steps"] == steps and r["n_train_patients"] == len(a.patients) - 1]
+    chosen = "x2b" if tau["threshold"] is None else tau["method"]
+    folds = [r for r in rows if r["method"] == chosen and r["steps"] == steps and r["n_train_patients"] == len(a.patients) - 1]
     card = {"what": "X2B: one frontal X-ray → all-bone occupancy mesh (x2recon reconstruct --model skeleton)",
             "recipe": "x2b_ours", "command": " ".join(rec["command"]),
             "trained_on": {"patients": [p.name for p in a.patients], "cases": len(manifest.get("cases", [])),
                            "variants_per_patient": a.variants, "xray_realism": "on"},
             "structures": "skeleton: all bone from Hounsfield units (--structures skeleton)",
             "geometry": geometry_line(meta.get("config") or {}),
-            "threshold": "calibrated on the validation variants (x2recon train --calibrate-threshold)",
+            "threshold": ("calibrated on the validation variants (x2recon train --calibrate-threshold)"
+                          if tau["threshold"] is None else
+                          f"τ = {tau['threshold']:g}, chosen on the leave-one-patient-out folds (lowest mean held-out "
+                          f"Chamfer-L1 with the volume ratio in 0.67–1.5; the validation-calibrated one: "
+                          f"{tau['candidates'].get('x2b')})"),
             "held_out": {"protocol_note": "leave-one-patient-out over the patients above: the same recipe trained "
                                           "without the scored patient, scored on its undeformed scan's clean AP DRR "
                                           "(training/lopo_curves.py)", "folds": folds},

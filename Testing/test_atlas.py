@@ -105,6 +105,35 @@ def test_the_scaled_and_shifted_copy_is_chosen_and_lands_on_the_patient(atlas_se
     assert again.fit == res.fit and np.array_equal(again.mesh.vertices, res.mesh.vertices)
 
 
+def test_a_library_drr_that_cannot_be_aligned_is_skipped(atlas_setup, monkeypatch):
+    """One library DRR whose fit flips an image axis is no candidate; the others still compete. Only when none
+    aligns is it an error, naming the X-ray."""
+    from x2recon.errors import X2ReconInputError
+    from x2recon.io.xray import read_xray
+    from x2recon.x2b import atlas
+
+    lib, png, _ = atlas_setup
+    library = atlas.load_library(lib)
+    real, calls = atlas.align, []
+
+    def copy_flips(target, moving):
+        calls.append(1)
+        if len(calls) == 1:  # the copy's DRR comes first in library order
+            raise atlas.AlignmentFailed("the 2D alignment flipped an image axis")
+        return real(target, moving)
+
+    monkeypatch.setattr(atlas, "align", copy_flips)
+    res = atlas.reconstruct_atlas(read_xray(png), library)
+    assert res.case.case_id == "decoy" and [label for label, _ in res.candidates] == ["library/decoy/AP"]
+
+    def never(target, moving):
+        raise atlas.AlignmentFailed("the 2D alignment flipped an image axis")
+
+    monkeypatch.setattr(atlas, "align", never)
+    with pytest.raises(X2ReconInputError, match="no library DRR could be aligned"):
+        atlas.reconstruct_atlas(read_xray(png), library)
+
+
 def test_a_library_holding_the_scored_patient_is_refused(tiny_x2b_dataset, atlas_setup, tmp_path, capsys):
     """A library with a deformed variant of the scored patient's CT (same CT checksum, another deformation) is
     refused before any work, naming the library case and the scored one, and so is one whose checksum was never

@@ -213,6 +213,10 @@ def plane_image(x: XRay, axes: np.ndarray):
 # --------------------------------------------------------------------------- 2D alignment
 
 
+class AlignmentFailed(ValueError):
+    """A library DRR whose 2D fit to the X-ray is no similarity of it (an image axis flipped)."""
+
+
 def align(target, moving) -> PlaneFit:
     """Scale per axis + translation taking ``moving`` (a library DRR, :func:`plane_image`) onto ``target``
     (the X-ray): normalised correlation, shrink 4/2/1 with smoothing 2/1/0 pixels, identity start (both
@@ -237,7 +241,7 @@ def align(target, moving) -> PlaneFit:
     m = np.asarray(tx.GetMatrix(), float).reshape(2, 2)
     k = np.diag(m)
     if not np.all(k > 0):
-        raise X2ReconInputError(None, "the 2D alignment flipped an image axis")
+        raise AlignmentFailed("the 2D alignment flipped an image axis")
     # fixed → moving: x_L = k x_X + T (centre 0); so x_X = x_L / k − T / k
     t = np.asarray(tx.GetTranslation(), float)
     scale, shift = 1.0 / k, -t / k
@@ -312,14 +316,20 @@ def reconstruct_atlas(xray: XRay, cases: list[LibraryCase], *,
     x = xray.resized(REGISTRATION_SIZE)
     axes = _basis(x.geometry)
     fixed = plane_image(x, axes)
-    scored = []
+    scored, failed = [], []
     for i, (case, view) in enumerate(pairs):
         if cancel is not None and cancel():
             raise CancelledError("atlas reconstruction cancelled")
         if progress is not None:
             progress(0.9 * i / len(pairs), f"aligning {case.label} {view}")
         drr = load_view(case.folder, view, REGISTRATION_SIZE)
-        scored.append((align(fixed, plane_image(drr, axes)), case, view))
+        try:
+            scored.append((align(fixed, plane_image(drr, axes)), case, view))
+        except AlignmentFailed:  # this DRR cannot be fitted to the X-ray: no candidate (one bad fit must not end the run)
+            failed.append(f"{case.label}/{view}")
+    if not scored:
+        raise X2ReconInputError(xray.source, f"no library DRR could be aligned with the X-ray ({len(failed)} tried: "
+                                "every fit flipped an image axis)")
     best = max(range(len(scored)), key=lambda j: (scored[j][0].ncc, -j))  # ties: the first in library order
     fit, case, view = scored[best]
     if progress is not None:

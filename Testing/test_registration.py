@@ -557,7 +557,7 @@ def test_gbcpd_defaults_hold_on_partial_noisy_rib_targets():
     vertices, shuffled: one clean, one with 0.5 mm Gaussian noise per coordinate. ``register``'s GBCPD
     defaults (those of ``x2recon register``) must land within 0.5 mm mean vertex error on both. The
     defaults chosen on one full-looking target (β 0.7, λ 50, min_iter 30) left 0.93 mm on the clean draw
-    (β 2, λ 200, min_iter 100: 0.15 and 0.18 mm; 7.5 mm before)."""
+    (β 2, λ 200, min_iter 200: 0.15 and 0.18 mm; 7.5 mm before)."""
     from conftest import shared_data_dir
 
     if not (shared_data_dir() / "chest_lidc0001_half").is_dir():

@@ -85,7 +85,7 @@ def add_parsers(sub) -> None:
         description="Move SOURCE (a mesh, or points) onto TARGET and write it (the source's triangles kept). "
                     "Methods:\n" + "\n".join(f"  {k:<11} {v}" for k, v in METHODS.items()) +
                     "\nParameters keep Hirose's names (bcpd program letters in brackets). Unset ones: CPD takes "
-                    "Myronenko's defaults; BCPD/GBCPD take ours (β 2, λ 200, γ 0.3, GBCPD τ 0.2, ≥ 100 "
+                    "Myronenko's defaults; BCPD/GBCPD take ours (β 2, λ 200, γ 0.3, GBCPD τ 0.2, ≥ 200 "
                     "iterations: chosen by Testing/benchmarks/bench_registration_sweep.py on real bones with "
                     "partial, noisy targets, where Hirose's β = λ = 2, γ = 1, τ = 1 drag a rib onto its "
                     "neighbour; docs/registration.md). Prints a JSON summary.",
@@ -111,7 +111,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--downsample", type=positive_int, metavar="N", help="'++': register N points of each set and "
                    "interpolate the displacement [-D B,N,0.08] (BCPD/GBCPD)")
     g.add_argument("--max-iter", type=positive_int, help="maximum iterations [-n] (BCPD 500, CPD 150)")
-    g.add_argument("--min-iter", type=non_negative_int, help="minimum iterations [-N] (BCPD/GBCPD, default 100)")
+    g.add_argument("--min-iter", type=non_negative_int, help="minimum iterations [-N] (BCPD/GBCPD, default 200)")
     g.add_argument("--tol", type=positive_float, help="convergence tolerance [-c] (BCPD: σ change 1e-4; CPD: relative "
                    "likelihood change 1e-5)")
     g.add_argument("--normalize", choices=["e", "x", "y", "n"], help="[-u] each set / by target / by source / none "

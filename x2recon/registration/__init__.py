@@ -12,7 +12,7 @@ compares it with CPD. Methods (all ``f(source, target, **params) -> Registration
   ``downsample``;
 - ``register(source, target, method="cpd"|"cpd-affine"|"cpd-rigid"|"bcpd"|"gbcpd", **params)`` — the
   entry point of the CLI and X2BR; unset BCPD/GBCPD parameters take ``methods.DEFAULTS`` (β 2, λ 200,
-  γ 0.3, τ 0.2, min_iter 100: measured on real bones by Testing/benchmarks/bench_registration_sweep.py, where
+  γ 0.3, τ 0.2, min_iter 200: measured on real bones by Testing/benchmarks/bench_registration_sweep.py, where
   Hirose's defaults, kept by ``bcpd``/``gbcpd`` themselves, drag a rib onto its neighbour).
 
 Inputs: (N, D) arrays, trimesh meshes, or mesh/point-cloud/point files (``x2recon.io.mesh.read_points``). Outputs

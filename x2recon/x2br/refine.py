@@ -34,7 +34,7 @@ from ..errors import X2ReconInputError
 from ..registration.methods import DEFAULTS as REGISTRATION_DEFAULTS
 
 #: Registration settings for template → coarse shape, in Hirose's names: ``x2recon register``'s defaults
-#: (``registration.methods.DEFAULTS``: β 2, λ 200, γ 0.3, GBCPD τ 0.2, ≥ 100 iterations), chosen by their
+#: (``registration.methods.DEFAULTS``: β 2, λ 200, γ 0.3, GBCPD τ 0.2, ≥ 200 iterations), chosen by their
 #: worst case over real bone deformations with partial, noisy targets in
 #: Testing/benchmarks/bench_registration_sweep.py (neighbouring ribs pulled apart, a bent spine segment, a
 #: scaled vertebra — the motions that separate a placed template from the bones),

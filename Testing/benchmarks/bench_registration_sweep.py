@@ -6,7 +6,7 @@ when the target is partial and noisy, as X2BR's coarse surface is.
          [--csv OUT.csv]
 
   (the defaults were chosen from ``--quick --search-only --noise 0,1`` — then with min_iter 30 —, then
-  twelve candidate parameter sets on the same cells with two draws each, ``run_row(make_cases(..., draws=2))``;
+  about fifteen candidate parameter sets on the same cells with two draws each, ``run_row(make_cases(..., draws=2))``;
   the table of docs/registration.md is ``--quick --table-only --draws 2``)
 
 Why: Hirose's program defaults (β = λ = 2, γ = 1, τ = 1) fail on neighbouring bones (two ribs, rib 6

@@ -77,6 +77,7 @@ def test_threshold_calibration_is_the_best_validation_iou(tiny_x2b_dataset, tiny
     val = ValidationDataset(tiny_x2b_dataset, "train", image_size=64, n_uniform=5000)
     loader = torch.utils.data.DataLoader(val, batch_size=2)
     v = validate(model, loader, torch.device("cpu"), 0.2, contextlib.nullcontext, calibrate=True)
+    model.eval()  # validate leaves the model training (batch statistics), as the loop needs it
     with torch.no_grad():
         p = np.concatenate([torch.sigmoid(model(b["images"], b["grid"], b["points"])).numpy() for b in loader])
     gt = np.concatenate([b["occupancies"].numpy() for b in loader]) > 0.5
@@ -182,10 +183,34 @@ def test_cli_run_keeps_one_last_one_best_says_the_batch_and_measures_steady_rate
                                                                  "last.safetensors"]
     assert sorted(p.name for p in out.glob("*.pt")) == ["last.prev.state.pt", "last.state.pt"]
     assert os.path.samefile(out / "last.safetensors", out / "last.prev.safetensors")  # no second copy on disk
-    # our preset calibrates the surface threshold on validation; the model loads with it
+    # our preset calibrates the surface threshold only on other patients: this validation split is a variant of
+    # the one training CT, so the run says so and keeps τ 0.2
+    assert "1 of the 'val' cases are scans or variants of training patients" in std.out
     tr = read_config(out / "best.safetensors")["training"]
-    assert tr["calibrate_threshold"] is True and 0 < tr["val/threshold"] < 1
-    assert load_model(out / "best.safetensors")[0].cfg.threshold == tr["val/threshold"]
+    assert tr["calibrate_threshold"] is False and load_model(out / "best.safetensors")[0].cfg.threshold == 0.2
+
+
+def test_a_checkpoint_with_a_calibrated_threshold_loads_with_it(tiny_x2b_model, tmp_path):
+    """A model whose training calibrated its surface threshold (validation on other patients) reconstructs at
+    it; the same record without the calibration flag, or out of (0, 1), leaves the model's τ."""
+    import shutil
+
+    from x2recon.nn.checkpoint import META_KEY, rewrite_metadata
+
+    def with_training(**kw):
+        f = tmp_path / f"m{len(list(tmp_path.iterdir()))}.safetensors"
+        shutil.copyfile(tiny_x2b_model, f)
+
+        def change(meta):
+            cfg = json.loads(meta[META_KEY])
+            cfg["training"].update(kw)
+            return {**meta, META_KEY: json.dumps(cfg)}
+
+        return rewrite_metadata(f, change)
+
+    assert load_model(with_training(calibrate_threshold=True, **{"val/threshold": 0.35}))[0].cfg.threshold == 0.35
+    assert load_model(with_training(calibrate_threshold=False, **{"val/threshold": 0.35}))[0].cfg.threshold == 0.2
+    assert load_model(with_training(calibrate_threshold=True, **{"val/threshold": 1.5}))[0].cfg.threshold == 0.2
 
 
 def test_steady_rate_is_absent_with_its_reason_when_too_few_steps():

@@ -110,6 +110,9 @@ def test_preview_drr_lies_on_the_detector_plane(scene, chest_half):
     assert node.GetImageData().GetDimensions() == (64, 64, 1)
     arr = volume_node_to_volume(node).array
     assert arr.dtype == np.uint16 and arr.max() > 60000
+    # as the build renders: the table under the patient (cleared by default) shows only when kept
+    kept = logic.preview_drr(ct_node, "LAT", BuildConfig(drr_size=64, keep_outside_body=True))
+    assert not np.array_equal(volume_node_to_volume(kept).array, arr)
 
 
 def test_preview_with_labels_looks_at_the_selected_structures(scene, chest_half):

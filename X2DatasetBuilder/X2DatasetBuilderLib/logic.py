@@ -136,13 +136,18 @@ class X2DatasetBuilderLogic:
         return ct.corners_world().mean(axis=0)
 
     def preview_drr(self, ct_node, view: str = "AP", config=None, labels_node=None, name: str | None = None):
-        """Render the DRR of ``view`` and add it as a single-slice volume node on the detector plane."""
+        """Render the DRR of ``view`` as the build will (nothing outside the body unless ``config`` keeps it) and
+        add it as a single-slice volume node on the detector plane."""
         from x2recon.dataset.config import BuildConfig
         from x2recon.drr.render import render_drr
 
         config = config or BuildConfig()
         ct = volume_node_to_volume(ct_node)
         labels = self.segmentation_to_labelmap(labels_node, ct_node)
+        if not config.keep_outside_body:  # what the build will render: nothing outside the body
+            from x2recon.dataset.skeleton import clear_outside_body
+
+            ct = clear_outside_body(ct)[0]
         geom = config.geometry(view, self.preview_isocenter(ct, labels, config))
         drr = render_drr(ct, geom, device=config.device, clahe=config.clahe, clahe_clip=config.clahe_clip)
         return drr_to_volume_node(drr, self.scene, name or f"{ct_node.GetName()}_DRR_{geom.name}")

@@ -259,7 +259,8 @@ def read_view(path: str | Path, view: str, model_config: dict, geometry: str | P
 
 def render_pair_from_ct(ct: Volume, model_config: dict, labels: Volume | None = None, *, device: str = "auto",
                         isocenter=None) -> list[XRay]:
-    """The model's [frontal, lateral] DRRs of a CT with the dataset builder's renderer and geometry.
+    """The model's [frontal, lateral] DRRs of a CT with the dataset builder's renderer and geometry (and, where
+    its data was built so, with everything outside the body set to air).
 
     The isocentre is ``isocenter`` if given, else chosen as the builder chose it: the centre of the
     dataset's structures in ``labels`` (a labelmap in the dataset's label convention), or the CT's centre."""
@@ -270,6 +271,10 @@ def render_pair_from_ct(ct: Volume, model_config: dict, labels: Volume | None = 
     from ..io.xray import xray_from_array
 
     build = BuildConfig.from_dict(model_config["dataset"]["build"])
+    if not build.keep_outside_body:  # as the builder rendered the model's data: nothing outside the body
+        from ..dataset.skeleton import clear_outside_body
+
+        ct = clear_outside_body(ct)[0]
     if isocenter is not None:
         iso = np.asarray(isocenter, float)
     elif labels is not None:

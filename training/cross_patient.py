@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # training/recipes.py, training/bundle.py
 
-from recipes import METHODS, PROFILES, table_rows, train_args  # noqa: E402
+from recipes import METHODS, PROFILES, patient_dirs, table_rows, train_args  # noqa: E402
 
 from x2recon.io.atomic import atomic_write_text  # noqa: E402
 
@@ -55,12 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="build-dataset --xray-realism of the training datasets (the test patient's DRRs are always "
                         "clean, as in the papers) (default: %(default)s: the bundled models' recipe)")
     a = p.parse_args(argv)
-    a.patients = [Path(x) if Path(x).is_dir() else a.data_root / x for x in a.patients.split(",") if x.strip()]
-    if len(a.patients) < 2:
-        p.error("--patients: leave-one-out needs at least two patients")
-    for d in a.patients:
-        if not (d / "ct.nii.gz").is_file():
-            p.error(f"--patients: {d} holds no ct.nii.gz")
+    a.patients = patient_dirs(p, a.patients, a.data_root)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if not a.methods or set(a.methods) - set(METHODS):
         p.error(f"--methods: choose among {','.join(METHODS)}")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # training/recipes.py,
 
 from bundle import geometry_line, machine, merge_datasets, make_portable, save_half  # noqa: E402
 from cross_patient import Study  # noqa: E402
-from recipes import OURS, PROFILES, table_rows  # noqa: E402
+from recipes import OURS, PROFILES, patient_dirs, table_rows  # noqa: E402
 
 from x2recon.io.atomic import atomic_write_text  # noqa: E402
 
@@ -82,12 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "run folds side by side — each writes results.md from every fold finished so far)")
     p.add_argument("--threads", type=int, help="torch threads of each training (default: the profile's)")
     a = p.parse_args(argv)
-    a.patients = [Path(x) if Path(x).is_dir() else a.data_root / x for x in a.patients.split(",") if x.strip()]
-    if len(a.patients) < 2:
-        p.error("--patients: leave-one-out needs at least two patients")
-    for d in a.patients:
-        if not (d / "ct.nii.gz").is_file():
-            p.error(f"--patients: {d} holds no ct.nii.gz")
+    a.patients = patient_dirs(p, a.patients, a.data_root)
     a.thresholds = sorted({float(t) for t in a.thresholds.split(",") if t.strip()})
     if any(not 0 < t < 1 for t in a.thresholds):
         p.error("--thresholds: occupancy probabilities between 0 and 1")

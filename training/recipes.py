@@ -47,6 +47,18 @@ OURS = ["--preset", "ours", "--local-features", "--local-stages", "0,1", "--four
 METHODS = ("x2b_paper", "x2b_ours", "x2b2", "spider")
 
 
+def patient_dirs(parser, spec: str, data_root: Path) -> list[Path]:
+    """``--patients`` (comma-separated folders under ``data_root``, or paths) as folders, each holding a
+    ``ct.nii.gz``; at least two (leave-one-out), else the parser's usage error."""
+    dirs = [Path(x) if Path(x).is_dir() else data_root / x for x in spec.split(",") if x.strip()]
+    if len(dirs) < 2:
+        parser.error("--patients: leave-one-out needs at least two patients")
+    for d in dirs:
+        if not (d / "ct.nii.gz").is_file():
+            parser.error(f"--patients: {d} holds no ct.nii.gz")
+    return dirs
+
+
 def train_args(method: str, data: Path, run: Path, prof: dict, device: str) -> list[str]:
     """``x2recon train ...`` arguments of one method."""
     base = ["--data", str(data), "--out", str(run), "--device", device, "--quiet"]
